@@ -1,0 +1,90 @@
+"""Validation splits and transfer-set filters: pure functions from data to data, all seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .dataset import UNLABELLED, DataBundle, TensorData
+
+
+def _check_classes(data: TensorData, classes: Iterable[int], field: str) -> list[int]:
+    out = sorted({int(c) for c in classes})
+    bad = [c for c in out if not 0 <= c < data.num_classes]
+    if bad:
+        raise ValueError(f"{field}: classes {bad} are not in 0..{data.num_classes - 1} for {data.name}")
+    return out
+
+
+def stratified_rows(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Rows keeping ``fraction`` of every class (at least one each), chosen with ``seed``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        n = max(1, round(fraction * len(rows)))
+        keep.append(rows[torch.randperm(len(rows), generator=g)[:n]])
+    return torch.sort(torch.cat(keep)).values
+
+
+def split_validation(train: TensorData, size: int | float, seed: int = 0) -> tuple[TensorData, TensorData]:
+    """Carve a stratified validation split of ``size`` samples (or, if below 1, that fraction) from ``train``.
+
+    Returns ``(train_rest, val)``. Sample ids keep pointing at the original training rows.
+    """
+    n = len(train)
+    count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 < count < n:
+        raise ValueError(f"val_size: need 0 < size < {n} samples, got {size}")
+    rows = stratified_rows(train.y, count / n, seed)
+    # Rounding per class may miss the exact count by a few; top up or trim deterministically.
+    g = torch.Generator().manual_seed(seed + 1)
+    if len(rows) != count:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[rows] = True
+        if len(rows) > count:
+            rows = rows[torch.randperm(len(rows), generator=g)[:count]].sort().values
+        else:
+            rest = torch.nonzero(~mask).flatten()
+            extra = rest[torch.randperm(len(rest), generator=g)[: count - len(rows)]]
+            rows = torch.cat([rows, extra]).sort().values
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rows] = True
+    return train.subset(torch.nonzero(~mask).flatten()), train.subset(rows, name=f"{train.name}-val")
+
+
+def with_validation(bundle: DataBundle, size: int | float, seed: int = 0) -> DataBundle:
+    """The bundle with ``val`` carved from its training split."""
+    rest, val = split_validation(bundle.train, size, seed)
+    return DataBundle(train=rest, val=val, test=bundle.test)
+
+
+def omit_classes(data: TensorData, classes: Iterable[int]) -> TensorData:
+    """Transfer set without the samples of ``classes`` (the paper's 'no 3s' experiment)."""
+    drop = _check_classes(data, classes, "omit_classes")
+    keep = ~torch.isin(data.y, torch.tensor(drop, dtype=torch.long))
+    return data.subset(torch.nonzero(keep).flatten())
+
+
+def keep_classes(data: TensorData, classes: Iterable[int]) -> TensorData:
+    """Transfer set of only the samples of ``classes`` (the paper's 'only 7s and 8s')."""
+    keep_list = _check_classes(data, classes, "keep_classes")
+    keep = torch.isin(data.y, torch.tensor(keep_list, dtype=torch.long))
+    if not keep.any():
+        raise ValueError(f"keep_classes: no sample of classes {keep_list} in {data.name}")
+    return data.subset(torch.nonzero(keep).flatten())
+
+
+def stratified_fraction(data: TensorData, fraction: float, seed: int = 0) -> TensorData:
+    """A stratified ``fraction`` of ``data`` (soft targets as a regulariser: train on 3%)."""
+    return data.subset(stratified_rows(data.y, fraction, seed))
+
+
+def drop_labels(data: TensorData) -> TensorData:
+    """The same inputs with every label replaced by ``UNLABELLED``: only soft targets can teach on it."""
+    from dataclasses import replace
+
+    return replace(data, y=torch.full_like(data.y, UNLABELLED))

@@ -1,0 +1,88 @@
+"""Evaluation metrics, computed from logits so they serve live models, cached outputs and ensembles alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.dataset import TensorData
+from .losses import soft_loss
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, on the CPU."""
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    try:
+        return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
+    probs = F.softmax(logits.float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(conf, edges[1:-1], right=True)
+    ece = torch.zeros(())
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.float().mean() * (correct[mask].mean() - conf[mask].mean()).abs()
+    return float(ece)
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts, rows = true class, columns = predicted class."""
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def classification_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    detailed: bool = True,
+) -> dict[str, Any]:
+    """Accuracy, error count, NLL, ECE, per-class accuracy, confusion; KL and agreement if a teacher is given."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    num_classes = logits.shape[1]
+    pred = logits.argmax(dim=1)
+    correct = pred == labels
+    out: dict[str, Any] = {
+        "accuracy": float(correct.float().mean()),
+        "errors": int((~correct).sum()),
+        "count": int(len(labels)),
+        "nll": float(F.cross_entropy(logits, labels)),
+    }
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.float().cpu()
+        # Report plain KL(p||q) at T (not T^2-scaled), comparable across temperatures as a divergence.
+        out["kl_to_teacher"] = float(soft_loss(logits, teacher_logits, temperature=temperature) / temperature**2)
+        out["teacher_agreement"] = float((pred == teacher_logits.argmax(dim=1)).float().mean())
+    if detailed:
+        cm = confusion_matrix(pred, labels, num_classes)
+        per_class = cm.diag().float() / cm.sum(dim=1).clamp_min(1).float()
+        out["ece"] = expected_calibration_error(logits, labels)
+        out["per_class_accuracy"] = [round(float(a), 6) for a in per_class]
+        out["confusion"] = cm.tolist()
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: TensorData,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    detailed: bool = True,
+) -> dict[str, Any]:
+    """:func:`classification_metrics` of ``model`` on ``data``."""
+    return classification_metrics(predict_logits(model, data.x), data.y, teacher_logits, temperature, detailed)

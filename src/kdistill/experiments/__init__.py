@@ -1,0 +1,74 @@
+"""Experiments: each is one module composing the library the way its paper paragraph describes.
+
+An experiment module defines ``NAME``, ``DESCRIPTION`` (one line), ``PROFILES`` (profile name ->
+settings dict) and ``run(settings, ctx) -> dict`` returning the ``results.json`` object. They are found
+by name in :data:`EXPERIMENTS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .. import config as config_mod
+from ..report import write_run_files
+
+# name -> module path; imported lazily so `kdistill run --list` stays fast.
+EXPERIMENTS: dict[str, str] = {
+    "hinton-mnist": "kdistill.experiments.hinton_mnist",
+}
+
+
+@dataclass
+class RunContext:
+    """What an experiment needs besides its settings: where to write, and where data lives."""
+
+    out: Path
+    profile: str
+    data_path: str | None = None
+    progress: bool = True
+    started: float = field(default_factory=time.perf_counter)
+
+    def log(self, msg: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"[{elapsed:7.1f}s] {msg}", flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def get(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment: unknown {name!r}; `kdistill run --list` shows {sorted(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def describe() -> list[tuple[str, str]]:
+    return [(name, get(name).DESCRIPTION) for name in EXPERIMENTS]
+
+
+def run_experiment(
+    name: str,
+    profile: str = "quick",
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Resolve ``name``'s profile with ``overrides``, record it, run it and return its results."""
+    module = get(name)
+    if profile not in module.PROFILES:
+        raise ValueError(f"profile: {name} has profiles {sorted(module.PROFILES)}, not {profile!r}")
+    settings = config_mod.apply_overrides(module.PROFILES[profile], overrides)
+    unknown = set(settings) - set(module.PROFILES[profile])
+    if unknown:
+        raise ValueError(f"--set: {name} has no setting(s) {sorted(unknown)}; it has {sorted(module.PROFILES[profile])}")
+    out_dir = Path(out or f"runs/{name}-{profile}")
+    ctx = RunContext(out=out_dir, profile=profile, data_path=data_path, progress=progress)
+    write_run_files(out_dir, {"experiment": name, "profile": profile, "settings": settings}, settings.get("seed"))
+    return module.run(settings, ctx)

@@ -1,0 +1,11 @@
+"""Plain ``nn.Module`` models behind a spec-string registry."""
+
+from .convnets import ConvNet, LeNet5
+from .counting import count_flops, count_parameters
+from .mlp import MLP, apply_max_norm
+from .registry import ModelSpec, available, build_model, register
+
+__all__ = [
+    "MLP", "ConvNet", "LeNet5", "ModelSpec", "apply_max_norm", "available", "build_model", "register",
+    "count_flops", "count_parameters",
+]

@@ -1,0 +1,119 @@
+"""Model registry: a spec string such as ``mlp:1200,1200,dropout=0.5`` names a plain ``nn.Module``.
+
+Grammar: ``NAME[:ARG,ARG,...]`` where each ARG is either a positional integer (layer widths or channel
+counts) or ``key=value``. Builders receive ``in_shape``, ``num_classes``, the positional integers and
+the keyword options, so a spec plus the data's shape fully determines the architecture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convnets import ConvNet, LeNet5
+from .mlp import MLP
+
+Builder = Callable[..., nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder ``f(in_shape, num_classes, *ints, **options) -> nn.Module``."""
+
+    def deco(fn: Builder) -> Builder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    ints: tuple[int, ...]
+    options: dict[str, Any]
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSpec":
+        name, _, rest = spec.strip().partition(":")
+        if name not in _REGISTRY:
+            raise ValueError(f"model: unknown model {name!r} in spec {spec!r}; choose one of {available()}")
+        ints: list[int] = []
+        options: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            if "=" in part:
+                key, _, val = part.partition("=")
+                options[key.strip()] = _value(val.strip())
+            elif part.isdigit():
+                if options:
+                    raise ValueError(f"model: in {spec!r}, widths must come before key=value options")
+                ints.append(int(part))
+            else:
+                raise ValueError(f"model: cannot read {part!r} in {spec!r}; use integers or key=value")
+        return cls(name, tuple(ints), options)
+
+
+def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
+    """Build the model ``spec`` for inputs shaped ``in_shape`` and ``num_classes`` outputs.
+
+    With ``seed``, the initial weights depend on it alone (the global RNG is seeded first).
+    """
+    parsed = ModelSpec.parse(spec)
+    builder = _REGISTRY[parsed.name]
+    accepted = set(inspect.signature(builder).parameters)
+    unknown = set(parsed.options) - accepted
+    if unknown:
+        allowed = sorted(accepted - {"in_shape", "num_classes", "ints"})
+        raise ValueError(f"model: {spec!r} has unknown option(s) {sorted(unknown)}; {parsed.name} takes {allowed}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = builder(tuple(in_shape), num_classes, parsed.ints, **parsed.options)
+    model.spec = spec  # type: ignore[attr-defined]
+    return model
+
+
+@register("mlp")
+def _mlp(in_shape, num_classes, ints, activation="relu", dropout=0.0, input_dropout=0.0, max_norm=None):
+    if not ints:
+        raise ValueError("model: mlp needs hidden widths, e.g. mlp:800,800 (or mlp:0 for a linear model)")
+    hidden = [w for w in ints if w > 0]
+    return MLP(math.prod(in_shape), num_classes, hidden, activation, dropout, input_dropout, max_norm)
+
+
+@register("linear")
+def _linear(in_shape, num_classes, ints):
+    return MLP(math.prod(in_shape), num_classes, [])
+
+
+@register("cnn")
+def _cnn(in_shape, num_classes, ints, kernel=5, hidden=256, dropout=0.3):
+    return ConvNet(in_shape, num_classes, ints or (32, 64), kernel, hidden, dropout)
+
+
+@register("lenet5")
+def _lenet5(in_shape, num_classes, ints):
+    return LeNet5(in_shape, num_classes)

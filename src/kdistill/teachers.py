@@ -1,0 +1,101 @@
+"""Teachers: anything that yields logits for a batch.
+
+A teacher is asked for ``logits(x, ids)`` where ``x`` is the (possibly augmented) batch and ``ids`` the
+samples' stable ids. A module teacher runs its network on ``x``, frozen and in eval mode; a cached
+teacher looks its outputs up by sample id, which is only valid when ``x`` is not augmented.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .data.dataset import TensorData
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    needs_inputs: bool
+    """True when the logits depend on the batch's pixels (so augmentation changes them)."""
+
+    def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode with every parameter's ``requires_grad`` off."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class ModuleTeacher:
+    """An ``nn.Module`` used as a teacher: eval mode, no grad, never updated.
+
+    ``train()`` on the wrapped module is turned into a no-op so that a caller switching the whole model
+    tree to training mode cannot silently re-enable the teacher's dropout.
+    """
+
+    needs_inputs = True
+
+    def __init__(self, module: nn.Module, batch_size: int = 2048) -> None:
+        self.module = freeze(module)
+        self.module.train = lambda mode=True: self.module  # type: ignore[method-assign]
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module(x).float()
+
+    @torch.no_grad()
+    def predict(self, data: TensorData) -> torch.Tensor:
+        """Logits for every sample of ``data``, in order."""
+        device = next(self.module.parameters()).device
+        return torch.cat(
+            [self.logits(data.x[i : i + self.batch_size].to(device)).cpu() for i in range(0, len(data), self.batch_size)]
+        )
+
+    def cache(self, data: TensorData) -> "CachedTeacher":
+        """Run once over ``data`` and return a teacher that looks the logits up by sample id."""
+        return CachedTeacher(data.index, self.predict(data))
+
+
+class CachedTeacher:
+    """Teacher logits computed once (or loaded from a file), keyed by sample id."""
+
+    needs_inputs = False
+
+    def __init__(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        if logits.dim() != 2 or len(ids) != len(logits):
+            raise ValueError(f"cached logits: need one row per id, got {len(ids)} ids and shape {tuple(logits.shape)}")
+        if len(ids) and ids.min() < 0:
+            raise ValueError("cached logits: sample ids must be >= 0")
+        if len(torch.unique(ids)) != len(ids):
+            raise ValueError("cached logits: sample ids must be unique")
+        self.logits_table = logits.float()
+        size = int(ids.max()) + 1 if len(ids) else 0
+        self.row_of = torch.full((size,), -1, dtype=torch.long)
+        self.row_of[ids] = torch.arange(len(ids))
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits_table.shape[1]
+
+    def to(self, device: torch.device | str) -> "CachedTeacher":
+        self.logits_table = self.logits_table.to(device)
+        self.row_of = self.row_of.to(device)
+        return self
+
+    def check_covers(self, data: TensorData) -> None:
+        """Raise unless every sample of ``data`` has a cached row."""
+        ids = data.index.to(self.row_of.device)
+        if len(ids) and (ids.max() >= len(self.row_of) or (self.row_of[ids.clamp_max(len(self.row_of) - 1)] < 0).any()):
+            raise ValueError(f"cached teacher logits do not cover every sample of {data.name}: ids missing")
+        if data.num_classes != self.num_classes:
+            raise ValueError(f"cached teacher logits have {self.num_classes} classes, {data.name} has {data.num_classes}")
+
+    def logits(self, x: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        return self.logits_table[self.row_of[ids]]

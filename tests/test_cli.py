@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from kdistill import data
+from kdistill.cli import main
+
+
+@pytest.fixture
+def small_mnist(monkeypatch):
+    """Make `mnist` resolve to scikit-learn digits so CLI and experiment plumbing run in seconds, offline."""
+    monkeypatch.setitem(data.LOADERS, "mnist", lambda path=None: data.load_digits())
+    monkeypatch.setitem(data.DEFAULT_VAL_SIZE, "mnist", 200)
+
+
+def test_train_distill_evaluate_roundtrip(tmp_path, capsys):
+    t_out, s_out = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train", "--data", "digits", "--model", "mlp:64", "--epochs", "8", "--lr", "0.1", "--out", str(t_out),
+                 "--no-progress", "--set", "train.batch_size=64"]) == 0
+    teacher = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert teacher["test_accuracy"] > 0.85
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors",
+                 "results.json", "results.md"):
+        assert (t_out / name).is_file(), name
+    assert main(["distill", "--data", "digits", "--student", "mlp:32", "--teacher", str(t_out / "model.safetensors"),
+                 "-T", "4", "--alpha", "0.9", "--epochs", "8", "--lr", "0.1", "--out", str(s_out), "--no-progress"]) == 0
+    student = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert student["test_accuracy"] > 0.8
+    results = json.loads((s_out / "results.json").read_text())
+    assert set(results) >= {"experiment", "profile", "wall_time_s", "models"}
+    assert "test_errors" in results["models"]["distilled"]
+    assert main(["evaluate", "--data", "digits", "--model", str(s_out / "model.safetensors"),
+                 "--teacher", str(t_out / "model.safetensors"), "-T", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["errors"] == student["test_errors"]
+    assert 0 <= metrics["teacher_agreement"] <= 1 and "per_class_accuracy" in metrics and "ece" in metrics
+
+
+def test_resume_via_cli(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--data", "digits", "--model", "mlp:16", "--epochs", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert main(args[:-1] + ["--resume", "--set", "train.epochs=3", "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().strip().splitlines()) == 3
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--data", "digits", "--model", "mlp:8", "--lr", "-1", "--out", "X"], "train.lr"),
+    (["train", "--data", "digits", "--model", "nope", "--out", "X"], "unknown model"),
+    (["train", "--data", "digits", "--out", "X"], "model"),
+    (["distill", "--data", "digits", "--model", "mlp:8", "--out", "X"], "teacher"),
+    (["distill", "--data", "digits", "--model", "mlp:8", "--teacher", "missing.safetensors", "--out", "X"], "missing"),
+    (["train", "--data", "digits", "--model", "mlp:8", "--set", "train.bogus=1", "--out", "X"], "unknown option"),
+    (["train", "--data", "digits", "--model", "mlp:8", "--resume", "--out", "X"], "resume"),
+    (["run", "no-such-experiment"], "unknown"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(argv, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "X").exists()
+
+
+def test_run_list(capsys):
+    assert main(["run", "--list"]) == 0
+    assert "hinton-mnist" in capsys.readouterr().out
+
+
+def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys):
+    out = tmp_path / "h"
+    argv = ["run", "hinton-mnist", "--profile", "quick", "--out", str(out), "--no-progress",
+            "--set", "teacher=mlp:64,dropout=0.2", "--set", "teacher_epochs=3", "--set", "student=mlp:32",
+            "--set", "student_epochs=3", "--set", "val_size=200", "--set", "alphas=[1.0, 0.5]", "--set", "seeds=2"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiment"] == "hinton-mnist" and res["profile"] == "quick" and res["wall_time_s"] > 0
+    assert set(res["models"]) == {"teacher", "baseline", "distilled"}
+    d = res["models"]["distilled"]["test_errors"]
+    assert set(d) == {"mean", "std", "values"} and len(d["values"]) == 2
+    assert res["chosen_alpha"] in (1.0, 0.5)
+    assert (out / "results.md").read_text().startswith("# hinton-mnist")
+    assert (out / "config.yaml").is_file() and (out / "environment.json").is_file()

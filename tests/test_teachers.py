@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from kdistill import data
+from kdistill.models import build_model
+from kdistill.teachers import CachedTeacher, ModuleTeacher
+
+
+def test_module_teacher_is_frozen_and_stays_in_eval(digits):
+    net = build_model("mlp:32,dropout=0.5", digits.input_shape, 10, seed=0)
+    teacher = ModuleTeacher(net)
+    net.train()  # a caller switching modes must not re-enable dropout
+    assert not net.training
+    x = digits.train.x[:16]
+    a, b = teacher.logits(x), teacher.logits(x)
+    assert torch.equal(a, b) and not a.requires_grad
+    assert all(not p.requires_grad for p in net.parameters())
+
+
+def test_cached_teacher_is_keyed_by_sample_id_not_position(digits):
+    net = build_model("mlp:32", digits.input_shape, 10, seed=0)
+    mt = ModuleTeacher(net)
+    cached = mt.cache(digits.train)
+    sub = data.omit_classes(digits.train, [3])
+    rows = torch.randperm(len(sub))[:20]
+    ids = sub.index[rows]
+    assert torch.allclose(cached.logits(None, ids), mt.logits(sub.x[rows]), atol=1e-6)
+    with pytest.raises(ValueError, match="cover"):
+        cached.check_covers(digits.val)  # validation ids were never cached
+
+
+def test_cached_teacher_rejects_bad_tables():
+    with pytest.raises(ValueError, match="one row per id"):
+        CachedTeacher(torch.arange(3), torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="unique"):
+        CachedTeacher(torch.tensor([0, 0]), torch.zeros(2, 10))
