@@ -66,15 +66,21 @@ def test_run_list(capsys):
     assert "hinton-mnist" in capsys.readouterr().out
 
 
-def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys):
+@pytest.mark.parametrize("copies, roles", [
+    (0, {"teacher", "baseline", "distilled"}),
+    (2, {"teacher", "baseline", "distilled", "distilled_plain", "baseline_augmented"}),
+])
+def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copies, roles):
     out = tmp_path / "h"
     argv = ["run", "hinton-mnist", "--profile", "quick", "--out", str(out), "--no-progress",
             "--set", "teacher=mlp:64,dropout=0.2", "--set", "teacher_epochs=3", "--set", "student=mlp:32",
-            "--set", "student_epochs=3", "--set", "val_size=200", "--set", "alphas=[1.0, 0.5]", "--set", "seeds=2"]
+            "--set", "student_epochs=3", "--set", "val_size=200", "--set", "alphas=[1.0, 0.5]", "--set", "seeds=2",
+            "--set", f"augmented_copies={copies}", "--set", "augmented_passes=1"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "hinton-mnist" and res["profile"] == "quick" and res["wall_time_s"] > 0
-    assert set(res["models"]) == {"teacher", "baseline", "distilled"}
+    assert set(res["models"]) == roles
+    assert res["headline_protocol"] == ("augmented" if copies else "plain")
     d = res["models"]["distilled"]["test_errors"]
     assert set(d) == {"mean", "std", "values"} and len(d["values"]) == 2
     assert res["chosen_alpha"] in (1.0, 0.5)

@@ -117,3 +117,16 @@ def test_loaders_and_registry(digits):
         data.load("imagenet")
     with pytest.raises(ValueError, match="informative"):
         data.load("synthetic", informative=0.0)
+
+
+def test_jittered_copies_have_unique_ids_and_keep_the_original():
+    d = _labels(50)
+    d = TensorData(x=torch.rand(50, 1, 6, 6), y=d.y, classes=d.classes, name="toy")
+    sub = data.omit_classes(d, [3])  # non-contiguous ids
+    big = data.jittered_copies(sub, 3, 1, seed=0)
+    assert len(big) == 3 * len(sub) and len(torch.unique(big.index)) == len(big)
+    assert torch.equal(big.x[: len(sub)], sub.x) and torch.equal(big.y, sub.y.repeat(3))
+    assert not torch.equal(big.x[len(sub):2 * len(sub)], sub.x)
+    assert torch.equal(data.jittered_copies(sub, 3, 1, seed=0).x, big.x)
+    with pytest.raises(ValueError, match="copies"):
+        data.jittered_copies(sub, 0, 1)

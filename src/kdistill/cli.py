@@ -62,30 +62,47 @@ def _load_data(cfg: dict[str, Any]):
 
 
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
-    from .io import load_model
     from .report import write_run_files
     from .train import TrainConfig, fit
     from .models import build_model
 
     extra: dict[str, Any] = {"model": args.model}
     if distill:
-        extra.update({"teacher": args.teacher, "train": {k: v for k, v in {
-            "temperature": args.temperature, "alpha": args.alpha, "loss": args.loss}.items() if v is not None}})
+        extra.update({"teacher": args.teacher, "teacher_logits": args.teacher_logits, "teacher_onnx": args.teacher_onnx,
+                      "ensemble_mean": args.ensemble_mean, "unlabelled": args.unlabelled or None,
+                      "fraction": args.fraction, "train": {k: v for k, v in {
+                          "temperature": args.temperature, "alpha": args.alpha, "loss": args.loss}.items() if v is not None}})
     cfg = _resolve(args, extra)
     if not cfg.get("model"):
         raise ValueError("model: give a model spec, e.g. --model mlp:800,800 (or `model:` in the config)")
-    if distill and not cfg.get("teacher"):
-        raise ValueError("teacher: give --teacher WEIGHTS.safetensors (a model saved by `kdistill train`)")
+    if distill and not any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx")):
+        raise ValueError("teacher: give --teacher WEIGHTS.safetensors (a model saved by `kdistill train`), "
+                         "--teacher-logits FILE or --teacher-onnx FILE; several make an ensemble")
     tcfg = TrainConfig.from_dict(cfg.get("train", {}))  # validates before any work
+    if distill and cfg.get("unlabelled") and tcfg.alpha < 1:
+        raise ValueError(f"alpha: --unlabelled drops the labels, so alpha must be 1 (soft targets only), got {tcfg.alpha}")
+    if distill and cfg.get("fraction") is not None and not 0 < cfg["fraction"] <= 1:
+        raise ValueError(f"fraction: the share of the transfer set to keep must be in (0, 1], got {cfg['fraction']}")
     out = Path(args.out)
     if args.resume and not (out / "checkpoint.safetensors").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     bundle = _load_data(cfg)
-    teacher = load_model(cfg["teacher"]) if distill else None
+    train = bundle.train
+    teacher = None
+    if distill:
+        from .blackbox import resolve_teacher
+        from .data import drop_labels
+
+        if cfg.get("fraction") is not None:
+            from .data import stratified_fraction
+
+            train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
+        teacher = resolve_teacher(cfg, train, tcfg.jitter, tcfg.temperature)  # files checked against the data here
+        train = drop_labels(train) if cfg.get("unlabelled") else train
     model = build_model(cfg["model"], bundle.input_shape, bundle.train.num_classes, seed=tcfg.seed)
     write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
     t0 = time.perf_counter()
-    result = fit(model, bundle.train, tcfg, teacher=teacher, val=bundle.val, test=bundle.test, out_dir=out,
+    result = fit(model, train, tcfg, teacher=teacher, val=bundle.val, test=bundle.test, out_dir=out,
                  resume=args.resume, progress=not args.no_progress)
     from .report import write_results
 
@@ -140,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student on a teacher's soft targets")
     p.add_argument("--model", "--student", dest="model", help="student model spec, e.g. mlp:800,800")
-    p.add_argument("--teacher", help="teacher weights (.safetensors written by `kdistill train`)")
+    p.add_argument("--teacher", action="append", help="teacher weights (.safetensors written by `kdistill train`)")
+    p.add_argument("--teacher-logits", action="append", help="black-box teacher: logits file from `kdistill predict`")
+    p.add_argument("--teacher-onnx", action="append", help="black-box teacher: an ONNX model run with onnxruntime")
+    p.add_argument("--ensemble-mean", choices=["arithmetic", "geometric"],
+                   help="with several teachers (any of the three flags, repeated): how to average their distributions")
+    p.add_argument("--unlabelled", action="store_true", help="drop the transfer set's labels (needs alpha = 1)")
+    p.add_argument("--fraction", type=float, help="keep a stratified share of the transfer set (seeded by data.seed)")
     p.add_argument("--temperature", "-T", type=float)
     p.add_argument("--alpha", type=float, help="soft-target weight in [0, 1]; 1 - alpha goes to the hard labels")
     p.add_argument("--loss", choices=["kl", "soft_ce", "logit_mse", "prob_mse"])
@@ -168,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
+
+    # Further commands live in kdistill/commands/*.py, each with `register(subparsers)`.
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
 
 

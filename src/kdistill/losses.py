@@ -88,3 +88,150 @@ def distillation_loss(
         return soft
     hard = F.cross_entropy(student_logits.float(), labels).to(soft.dtype)
     return alpha * soft + (1.0 - alpha) * hard
+
+
+
+def _per_student(value, n: int, name: str, device: torch.device) -> torch.Tensor:
+    """A float or a length-``n`` sequence/tensor as an (n,) float64 tensor on ``device``."""
+    v = torch.as_tensor(value, dtype=torch.float64).to(device)
+    if v.dim() == 0:
+        v = v.expand(n)
+    if v.shape != (n,):
+        raise ValueError(f"{name}: need one value or one per student ({n}), got shape {tuple(v.shape)}")
+    return v
+
+
+def _check_stacked(student_logits, teacher_logits, labels, temperature, alpha, kind, checked=False):
+    """Validate the stacked losses' arguments; return (temperatures, alphas, labels needed).
+
+    ``checked=True`` (a trainer that validated its settings once) skips the checks of values, which
+    would synchronise an accelerator at every step: temperature and alpha must then be (N,) tensors.
+    """
+    if checked:
+        return temperature, alpha, labels is not None
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {LOSS_KINDS}")
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits: need (students, batch, classes), got {tuple(student_logits.shape)}")
+    n, b, c = student_logits.shape
+    if teacher_logits is not None and teacher_logits.shape not in ((n, b, c), (b, c)):
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must be ({n}, {b}, {c}) or ({b}, {c})")
+    temps = _per_student(temperature, n, "temperature", student_logits.device)
+    alphas = _per_student(alpha, n, "alpha", student_logits.device)
+    if not bool((temps > 0).all()):
+        raise ValueError(f"temperature: must be > 0, got {temps.tolist()}")
+    if not bool(((alphas >= 0) & (alphas <= 1)).all()):
+        raise ValueError(f"alpha: the soft-target weight must be in [0, 1], got {alphas.tolist()}")
+    need_labels = teacher_logits is None or bool((alphas < 1).any())
+    if need_labels:
+        if labels is None:
+            raise ValueError("labels: required when some alpha < 1; pass labels or set every alpha to 1")
+        if labels.shape not in ((n, b), (b,)):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must be ({n}, {b}) or ({b},)")
+    return temps, alphas, need_labels
+
+
+def stacked_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature,
+    alpha,
+    kind: str = "kl",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of N students at once, each with its own temperature and alpha.
+
+    ``student_logits`` is (N, B, C); ``teacher_logits`` is (N, B, C), or (B, C) when every student saw
+    the same batch; ``labels`` is (N, B) or (B,). ``temperature`` and ``alpha`` are floats or one value
+    per student. Returns the (N,) losses: entry i equals ``distillation_loss(student_logits[i],
+    teacher_logits[i], labels[i], temperature=T[i], alpha=alpha[i], kind=kind)`` up to rounding, so the
+    sum's gradient with respect to each student's logits is that student's own gradient.
+    """
+    temps, alphas, need_labels = _check_stacked(student_logits, teacher_logits, labels, temperature, alpha, kind)
+    n, b, c = student_logits.shape
+    out_dtype = student_logits.dtype
+    work = torch.float32 if student_logits.device.type == "mps" else torch.float64  # as in soft_loss
+    s, t = student_logits.to(work), teacher_logits.detach().to(work)
+    if kind == "logit_mse":
+        soft = (s - t).square().mean(dim=(1, 2))
+    else:
+        temp = temps.to(work).view(n, 1, 1)
+        log_q = F.log_softmax(s / temp, dim=-1)
+        log_p = F.log_softmax(t / temp, dim=-1)
+        t2 = temps.to(work).square()
+        if kind == "kl":
+            soft = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1) * t2
+        elif kind == "soft_ce":
+            soft = -(log_p.exp() * log_q).sum(dim=-1).mean(dim=-1) * t2
+        else:  # prob_mse
+            soft = (log_q.exp() - log_p.exp()).square().mean(dim=(1, 2))
+    soft = soft.to(out_dtype)
+    if not need_labels:
+        return soft
+    y = labels.expand(n, b) if labels.dim() == 1 else labels
+    hard = F.cross_entropy(student_logits.float().reshape(n * b, c), y.reshape(n * b), reduction="none")
+    hard = hard.view(n, b).mean(dim=1).to(soft.dtype)
+    a = alphas.to(soft.dtype)
+    return torch.where(alphas == 1, soft, a * soft + (1 - a) * hard)
+
+
+def _softmax_pair(z: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax, softmax) of ``z`` along ``dim``, sharing one exp."""
+    z = z - z.amax(dim=dim, keepdim=True)
+    e = z.exp()
+    total = e.sum(dim=dim, keepdim=True)
+    return z - total.log(), e / total
+
+
+def stacked_distillation_loss_and_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature,
+    alpha,
+    kind: str = "kl",
+    checked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N,) losses of :func:`stacked_distillation_loss` and their sum's gradient w.r.t. the logits.
+
+    For ``kl`` and ``soft_ce`` (whose gradient is the same, T * (q - p) / B) and the hard-label
+    cross-entropy ((softmax(s) - onehot) / B) the gradient is written out, in the same precision as
+    the losses (float64 soft term, float32 hard term), with classes on the middle axis so every
+    reduction is vectorised over the batch: a multi-student trainer spends far less time here than
+    with autograd. Other kinds fall back to autograd. ``teacher_logits=None`` means plain supervised
+    training: the loss is the cross-entropy with ``labels`` and ``alpha`` is ignored. ``checked=True``
+    skips validation (see :func:`_check_stacked`); with it, ``labels`` must be None when every alpha is 1.
+    """
+    if teacher_logits is not None and kind not in ("kl", "soft_ce"):
+        z = student_logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = stacked_distillation_loss(z, teacher_logits, labels, temperature=temperature, alpha=alpha, kind=kind)
+            (grad,) = torch.autograd.grad(losses.sum(), z)
+        return losses.detach(), grad
+    temps, alphas, need_labels = _check_stacked(student_logits, teacher_logits, labels, temperature, alpha, kind, checked)
+    n, b, _ = student_logits.shape
+    out_dtype = student_logits.dtype
+    logits_cb = student_logits.detach().transpose(1, 2)  # (N, C, B)
+    loss = grad = None
+    if teacher_logits is not None:
+        work = torch.float32 if student_logits.device.type == "mps" else torch.float64
+        temp = temps.to(work).view(n, 1, 1)
+        log_q, q = _softmax_pair(logits_cb.to(work) / temp, dim=1)
+        log_p, p = _softmax_pair(teacher_logits.detach().transpose(-1, -2).to(work) / temp, dim=1)
+        cross = (p * (log_p - log_q)) if kind == "kl" else -(p * log_q)
+        loss = (cross.sum(dim=1).mean(dim=-1) * temps.to(work).square()).to(out_dtype)
+        grad = (q - p).mul_(temp / b).to(out_dtype)
+        if not need_labels:
+            return loss, grad.transpose(1, 2)
+    y = (labels.expand(n, b) if labels.dim() == 1 else labels).view(n, 1, b)
+    log_r, r = _softmax_pair(logits_cb.float(), dim=1)
+    hard = -log_r.gather(1, y).view(n, b).mean(dim=1).to(out_dtype)
+    hard_grad = r.scatter_add_(1, y, torch.full(y.shape, -1.0, device=r.device, dtype=r.dtype)).div_(b).to(out_dtype)
+    if teacher_logits is None:
+        return hard, hard_grad.transpose(1, 2)
+    a = alphas.to(out_dtype)
+    loss = torch.where(alphas == 1, loss, a * loss + (1 - a) * hard)
+    grad = grad.mul_(a.view(n, 1, 1)).add_(hard_grad.mul_((1 - a).view(n, 1, 1)))
+    return loss, grad.transpose(1, 2)

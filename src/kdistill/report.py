@@ -7,6 +7,10 @@ a metric measured over several seeds is ``{"mean", "std", "values"}``.
 from __future__ import annotations
 
 import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,8 @@ def role_metrics(runs: list[dict[str, Any]], keys: tuple[str, ...] = ("errors", 
 def fmt(value: Any, digits: int = 2) -> str:
     """``mean ± std (n)`` for summaries, the plain value otherwise."""
     if isinstance(value, dict) and "mean" in value:
-        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f} (n={len(value['values'])})"
+        d = digits if abs(value["mean"]) >= 1 else 4
+        return f"{value['mean']:.{d}f} ± {value['std']:.{d}f} (n={len(value['values'])})"
     if isinstance(value, float):
         return f"{value:.{digits if abs(value) >= 1 else 4}f}"
     return str(value)
@@ -50,6 +55,18 @@ def write_run_files(out: Path, resolved: dict[str, Any], seed: int | None = None
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", config_mod.dump(resolved))
     write_json(out / "environment.json", {**environment(), "seed": seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it (works headless: Agg backend)."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def write_results(

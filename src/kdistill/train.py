@@ -190,6 +190,10 @@ def fit(
     if teacher is not None and val is not None and isinstance(teacher, ModuleTeacher):
         val_teacher = teacher.predict(val)
 
+    # On CUDA, convolutions run fastest on NHWC tensors; the layout change is free for MLPs.
+    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     x, y, ids = train.x.to(device), train.y.to(device), train.index.to(device)
     n = len(train)
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch: equal-sized steps
@@ -243,6 +247,8 @@ def fit(
             xb, yb = x[rows], y[rows]
             if cfg.jitter:
                 xb = jitter_batch(xb, cfg.jitter, gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * lr_factor(cfg.schedule, step, total_steps, cfg.warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .augment import jitter
+from .augment import jitter, jittered_copies
 from .dataset import UNLABELLED, DataBundle, TensorData
 from .mnist import load_fashion_mnist, load_mnist
 from .splits import (
@@ -46,8 +46,13 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **opt
     return with_validation(bundle, size, seed) if size else bundle
 
 
+from .cifar import load_cifar10  # noqa: E402
+
+register_loader("cifar10", load_cifar10, 5000)
+
+
 __all__ = [
-    "UNLABELLED", "DataBundle", "TensorData", "LOADERS", "load", "register_loader", "jitter",
+    "UNLABELLED", "DataBundle", "TensorData", "LOADERS", "load", "register_loader", "jitter", "jittered_copies",
     "load_mnist", "load_fashion_mnist", "load_digits", "load_synthetic", "split_validation",
     "with_validation", "omit_classes", "keep_classes", "stratified_fraction", "drop_labels",
 ]

@@ -1,13 +1,14 @@
 """Experiments: each is one module composing the library the way its paper paragraph describes.
 
-An experiment module defines ``NAME``, ``DESCRIPTION`` (one line), ``PROFILES`` (profile name ->
-settings dict) and ``run(settings, ctx) -> dict`` returning the ``results.json`` object. They are found
-by name in :data:`EXPERIMENTS`.
+An experiment module in this package defines ``NAME``, ``DESCRIPTION`` (one line), ``PROFILES``
+(profile name -> settings dict) and ``run(settings, ctx) -> dict`` returning the ``results.json``
+object. Modules are discovered by scanning the package, so adding an experiment is adding a file.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,21 @@ from typing import Any
 from .. import config as config_mod
 from ..report import write_run_files
 
-# name -> module path; imported lazily so `kdistill run --list` stays fast.
-EXPERIMENTS: dict[str, str] = {
-    "hinton-mnist": "kdistill.experiments.hinton_mnist",
-}
+
+
+def _discover() -> dict[str, str]:
+    """Experiment name -> module path, for every module of this package that defines ``NAME``."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "run"):
+            found[module.NAME] = module.__name__
+    return found
+
+
+EXPERIMENTS: dict[str, str] = {}
 
 
 @dataclass
@@ -43,12 +55,16 @@ class RunContext:
 
 
 def get(name: str) -> ModuleType:
+    if not EXPERIMENTS:
+        EXPERIMENTS.update(_discover())
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment: unknown {name!r}; `kdistill run --list` shows {sorted(EXPERIMENTS)}")
     return importlib.import_module(EXPERIMENTS[name])
 
 
 def describe() -> list[tuple[str, str]]:
+    if not EXPERIMENTS:
+        EXPERIMENTS.update(_discover())
     return [(name, get(name).DESCRIPTION) for name in EXPERIMENTS]
 
 

@@ -6,8 +6,10 @@ the hard labels alone (the baseline), once on the teacher's soft targets at T = 
 labels at a weight chosen on the validation split. Both students get the same epochs and optimiser.
 The paper: teacher 67 test errors, baseline 146, distilled 74.
 
-Because the transfer set is not augmented, the teacher's logits are computed once and looked up by
-sample id for every student and epoch.
+The paper profile adds a second protocol: both students trained on a fixed augmented transfer set (the
+training images plus jittered copies), so the student can also learn the teacher's view of translated
+digits. Because no transfer set is augmented on the fly, the teacher runs once per image and its
+logits are looked up by sample id for every student and epoch.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ _COMMON: dict[str, Any] = {
     "temperature": 20.0,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 6, "student_epochs": 10, "alphas": [1.0, 0.5], "seeds": 1},
-    "paper": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 10, "student_epochs": 30, "alphas": [1.0, 0.9, 0.5], "seeds": 3},
+    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 6, "student_epochs": 10, "alphas": [1.0, 0.5],
+              "seeds": 1, "augmented_copies": 0, "augmented_passes": 0},
+    "paper": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 20, "alphas": [1.0, 0.9],
+              "seeds": 3, "augmented_copies": 10, "augmented_passes": 3},
 }
 
 
-def _student_config(s: dict[str, Any], seed: int, alpha: float | None = None) -> TrainConfig:
+def _student_config(s: dict[str, Any], seed: int, epochs: int, alpha: float | None = None) -> TrainConfig:
     distill = {} if alpha is None else {"temperature": s["temperature"], "alpha": alpha}
-    return TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed, **distill)
+    return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["student_lr"], seed=seed, **distill)
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -61,67 +65,92 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"teacher {s['teacher']}: {tcfg.epochs} epochs, jitter ±{tcfg.jitter} px")
     t_fit = fit(teacher, train, tcfg, val=val, test=test, out_dir=ctx.out / "teacher", progress=ctx.progress)
     ctx.log(f"teacher: {t_fit.test['errors']} test errors ({t_fit.wall_time_s:.0f} s)")
-    cached = ModuleTeacher(teacher).cache(train)  # one teacher pass, shared by every student
+    frozen = ModuleTeacher(teacher)
+    seeds = [s["seed"] + i for i in range(s["seeds"])]
 
-    # The hard-label weight (1 - alpha) is chosen on validation with the first seed.
-    def distill(seed: int, alpha: float):
+    # Each protocol is a transfer set plus a training length; both students of a protocol share it.
+    protocols = {"plain": (train, frozen.cache(train), s["student_epochs"])}  # one teacher pass, shared
+    if s["augmented_copies"] > 1:
+        copies = kdata.jittered_copies(train, s["augmented_copies"], s["teacher_jitter"], seed=s["seed"])
+        ctx.log(f"augmented transfer set: {len(copies)} images; caching the teacher's logits once")
+        protocols["augmented"] = (copies, frozen.cache(copies), s["augmented_passes"])
+    headline = "augmented" if "augmented" in protocols else "plain"
+
+    def student(protocol: str, seed: int, alpha: float | None):
+        data, cached, epochs = protocols[protocol]
+        role = "baseline" if alpha is None else f"distilled-a{alpha}"
         return fit(
-            build_model(s["student"], bundle.input_shape, 10, seed=seed), train, _student_config(s, seed, alpha),
-            teacher=cached, val=val, test=test, out_dir=ctx.out / f"distilled-a{alpha}-seed{seed}", progress=ctx.progress,
+            build_model(s["student"], bundle.input_shape, 10, seed=seed), data, _student_config(s, seed, epochs, alpha),
+            teacher=None if alpha is None else cached, val=val, test=test,
+            out_dir=ctx.out / f"{protocol}-{role}-seed{seed}", progress=ctx.progress,
         )
 
-    seeds = [s["seed"] + i for i in range(s["seeds"])]
+    # The soft-target weight is chosen on validation, with the first seed, on the headline protocol.
     by_alpha = {}
     for alpha in s["alphas"]:
-        by_alpha[alpha] = distill(seeds[0], alpha)
-        ctx.log(f"distilled alpha={alpha}: {by_alpha[alpha].val['errors']} validation errors")
+        by_alpha[alpha] = student(headline, seeds[0], alpha)
+        ctx.log(f"{headline} distilled alpha={alpha}: {by_alpha[alpha].val['errors']} validation errors")
     best_alpha = min(s["alphas"], key=lambda a: (by_alpha[a].val["errors"], -a))
-    distilled = [by_alpha[best_alpha]] + [distill(seed, best_alpha) for seed in seeds[1:]]
 
-    baseline = []
-    for seed in seeds:
-        student = build_model(s["student"], bundle.input_shape, 10, seed=seed)
-        baseline.append(fit(student, train, _student_config(s, seed), val=val, test=test,
-                            out_dir=ctx.out / f"baseline-seed{seed}", progress=ctx.progress))
-        ctx.log(f"baseline seed {seed}: {baseline[-1].test['errors']} test errors")
-    for r in distilled:
-        ctx.log(f"distilled seed: {r.test['errors']} test errors")
+    runs: dict[str, dict[str, list]] = {}
+    for protocol in protocols:
+        first = [by_alpha[best_alpha]] if protocol == headline else []
+        distilled = first + [student(protocol, seed, best_alpha) for seed in seeds[len(first):]]
+        baseline = [student(protocol, seed, None) for seed in seeds]
+        runs[protocol] = {"distilled": distilled, "baseline": baseline}
+        ctx.log(f"{protocol}: baseline {[r.test['errors'] for r in baseline]}, "
+                f"distilled {[r.test['errors'] for r in distilled]} test errors")
 
-    # Fidelity to the teacher on test, for the record.
     t_test = predict_logits(teacher, test.x)
-    agreement = [classification_metrics(predict_logits(r.model, test.x), test.y, t_test, s["temperature"], False)
-                 for r in distilled]
-    student_model = distilled[0].model
+
+    def describe(results, spec):
+        agree = [classification_metrics(predict_logits(r.model, test.x), test.y, t_test, 1.0, False)["teacher_agreement"]
+                 for r in results]
+        return {**role_metrics([r.test for r in results]), "spec": spec,
+                "teacher_agreement": role_metrics([{"agreement": a} for a in agree], ("agreement",))["test_agreement"]}
+
+    student_model = runs[headline]["distilled"][0].model
     models = {
         "teacher": {**role_metrics([t_fit.test]), "params": count_parameters(teacher),
                     "flops": count_flops(teacher, bundle.input_shape), "spec": s["teacher"]},
-        "baseline": {**role_metrics([r.test for r in baseline]), "spec": s["student"]},
-        "distilled": {
-            **role_metrics([r.test for r in distilled]), "spec": s["student"],
-            "params": count_parameters(student_model), "flops": count_flops(student_model, bundle.input_shape),
-            "teacher_agreement": role_metrics([{"agreement": a["teacher_agreement"]} for a in agreement], ("agreement",))["test_agreement"],
-        },
+        "baseline": describe(runs["plain"]["baseline"], s["student"]),
     }
+    if headline == "augmented":
+        models["distilled_plain"] = describe(runs["plain"]["distilled"], s["student"])
+        models["baseline_augmented"] = describe(runs["augmented"]["baseline"], s["student"])
+    models["distilled"] = {**describe(runs[headline]["distilled"], s["student"]),
+                           "params": count_parameters(student_model),
+                           "flops": count_flops(student_model, bundle.input_shape)}
     alpha_table = "\n".join(
         f"| {a} | {by_alpha[a].val['errors']} |" + (" chosen |" if a == best_alpha else " |") for a in s["alphas"]
     )
     md = f"""
 Paper (Hinton et al. 2015): teacher 67, baseline 146, distilled 74 test errors.
 
-Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_jitter']} px.
-Students: `{s['student']}`, {s['student_epochs']} epochs each, same optimiser and data (no augmentation),
-seeds {seeds}. Distillation at T = {s['temperature']} with KL·T²; soft-target weight alpha chosen on the
-{len(val)}-image validation split (seed {seeds[0]}):
+Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_jitter']} px, weight decay
+{s['teacher_weight_decay']}. Students: `{s['student']}`, no regularisation, seeds {seeds}, SGD lr {s['student_lr']}
+(one-cycle), batch {s['batch_size']}. Distillation at T = {s['temperature']} with KL·T².
+
+Roles:
+- `baseline`: the student on the hard labels of the un-augmented training set, {s['student_epochs']} epochs (the paper's 146).
+- `distilled{'_plain' if headline == 'augmented' else ''}`: the same student on the teacher's soft targets over the
+  same un-augmented transfer set and epochs (the paper's protocol: 74).
+"""
+    if headline == "augmented":
+        md += f"""- `baseline_augmented`: hard labels on a fixed transfer set of {s['augmented_copies']} copies of the training
+  set (the original plus jittered ±{s['teacher_jitter']} px), {s['augmented_passes']} passes — the same budget as `distilled`.
+- `distilled`: soft targets over those same copies; the teacher's logits on them are computed once and
+  looked up by sample id.
+"""
+    md += f"""
+Soft-target weight alpha, chosen on the {len(val)}-image validation split (seed {seeds[0]}, {headline} protocol):
 
 | alpha (soft weight) | validation errors | |
 |---|---|---|
 {alpha_table}
-
-Test errors — teacher: {fmt(models['teacher']['test_errors'])}, baseline: {fmt(models['baseline']['test_errors'])},
-distilled: {fmt(models['distilled']['test_errors'])}.
 """
     return write_results(
         ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-        extra={"chosen_alpha": best_alpha, "temperature": s["temperature"],
+        extra={"chosen_alpha": best_alpha, "temperature": s["temperature"], "headline_protocol": headline,
                "validation_errors_by_alpha": {str(a): by_alpha[a].val["errors"] for a in s["alphas"]}},
     )

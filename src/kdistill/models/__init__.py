@@ -4,6 +4,7 @@ from .convnets import ConvNet, LeNet5
 from .counting import count_flops, count_parameters
 from .mlp import MLP, apply_max_norm
 from .registry import ModelSpec, available, build_model, register
+from . import caffe_nets  # noqa: F401,E402  registers caffe_lenet, cifar_quick, cifar_mini
 
 __all__ = [
     "MLP", "ConvNet", "LeNet5", "ModelSpec", "apply_max_norm", "available", "build_model", "register",

@@ -1,0 +1,1 @@
+"""Extra ``kdistill`` subcommands: each module defines ``register(subparsers)`` and is found automatically."""

@@ -1,0 +1,158 @@
+"""Teachers other than one saved module, from the command line.
+
+* ``kdistill predict``: a teacher's logits for a data split, saved for black-box distillation;
+* ``kdistill export-onnx``: a saved model as ONNX (a teacher others can run without PyTorch);
+* ``kdistill specialists``: specialists for a saved generalist, evaluated with it, and (``--save-logits``)
+  the combined distribution saved for ``kdistill distill --teacher-logits``.
+
+The split is loaded exactly as ``kdistill distill`` loads it (same ``--data``, ``--data-path``,
+``--val-size`` and ``--data-seed`` defaults), so the saved rows line up with its transfer set by sample id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .. import data
+    from ..blackbox import OnnxTeacher, save_logits
+    from ..evaluate import classification_metrics, predict_logits
+    from ..io import load_model
+
+    if bool(args.model) == bool(args.onnx):
+        raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors or --onnx MODEL.onnx")
+    out = Path(args.save_logits)
+    if out.suffix.lower() not in (".safetensors", ".npy"):
+        raise ValueError(f"--save-logits: {out} must end in .safetensors or .npy")
+    options = {"path": args.data_path} if args.data_path else {}
+    bundle = data.load(args.data, val_size=args.val_size, seed=args.data_seed, **options)
+    split = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[args.split]
+    if split is None:
+        raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
+    if args.model:
+        logits = predict_logits(load_model(args.model), split.x)
+        source = str(args.model)
+    else:
+        teacher = OnnxTeacher(args.onnx)
+        teacher.check(split)
+        logits = teacher.predict(split)
+        source = str(args.onnx)
+    if logits.shape[1] != split.num_classes:
+        raise ValueError(f"--model: predicts {logits.shape[1]} classes, {split.name} has {split.num_classes}")
+    save_logits(out, logits, split.index, data=split.name, source=source)
+    report = {"file": str(out), "count": len(split), "num_classes": split.num_classes, "data": split.name}
+    if not split.has_unlabelled:
+        report["accuracy"] = classification_metrics(logits, split.y, detailed=False)["accuracy"]
+    print(json.dumps(report))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..blackbox import export_onnx
+    from ..io import load_model, read_model_meta
+
+    model = load_model(args.model)
+    in_shape = read_model_meta(args.model).get("in_shape")
+    if not in_shape:
+        raise ValueError(f"--model: {args.model} records no input shape; save it with `kdistill train`")
+    export_onnx(model, args.onnx, in_shape)
+    print(json.dumps({"onnx": str(args.onnx), "in_shape": in_shape}))
+    return 0
+
+
+def _specialists(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .. import data
+    from ..blackbox import save_logits
+    from ..evaluate import classification_metrics, predict_logits
+    from ..io import load_model, save_model, write_json
+    from ..report import write_results
+    from ..specialists import SpecialistSystem, confusable_clusters, train_specialist
+    from ..train import TrainConfig
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      temperature=args.temperature, alpha=args.alpha, keep_best=True, checkpoint=False)
+    clusters = [tuple(int(c) for c in group.split(",")) for group in args.classes or []]
+    if args.save_logits and not args.save_logits.endswith((".safetensors", ".npy")):
+        raise ValueError(f"--save-logits: {args.save_logits} must end in .safetensors or .npy")
+    options = {"path": args.data_path} if args.data_path else {}
+    t0 = time.perf_counter()
+    bundle = data.load(args.data, val_size=args.val_size, seed=args.data_seed, **options)
+    if bundle.val is None:
+        raise ValueError("--val-size: specialists need a validation split (clusters and early stopping use it)")
+    generalist = load_model(args.generalist)
+    val_lp = torch.log_softmax(predict_logits(generalist, bundle.val.x), dim=1)
+    if val_lp.shape[1] != bundle.train.num_classes:
+        raise ValueError(f"--generalist: predicts {val_lp.shape[1]} classes, {args.data} has {bundle.train.num_classes}")
+    if not clusters:
+        clusters = confusable_clusters(val_lp.exp(), args.clusters, args.seed)
+        if not clusters:
+            raise ValueError("--clusters: every cluster has a single class; ask for fewer clusters or give --classes")
+    out = Path(args.out)
+    gen_train = predict_logits(generalist, bundle.train.x)
+    specialists = []
+    for cl in clusters:
+        spec, _ = train_specialist(generalist, bundle.train, cl, cfg, generalist_logits=gen_train, val=bundle.val,
+                                   progress=not args.no_progress)
+        save_model(out / f"specialist-{'-'.join(map(str, cl))}.safetensors", spec.model,
+                   in_shape=list(bundle.input_shape), num_classes=len(cl) + 1, classes=list(cl))
+        specialists.append(spec)
+    system = SpecialistSystem(generalist, specialists, top_k=args.top_k)
+    test = bundle.test
+    special = torch.isin(test.y, torch.tensor(sorted({c for cl in clusters for c in cl})))
+    models = {}
+    for role, lp in (("generalist", predict_logits(generalist, test.x)), ("generalist+specialists", system.predict(test))):
+        m = classification_metrics(lp, test.y, detailed=False)
+        models[role] = {"test_errors": m["errors"], "test_accuracy": m["accuracy"],
+                        "test_accuracy_special": float((lp.argmax(1)[special] == test.y[special]).float().mean())}
+    write_json(out / "clusters.json", {"clusters": [list(c) for c in clusters], "top_k": args.top_k})
+    write_results(out, "specialists", "cli", time.perf_counter() - t0, models)
+    if args.save_logits:
+        save_logits(args.save_logits, system.predict(bundle.train), bundle.train.index, data=bundle.train.name,
+                    source=f"specialists:{args.generalist}")
+    print(json.dumps({"clusters": [list(c) for c in clusters], **models}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="save a teacher's logits for a data split (black-box distillation)")
+    p.add_argument("--model", help="teacher weights (.safetensors written by `kdistill train`)")
+    p.add_argument("--onnx", help="or: an ONNX teacher, run with onnxruntime")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--data-path")
+    p.add_argument("--split", choices=["train", "val", "test"], default="train")
+    p.add_argument("--val-size", type=float, default=None, help="as in distill (default: the data set's own)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation split, as in distill's data.seed")
+    p.add_argument("--save-logits", required=True, metavar="FILE", help=".safetensors (logits + sample ids) or .npy")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export-onnx", help="write a saved model as ONNX")
+    p.add_argument("--model", required=True, help="weights (.safetensors written by `kdistill train`)")
+    p.add_argument("--onnx", required=True, help="output file (.onnx)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("specialists", help="train specialists for a generalist's confusable classes and combine them")
+    p.add_argument("--generalist", required=True, help="generalist weights (.safetensors written by `kdistill train`)")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-path")
+    p.add_argument("--val-size", type=float, default=None)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--clusters", type=int, default=4, help="K-means clusters of the prediction covariance")
+    p.add_argument("--classes", action="append", metavar="C,C,...", help="a specialist's classes (instead of clustering)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--temperature", "-T", type=float, default=2.0, help="of the generalist's collapsed soft targets")
+    p.add_argument("--alpha", type=float, default=0.5, help="soft-target weight for the specialists")
+    p.add_argument("--top-k", type=int, default=2, help="generalist's top classes that activate specialists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-logits", metavar="FILE", help="save the combined distribution's log-probabilities on train")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_specialists)

@@ -1,0 +1,126 @@
+"""Ensembles of teachers, used as one teacher (Hinton et al. 2015, section 4).
+
+The soft targets of an ensemble are a mean of its members' predictive distributions at temperature T:
+
+* ``geometric``: the renormalised geometric mean, ``∝ Π_k p_k^(1/K)``. Since ``p_k ∝ exp(z_k / T)``, this
+  equals ``softmax(mean_k z_k / T)``: averaging the members' *logits* gives targets that are exact at
+  **every** temperature (equivalently, average the log-probabilities and renormalise).
+* ``arithmetic``: ``mean_k softmax(z_k / T)``. A mixture of softmaxes is in general not the softmax of any
+  fixed logits at all temperatures, so the ensemble **combines at its own temperature** ``T`` (stored on
+  the object) and returns ``T · log(mixture)``; ``softmax(returned / T)`` is then exactly the mixture.
+  Distil with ``TrainConfig.temperature`` equal to the ensemble's ``temperature`` (the trainer cannot check
+  this for you; :meth:`EnsembleTeacher.at_temperature` makes a copy for another T). For the distribution at
+  any T without that contract, use :meth:`EnsembleTeacher.log_probs` / :meth:`EnsembleTeacher.probs`.
+
+Members are ``nn.Module`` s (wrapped, frozen, in :class:`ModuleTeacher`) or any teacher (cached, ONNX,
+saved logits, another ensemble). When the transfer set is not augmented, :meth:`EnsembleTeacher.cache`
+computes the combined logits once per sample and returns a :class:`CachedTeacher` keyed by sample id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blackbox import run_teacher
+from .data.dataset import TensorData
+from .teachers import CachedTeacher, ModuleTeacher, Teacher
+
+MEANS = ("arithmetic", "geometric")
+
+
+def _check(mean: str, temperature: float) -> None:
+    if mean not in MEANS:
+        raise ValueError(f"mean: must be one of {MEANS}, got {mean!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+
+
+def combine_log_probs(member_logits: torch.Tensor, mean: str = "arithmetic", temperature: float = 1.0) -> torch.Tensor:
+    """Log of the ensemble distribution at ``temperature`` from stacked member logits (K x N x C)."""
+    _check(mean, temperature)
+    if member_logits.dim() != 3 or member_logits.shape[0] < 1:
+        raise ValueError(f"member_logits: need K x N x C with K >= 1, got shape {tuple(member_logits.shape)}")
+    z = member_logits.double() / temperature
+    if mean == "geometric":
+        return F.log_softmax(z.mean(dim=0), dim=-1).float()
+    log_p = F.log_softmax(z, dim=-1)
+    return (torch.logsumexp(log_p, dim=0) - math.log(member_logits.shape[0])).float()
+
+
+def combine_logits(member_logits: torch.Tensor, mean: str = "arithmetic", temperature: float = 1.0) -> torch.Tensor:
+    """Logits ``L`` with ``softmax(L / temperature)`` = the ensemble distribution at ``temperature``.
+
+    For ``geometric`` this is the members' mean logit (up to a per-row constant): exact at every T.
+    """
+    return temperature * combine_log_probs(member_logits, mean, temperature)
+
+
+class EnsembleTeacher:
+    """K teachers combined into one (see the module docstring for the temperature contract)."""
+
+    def __init__(
+        self, members: Sequence[nn.Module | Teacher], mean: str = "arithmetic", temperature: float = 1.0
+    ) -> None:
+        _check(mean, temperature)
+        if len(members) == 0:
+            raise ValueError("members: an ensemble needs at least one member")
+        wrapped: list[Teacher] = []
+        for i, m in enumerate(members):
+            if isinstance(m, nn.Module):
+                m = ModuleTeacher(m)
+            if not (hasattr(m, "logits") and hasattr(m, "needs_inputs")):
+                raise ValueError(f"members[{i}]: {type(m).__name__} is neither an nn.Module nor a teacher")
+            wrapped.append(m)
+        self.members = wrapped
+        self.mean = mean
+        self.temperature = float(temperature)
+        self.needs_inputs = any(m.needs_inputs for m in wrapped)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def at_temperature(self, temperature: float) -> "EnsembleTeacher":
+        """The same members and mean, combining at ``temperature``."""
+        return EnsembleTeacher(self.members, self.mean, temperature)
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """K x B x C logits of the members for one batch."""
+        out = [m.logits(x, ids).float() for m in self.members]
+        classes = {o.shape[-1] for o in out}
+        if len(classes) != 1:
+            raise ValueError(f"members: disagree on the number of classes {sorted(classes)}")
+        device = x.device if x is not None else out[0].device
+        return torch.stack([o.to(device) for o in out])
+
+    def log_probs(self, x: torch.Tensor, ids: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+        """Log of the combined distribution at ``temperature`` (default: the ensemble's own)."""
+        return combine_log_probs(self.member_logits(x, ids), self.mean, temperature or self.temperature)
+
+    def probs(self, x: torch.Tensor, ids: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+        return self.log_probs(x, ids, temperature).exp()
+
+    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``T · log p_ensemble`` at the stored temperature T (the Teacher protocol)."""
+        return self.temperature * self.log_probs(x, ids)
+
+    def predict_members(self, data: TensorData, batch_size: int = 2048) -> torch.Tensor:
+        """K x N x C member logits for every sample of ``data`` (on the CPU)."""
+        out = [run_teacher(m, data, batch_size) for m in self.members]
+        classes = {o.shape[-1] for o in out}
+        if len(classes) != 1:
+            raise ValueError(f"members: disagree on the number of classes {sorted(classes)}")
+        return torch.stack(out)
+
+    def predict(self, data: TensorData, batch_size: int = 2048) -> torch.Tensor:
+        """Combined logits (as :meth:`logits`) for every sample of ``data``, in order."""
+        return combine_logits(self.predict_members(data, batch_size), self.mean, self.temperature)
+
+    def cache(self, data: TensorData) -> CachedTeacher:
+        """The combined logits over ``data`` looked up by sample id: for un-augmented transfer sets."""
+        return CachedTeacher(data.index, self.predict(data))

@@ -1,0 +1,138 @@
+"""Plumbing of the transfer-set, small-student and soft-label experiments, on scikit-learn digits."""
+
+import json
+
+import pytest
+import torch
+
+from kdistill import data
+from kdistill.cli import main
+from kdistill.experiments.small_student import best_temperature, sweep_summary
+from kdistill.experiments.soft_labels import class_similarity, soft_target_stats
+
+SMALL_TEACHER = ["--set", "teacher=mlp:64", "--set", "teacher_epochs=12", "--set", "teacher_lr=0.1",
+                 "--set", "teacher_jitter=0", "--set", "val_size=200", "--set", "batch_size=64"]
+SMALL_STUDENT = ["--set", "student=mlp:32", "--set", "student_epochs=10", "--set", "student_lr=0.1", "--set", "seeds=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These nets are tiny: one thread is as fast, and it does not stall when other processes load the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_mnist(monkeypatch):
+    """`mnist` resolves to scikit-learn digits (1x8x8), so the experiments run in seconds, offline."""
+    monkeypatch.setitem(data.LOADERS, "mnist", lambda path=None: data.load_digits())
+    monkeypatch.setitem(data.DEFAULT_VAL_SIZE, "mnist", 200)
+
+
+def _run(name, out, *extra):
+    assert main(["run", name, "--profile", "quick", "--out", str(out), "--no-progress", *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
+    res = _run("transfer-omit3", tmp_path / "omit3", *SMALL_TEACHER, *SMALL_STUDENT, "--set", "temperatures=[4.0, 8.0]")
+    m = res["models"]
+    assert set(m) == {"teacher", "distilled", "distilled+bias(val)", "distilled+bias(label-free)",
+                      "baseline", "baseline+bias(val)", "baseline+bias(label-free)"}
+    assert res["chosen_temperature"] in (4.0, 8.0) and len(res["validation_errors_by_candidate"]) == 2
+    # Trained on hard labels without 3s, the baseline never predicts a 3.
+    assert m["baseline"]["test_unseen_accuracy"]["values"] == [0.0, 0.0]
+    # The student never saw a 3, yet distilled it gets some right, and the offset (a) never hurts validation.
+    assert m["distilled"]["test_unseen_accuracy"]["mean"] > 0.2
+    for before, after in zip(m["distilled"]["val_errors"]["values"], m["distilled+bias(val)"]["val_errors"]["values"]):
+        assert after <= before
+    assert m["distilled"]["offset"]["values"] == [0.0, 0.0]
+    assert len(m["distilled+bias(label-free)"]["test_errors"]["values"]) == 2
+    for png in ("offset_curve.png", "per_class_accuracy.png"):
+        assert (tmp_path / "omit3" / png).stat().st_size > 1000
+    assert "3s errors" in (tmp_path / "omit3" / "results.md").read_text()
+    assert m["teacher"]["loaded_from_cache"] is False
+    # A second experiment with the same teacher settings reloads it from the cache beside the run folders.
+    again = _run("soft-labels", tmp_path / "soft", *SMALL_TEACHER)
+    assert again["models"]["teacher"]["loaded_from_cache"] is True
+    assert again["models"]["teacher"]["test_errors"] == m["teacher"]["test_errors"]
+    for png in ("temperatures.png", "dark_knowledge.png", "class_similarity.png"):
+        assert (tmp_path / "soft" / png).stat().st_size > 1000
+
+
+def test_transfer_keep78_on_small_data(tmp_path, small_mnist):
+    res = _run("transfer-keep78", tmp_path / "k", *SMALL_TEACHER, *SMALL_STUDENT, "--set", "teacher_cache=none",
+               "--set", "student_epochs=30")
+    m = res["models"]
+    # Hard labels of 7s and 8s only: the baseline gets no other digit right.
+    assert m["baseline"]["test_unseen_accuracy"]["values"] == [0.0, 0.0]
+    # The distilled student's 7/8 logits are too high: both offsets lower them, and that helps a lot.
+    assert all(b < 0 for b in m["distilled+bias(val)"]["offset"]["values"])
+    assert all(b < 0 for b in m["distilled+bias(label-free)"]["offset"]["values"])
+    assert m["distilled+bias(val)"]["test_errors"]["mean"] < m["distilled"]["test_errors"]["mean"]
+    assert not (tmp_path / "teacher-cache").exists()
+
+
+def test_small_student_on_small_data(tmp_path, small_mnist):
+    res = _run("small-student", tmp_path / "s", "--set", "teacher_mlp=mlp:64", "--set", "teacher_mlp_epochs=8",
+               "--set", "teacher_cnn=cnn:8,16,hidden=32", "--set", "teacher_cnn_epochs=4", "--set", "teacher_lr=0.1",
+               "--set", "val_size=200", "--set", "student=mlp:8,8", "--set", "student_epochs=3",
+               "--set", "sweep_temperatures=[1.0, 3.0, 6.0]", "--set", "teacher_cache=none")
+    m = res["models"]
+    assert set(m) == {"teacher_mlp", "teacher_cnn", "baseline", "distilled", "distilled+hard",
+                      "distilled-from-cnn", "distilled-best-T"}
+    for role in ("baseline", "distilled", "distilled+hard", "distilled-from-cnn", "distilled-best-T"):
+        assert len(m[role]["test_errors"]["values"]) == 2, role
+    assert res["chosen_alpha"] in (0.3, 0.7)
+    assert set(res["sweep"]) == {"1.0", "3.0", "6.0"}
+    assert res["chosen_temperature"] == best_temperature({float(k): v for k, v in res["sweep"].items()})
+    assert m["distilled-best-T"]["temperature"] == res["chosen_temperature"]
+    assert (tmp_path / "s" / "temperature_sweep.png").is_file() and (tmp_path / "s" / "roles.png").is_file()
+
+
+def test_sweep_bookkeeping():
+    records = [
+        {"temperature": 2.0, "seed": 0, "val_errors": 10, "test_errors": 50},
+        {"temperature": 2.0, "seed": 1, "val_errors": 14, "test_errors": 10},
+        {"temperature": 4.0, "seed": 0, "val_errors": 11, "test_errors": 1},
+        {"temperature": 4.0, "seed": 1, "val_errors": 11, "test_errors": 1},
+        {"temperature": 1.0, "seed": 0, "val_errors": 20, "test_errors": 0},
+    ]
+    summary = sweep_summary(records)
+    assert list(summary) == [1.0, 2.0, 4.0]
+    assert summary[2.0]["val_errors"]["mean"] == 12 and summary[2.0]["seeds"] == [0, 1]
+    assert summary[1.0]["val_errors"]["std"] == 0.0
+    # Validation decides, never test: T = 4 has the fewest mean validation errors (11 < 12 < 20).
+    assert best_temperature(summary) == 4.0
+    # Ties go to the lower temperature.
+    tie = sweep_summary(records[:2] + [{"temperature": 8.0, "seed": 0, "val_errors": 12, "test_errors": 0}])
+    assert best_temperature(tie) == 2.0
+    with pytest.raises(ValueError, match="recorded twice"):
+        sweep_summary(records + [records[0]])
+    with pytest.raises(ValueError, match="sweep"):
+        best_temperature({})
+
+
+def test_soft_target_statistics():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(20)
+    logits = torch.randn(200, 10, generator=g)
+    logits[torch.arange(200), labels] += 6.0
+    stats = [soft_target_stats(logits, labels, T) for T in (1.0, 2.0, 5.0, 20.0)]
+    entropies = [s["entropy_bits"] for s in stats]
+    assert entropies == sorted(entropies) and entropies[-1] < 3.33  # flatter with T, at most log2(10)
+    assert stats[0]["true_class_prob"] > 0.9 > stats[-1]["true_class_prob"]
+    sim = class_similarity(logits, labels, 20.0, 10)
+    assert torch.allclose(sim.sum(1), torch.ones(10, dtype=sim.dtype))
+    assert int(sim.argmax(1).eq(torch.arange(10)).sum()) == 10
+
+
+def test_bad_settings_are_clear_errors(tmp_path, small_mnist, capsys):
+    assert main(["run", "transfer-omit3", "--out", str(tmp_path / "x"), "--set", "omit=[12]",
+                 "--set", "teacher_cache=none"]) == 2
+    assert "omit: digits" in capsys.readouterr().err
+    assert main(["run", "soft-labels", "--out", str(tmp_path / "y"), "--set", "example_index=-1", "--set", "val_size=200",
+                 "--set", "teacher_cache=none"]) == 2
+    assert "example_index" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""Vectorised multi-student training: every student must equal the same student trained alone."""
+
+import json
+
+import pytest
+import torch
+
+from kdistill import TrainConfig, fit
+from kdistill.cli import main
+from kdistill.losses import distillation_loss, stacked_distillation_loss, stacked_distillation_loss_and_grad
+from kdistill.models import build_model
+from kdistill.multi import fit_many
+from kdistill.stacked import StackedMLP, mlp_signature
+from kdistill.teachers import ModuleTeacher
+
+SPEC = "mlp:24,16"
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    t = build_model("mlp:48", digits.input_shape, 10, seed=0)
+    fit(t, digits.train, TrainConfig(epochs=4, lr=0.1, batch_size=64), progress=False)
+    return t
+
+
+def _check_equivalent(digits, teacher, configs, init_seeds=None, spec=SPEC):
+    init_seeds = init_seeds or [c.seed for c in configs]
+    together = fit_many([build_model(spec, digits.input_shape, 10, seed=s) for s in init_seeds], digits.train, configs,
+                        teacher=teacher, val=digits.val, test=digits.test, progress=False)
+    for cfg, seed, r in zip(configs, init_seeds, together):
+        alone = fit(build_model(spec, digits.input_shape, 10, seed=seed), digits.train, cfg, teacher=teacher,
+                    val=digits.val, test=digits.test, progress=False)
+        assert torch.allclose(_params(r.model), _params(alone.model), atol=1e-4, rtol=0), cfg
+        assert abs(r.history[-1]["train_loss"] - alone.history[-1]["train_loss"]) < 1e-4
+        assert abs(r.test["errors"] - alone.test["errors"]) <= 1 and abs(r.val["errors"] - alone.val["errors"]) <= 1
+        assert [h["epoch"] for h in r.history] == [h["epoch"] for h in alone.history]
+        assert r.best_epoch == alone.best_epoch
+    return together
+
+
+def test_each_student_equals_its_solo_run_sgd_jitter_live_teacher(digits, teacher):
+    # Different temperatures, alphas, learning rates, momenta, weight decays and seeds; jitter means the
+    # module teacher runs live, once per step for all groups; seeds 0, 0, 1 make two batch-sharing groups.
+    grid = [(2.0, 1.0, 0.1, 0.9, 0.0, 0), (5.0, 0.6, 0.05, 0.5, 1e-3, 0), (1.0, 0.0, 0.2, 0.0, 0.0, 1)]
+    configs = [TrainConfig(epochs=3, batch_size=32, lr=lr, momentum=m, weight_decay=wd, temperature=t, alpha=a,
+                           seed=s, jitter=1) for t, a, lr, m, wd, s in grid]
+    _check_equivalent(digits, teacher, configs)
+
+
+def test_each_student_equals_its_solo_run_adam_cached_teacher(digits, teacher):
+    # Shared lr/momentum/decay: the fused optimiser path; cached teacher; one group with distinct inits.
+    configs = [TrainConfig(epochs=3, batch_size=48, optimizer="adam", lr=3e-3, weight_decay=1e-4, temperature=t,
+                           alpha=a, seed=7, schedule="cosine") for t, a in [(1.0, 1.0), (4.0, 0.5), (20.0, 0.9)]]
+    _check_equivalent(digits, teacher, configs, init_seeds=[1, 2, 3], spec="mlp:20,activation=tanh")
+
+
+def test_supervised_and_max_norm_students_equal_solo_runs(digits):
+    configs = [TrainConfig(epochs=2, batch_size=32, lr=lr, seed=s, max_norm=1.5) for lr, s in [(0.1, 0), (0.05, 3)]]
+    _check_equivalent(digits, None, configs, spec="mlp:16,16,activation=leaky_relu")
+
+
+def test_keep_best_restores_each_students_best_epoch(digits, teacher):
+    # Constant schedule, so the first b epochs of a 4-epoch run are a b-epoch run; high learning rates
+    # make validation errors go up and down, so some student's best epoch comes before the last.
+    def run(epochs, keep_best):
+        configs = [TrainConfig(epochs=epochs, batch_size=32, lr=lr, momentum=0.5, schedule="constant", temperature=3.0,
+                               seed=s, keep_best=keep_best) for lr, s in [(0.3, 0), (0.3, 1), (0.5, 1), (0.05, 2)]]
+        models = [build_model(SPEC, digits.input_shape, 10, seed=c.seed) for c in configs]
+        return fit_many(models, digits.train, configs, teacher=teacher, val=digits.val, progress=False)
+
+    best = run(4, True)
+    assert any(r.best_epoch < 4 for r in best)
+    for i, r in enumerate(best):
+        errs = [h["val_errors"] for h in r.history]
+        assert r.best_epoch == errs.index(min(errs)) + 1 and r.val["errors"] == min(errs)
+        shorter = run(r.best_epoch, False)[i]
+        assert torch.equal(_params(r.model), _params(shorter.model))
+
+
+def test_students_with_one_seed_share_batches_and_teacher_forward(digits, teacher):
+    class Counting(ModuleTeacher):
+        def __init__(self, module):
+            super().__init__(module)
+            self.calls: list[int] = []
+
+        def logits(self, x, ids=None):
+            self.calls.append(len(x))
+            return super().logits(x, ids)
+
+    counting = Counting(teacher)
+    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, temperature=t, seed=s, jitter=1)
+               for t, s in [(1.0, 0), (2.0, 0), (4.0, 0), (8.0, 5)]]
+    fit_many([build_model(SPEC, digits.input_shape, 10, seed=0) for _ in configs], digits.train, configs,
+             teacher=counting, progress=False)
+    steps = len(digits.train) // 64
+    assert counting.calls == [2 * 64] * steps  # one forward per step for both seed groups, none per student
+
+
+def test_unstackable_students_fall_back_to_fit(digits, teacher):
+    spec = "mlp:16,dropout=0.2"
+    assert mlp_signature(build_model(spec, digits.input_shape, 10)) is None
+    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, temperature=t, seed=1) for t in (2.0, 4.0)]
+    together = fit_many([build_model(spec, digits.input_shape, 10, seed=1) for _ in configs], digits.train, configs,
+                        teacher=teacher, progress=False)
+    for cfg, r in zip(configs, together):
+        alone = fit(build_model(spec, digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher, progress=False)
+        assert torch.equal(_params(r.model), _params(alone.model))
+
+
+def test_configs_that_cannot_share_a_pass_are_rejected(digits):
+    models = [build_model(SPEC, digits.input_shape, 10, seed=s) for s in (0, 1)]
+    with pytest.raises(ValueError, match="train.epochs"):
+        fit_many(models, digits.train, [TrainConfig(epochs=1), TrainConfig(epochs=2)], progress=False)
+    with pytest.raises(ValueError, match="configs: need one per model"):
+        fit_many(models, digits.train, [TrainConfig()] * 3, progress=False)
+    with pytest.raises(ValueError, match="eval_every_steps"):
+        fit_many(models, digits.train, [TrainConfig(eval_every_steps=5)] * 2, progress=False)
+
+
+def test_stacked_forward_matches_each_model_and_writes_back(digits):
+    models = [build_model("mlp:12,8,activation=gelu", digits.input_shape, 10, seed=s) for s in range(3)]
+    net = StackedMLP(models, [2, 1])
+    x = digits.test.x[:50]
+    stacked = net.predict(x)
+    for i, m in enumerate(models):
+        assert torch.allclose(stacked[i], m(x), atol=1e-5)
+    with torch.no_grad():
+        net.params[0].add_(1.0)
+    net.write_to(models)
+    assert torch.allclose(net.predict(x)[1], models[1](x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kl", "soft_ce", "logit_mse", "prob_mse"])
+@pytest.mark.parametrize("shared_teacher", [True, False])
+def test_stacked_loss_and_gradient_equal_distillation_loss(kind, shared_teacher):
+    g = torch.Generator().manual_seed(0)
+    n, b, c = 4, 16, 10
+    s = torch.randn(n, b, c, generator=g) * 5
+    t = torch.randn(b, c, generator=g) * 5 if shared_teacher else torch.randn(n, b, c, generator=g) * 5
+    y = torch.randint(0, c, (n, b), generator=g)
+    temps, alphas = [1.0, 3.0, 20.0, 0.5], [1.0, 0.5, 0.0, 0.9]
+    losses = stacked_distillation_loss(s, t, y, temperature=temps, alpha=alphas, kind=kind)
+    fused, grad = stacked_distillation_loss_and_grad(s, t, y, temperature=temps, alpha=alphas, kind=kind)
+    for i in range(n):
+        si = s[i].clone().requires_grad_(True)
+        ref = distillation_loss(si, t if shared_teacher else t[i], y[i], temperature=temps[i], alpha=alphas[i], kind=kind)
+        ref.backward()
+        assert torch.allclose(losses[i], ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(fused[i], ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(grad[i], si.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_stacked_loss_validates_its_arguments():
+    s = torch.zeros(2, 3, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        stacked_distillation_loss(s, torch.zeros(3, 10), temperature=[1.0, 0.0], alpha=1.0)
+    with pytest.raises(ValueError, match="labels"):
+        stacked_distillation_loss_and_grad(s, torch.zeros(3, 10), temperature=2.0, alpha=[1.0, 0.5])
+    with pytest.raises(ValueError, match="teacher_logits"):
+        stacked_distillation_loss(s, torch.zeros(4, 10), temperature=2.0, alpha=1.0)
+
+
+def test_sweep_cli_matches_distill_cli(digits, tmp_path, capsys):
+    t_out = tmp_path / "teacher"
+    assert main(["train", "--data", "digits", "--model", "mlp:32", "--epochs", "4", "--lr", "0.1", "--out", str(t_out),
+                 "--no-progress"]) == 0
+    weights = str(t_out / "model.safetensors")
+    common = ["--data", "digits", "--teacher", weights, "--epochs", "3", "--no-progress"]
+    assert main(["sweep", "--student", "mlp:16", "-T", "2", "5", "--alphas", "1", "0.7", "--seeds", "0", "1",
+                 "--lrs", "0.1", "--out", str(tmp_path / "sweep"), *common]) == 0
+    res = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert len(res["models"]) == 8 and res["swept"] == ["temperature", "alpha", "seed"]
+    assert res["best_by_validation"] in res["by_setting"] and len(res["by_setting"]) == 4
+    assert res["by_setting"]["T5.0-a0.7"]["test_errors"]["values"] == [
+        res["models"]["T5.0-a0.7-seed0"]["test_errors"], res["models"]["T5.0-a0.7-seed1"]["test_errors"]]
+    capsys.readouterr()
+    assert main(["distill", "--student", "mlp:16", "-T", "5", "--alpha", "0.7", "--seed", "1", "--lr", "0.1",
+                 "--out", str(tmp_path / "solo"), *common]) == 0
+    solo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(solo["test_errors"] - res["models"]["T5.0-a0.7-seed1"]["test_errors"]) <= 1
+
+
+def test_sweep_cli_rejects_bad_input_before_work(tmp_path):
+    out = tmp_path / "x"
+    assert main(["sweep", "--data", "digits", "--student", "mlp:8", "-T", "2", "--out", str(out)]) == 2  # no teacher
+    assert main(["sweep", "--data", "digits", "--student", "mlp:8", "--lrs", "-1", "--out", str(out)]) == 2
+    assert main(["sweep", "--data", "digits", "--student", "mlp:8", "--teacher", "nope.safetensors", "--out", str(out)]) == 2
+    assert not out.exists()
