@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                "arithmetic_bounds": bounds}
     write_json(out / "throughput.json", results)
     write_text(out / "throughput.md", markdown(results))
-    plot(scaling, peak, out / "throughput.png")
+    plot(scaling, peak, out / "throughput.png", busy=is_busy(info))
     log(f"done: {out}/throughput.{{json,md,png}}")
     print(markdown(results))
     return 0
@@ -361,6 +361,11 @@ def summary_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def is_busy(m: dict[str, Any]) -> bool:
+    """Whether other work was running: a 1-minute load average above half the logical CPUs."""
+    return max(m["loadavg_before"][0], m["loadavg_after"][0]) > 0.5 * m["logical_cpus"]
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -388,6 +393,9 @@ def markdown(res: dict[str, Any]) -> str:
         target = res["targets"][k]
         unit = "%" if "peak" in k else "x"
         lines.append(f"| {k} | {v:.2f}{unit} | >= {target:g}{unit} | {'yes' if v >= target else 'no'} |")
+    if is_busy(m):
+        lines[2:2] = [("**Warning: other processes were using the CPUs during this run (see the load averages), so "
+                       "these timings are not representative; re-run on an idle machine.**"), ""]
     b = res["arithmetic_bounds"]
     lines += ["", ("Arithmetic bounds: per sample, the tutorial loop executes "
                    f"{b['W1 vs tutorial']:.2f}x and the autograd-teacher loop {b['W1 vs autograd teacher']:.2f}x the "
@@ -410,7 +418,7 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path) -> None:
+def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path, busy: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,7 +462,8 @@ def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path) -> N
            title="sweep time vs number of students")
     ax.set_ylim(0, None)
     ax.legend()
-    fig.suptitle(f"kdistill training throughput (measured fp32 matmul peak {peak:.0f} GFLOP/s)")
+    note = " - BUSY MACHINE, NOT REPRESENTATIVE" if busy else ""
+    fig.suptitle(f"kdistill training throughput (measured fp32 matmul peak {peak:.0f} GFLOP/s){note}")
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -12,4 +14,4 @@ def digits():
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))

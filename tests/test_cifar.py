@@ -107,11 +107,14 @@ def test_registered_with_a_5000_image_validation_split(fake_archive, monkeypatch
     assert len(b.train) == 15 and len(b.val) == 5
 
 
-@pytest.mark.parametrize("spec, shape, params", [
-    ("caffe_lenet", (1, 28, 28), 431_080),   # 20 and 50 5x5 maps, fc 500: Caffe's MNIST example
-    ("cifar_quick", (3, 32, 32), 145_578),   # 32-32-64 5x5 maps, 4x4 after three round-up poolings, fc 64
-    ("cifar_mini", (3, 32, 32), 61_546),     # the same without the third convolution
-])
+@pytest.mark.parametrize(
+    "spec, shape, params",
+    [
+        ("caffe_lenet", (1, 28, 28), 431_080),  # 20 and 50 5x5 maps, fc 500: Caffe's MNIST example
+        ("cifar_quick", (3, 32, 32), 145_578),  # 32-32-64 5x5 maps, 4x4 after three round-up poolings, fc 64
+        ("cifar_mini", (3, 32, 32), 61_546),  # the same without the third convolution
+    ],
+)
 def test_caffe_nets(spec, shape, params):
     model = build_model(spec, shape, 10, seed=0)
     assert count_parameters(model) == params

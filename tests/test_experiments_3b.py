@@ -13,6 +13,12 @@ from kdistill.data import DataBundle, TensorData
 from kdistill.experiments import synthetic_grid
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    """These nets are tiny: one intra-op thread is faster, and does not spin against other processes."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def small_mnist(monkeypatch):
     """`mnist` resolves to scikit-learn digits (1x8x8), so the MNIST experiments run offline in seconds."""
@@ -63,10 +69,26 @@ def test_synthetic_data_has_redundant_features_and_is_standardised():
 
 
 def test_synthetic_grid(tmp_path):
-    out, res = _run(tmp_path, "synthetic-grid", "samples=1500", "features=10", "classes=4", "val_size=200",
-                    "class_seps=[1.0]", "informative=[0.5, 1.0]", "temperatures=[2, 8]", "widths=[8]",
-                    "student_width=16", "width_class_sep=1.0", "width_informative=0.5", "seeds=2",
-                    "teacher=mlp:32,dropout=0.2", "teacher_epochs=3", "student_epochs=2", "batch_size=100")
+    out, res = _run(
+        tmp_path,
+        "synthetic-grid",
+        "samples=1500",
+        "features=10",
+        "classes=4",
+        "val_size=200",
+        "class_seps=[1.0]",
+        "informative=[0.5, 1.0]",
+        "temperatures=[2, 8]",
+        "widths=[8]",
+        "student_width=16",
+        "width_class_sep=1.0",
+        "width_informative=0.5",
+        "seeds=2",
+        "teacher=mlp:32,dropout=0.2",
+        "teacher_epochs=3",
+        "student_epochs=2",
+        "batch_size=100",
+    )
     recs = res["records"]
     # 2 data sets x (baseline + 2 T) x 2 seeds for the 2x16 student, plus the same for 2x8 on one data set.
     assert len(recs) == 2 * 3 * 2 + 3 * 2
@@ -91,9 +113,23 @@ def test_synthetic_grid_rejects_a_width_setting_outside_the_grid(tmp_path, capsy
 
 
 def test_lambda_sweep(tmp_path, small_mnist):
-    out, res = _run(tmp_path, "lambda-sweep", "teacher=mlp:48", "student=mlp:48", "teacher_epochs=2", "student_epochs=2",
-                    "train_size=null", "test_size=null", "val_size=200", "curve_val_size=100", "eval_every=5",
-                    "lambdas=[0, 0.5, 1]", "seeds=2", "high_temperature=4", "batch_size=64")
+    out, res = _run(
+        tmp_path,
+        "lambda-sweep",
+        "teacher=mlp:48",
+        "student=mlp:48",
+        "teacher_epochs=2",
+        "student_epochs=2",
+        "train_size=null",
+        "test_size=null",
+        "val_size=200",
+        "curve_val_size=100",
+        "eval_every=5",
+        "lambdas=[0, 0.5, 1]",
+        "seeds=2",
+        "high_temperature=4",
+        "batch_size=64",
+    )
     curves = res["curves"]
     assert set(curves) == {"T1", "T4"} and set(curves["T1"]) == {"0", "0.5", "1"}
     run0 = curves["T1"]["0"][0]
@@ -114,14 +150,25 @@ def test_lambda_sweep(tmp_path, small_mnist):
 
 
 def test_lambda_sweep_needs_lambda_zero(tmp_path, small_mnist, capsys):
-    assert main(["run", "lambda-sweep", "--out", str(tmp_path / "x"), "--no-progress", "--set", "lambdas=[0.5, 1]"]) == 2
+    assert (
+        main(["run", "lambda-sweep", "--out", str(tmp_path / "x"), "--no-progress", "--set", "lambdas=[0.5, 1]"]) == 2
+    )
     assert "lambdas" in capsys.readouterr().err
 
 
 def test_nnfwp(tmp_path, small_mnist):
-    out, res = _run(tmp_path, "nnfwp", "train_size=null", "val_size=200", "seeds=2", "batch_size=16",
-                    "search_benchmark_lrs=[0.01, 0.1]", "search_student_lrs=[0.1]", "search_temperatures=[2, 4]",
-                    "search_alphas=[0.5]")
+    out, res = _run(
+        tmp_path,
+        "nnfwp",
+        "train_size=null",
+        "val_size=200",
+        "seeds=2",
+        "batch_size=16",
+        "search_benchmark_lrs=[0.01, 0.1]",
+        "search_student_lrs=[0.1]",
+        "search_temperatures=[2, 4]",
+        "search_alphas=[0.5]",
+    )
     models = res["models"]
     assert {"teacher", "benchmark", "tuned-benchmark", "distilled"} <= set(models)
     assert {f"mse-student-lr{lr:g}" for lr in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)} <= set(models)
@@ -132,7 +179,9 @@ def test_nnfwp(tmp_path, small_mnist):
     search = [r for r in res["records"] if r["role"] == "student-search"]
     best = max(search, key=lambda r: r["val_accuracy"])
     assert best["T"] == chosen["T"]
-    diff = np.mean(models["distilled"]["test_accuracy"]["values"]) - np.mean(models["tuned-benchmark"]["test_accuracy"]["values"])
+    diff = np.mean(models["distilled"]["test_accuracy"]["values"]) - np.mean(
+        models["tuned-benchmark"]["test_accuracy"]["values"]
+    )
     assert res["student_minus_benchmark_points"] == pytest.approx(100 * diff)
     assert res["beats_benchmark"] == (diff > 0)
     _check_png(out / "nnfwp.png")
@@ -140,9 +189,21 @@ def test_nnfwp(tmp_path, small_mnist):
 
 def test_cifar10_mini(tmp_path, monkeypatch):
     monkeypatch.setitem(data.LOADERS, "cifar10", _tiny_cifar)
-    out, res = _run(tmp_path, "cifar10-mini", "val_size=40", "train_size=null", "test_size=null", "teacher_epochs=2",
-                    "student_epochs=2", "lambdas=[0.1, 0.5]", "temperatures=[1, 4]", "batch_size=40", "seeds=2",
-                    "teacher=cifar_quick:8,8,16,16", "student=cifar_mini:4,4,16")
+    out, res = _run(
+        tmp_path,
+        "cifar10-mini",
+        "val_size=40",
+        "train_size=null",
+        "test_size=null",
+        "teacher_epochs=2",
+        "student_epochs=2",
+        "lambdas=[0.1, 0.5]",
+        "temperatures=[1, 4]",
+        "batch_size=40",
+        "seeds=2",
+        "teacher=cifar_quick:8,8,16,16",
+        "student=cifar_mini:4,4,16",
+    )
     models = res["models"]
     assert {"teacher", "mini-alone", "mini-distilled", "mini-lambda0.1-T1", "mini-lambda0.5-T4"} <= set(models)
     assert models["mini-alone"]["params"] < models["teacher"]["params"]

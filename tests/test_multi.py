@@ -61,6 +61,9 @@ def test_each_student_equals_its_solo_run_adam_cached_teacher(digits, teacher):
 def test_supervised_and_max_norm_students_equal_solo_runs(digits):
     configs = [TrainConfig(epochs=2, batch_size=32, lr=lr, seed=s, max_norm=1.5) for lr, s in [(0.1, 0), (0.05, 3)]]
     _check_equivalent(digits, None, configs, spec="mlp:16,16,activation=leaky_relu")
+    # The spec's own max-norm constraint (MLP.constrain), without the config's.
+    configs = [TrainConfig(epochs=2, batch_size=32, lr=0.2, seed=s) for s in (0, 1)]
+    _check_equivalent(digits, None, configs, spec="mlp:16,max_norm=0.5")
 
 
 def test_keep_best_restores_each_students_best_epoch(digits, teacher):

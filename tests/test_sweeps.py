@@ -9,7 +9,11 @@ from kdistill import sweeps
 def _records():
     # Two temperatures, three seeds each: T=4 has the best single run but T=2 the best mean.
     vals = {2.0: [0.90, 0.91, 0.92], 4.0: [0.95, 0.85, 0.86]}
-    return [{"T": T, "seed": i, "val_accuracy": v, "test_accuracy": 1 - v} for T, vs in vals.items() for i, v in enumerate(vs)]
+    return [
+        {"T": T, "seed": i, "val_accuracy": v, "test_accuracy": 1 - v}
+        for T, vs in vals.items()
+        for i, v in enumerate(vs)
+    ]
 
 
 def test_grid_is_the_full_product_first_axis_slowest():
@@ -89,8 +93,14 @@ def test_curve_helpers():
         sweeps.first_step_reaching([0], [1, 2], 0.5)
 
 
-@pytest.mark.parametrize("x, y", [([10, 30, 100, 300], [3, 2.5, 8, 20]), ([1, 2, 3, 4, 5], [2, 2, 1, 5, 5]),
-                                  ([0, 0.1, 0.5, 1], [0.9, 0.8, 0.8, 0.2])])
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([10, 30, 100, 300], [3, 2.5, 8, 20]),
+        ([1, 2, 3, 4, 5], [2, 2, 1, 5, 5]),
+        ([0, 0.1, 0.5, 1], [0.9, 0.8, 0.8, 0.2]),
+    ],
+)
 def test_rank_correlation_matches_scipy(x, y):
     assert sweeps.rank_correlation(x, y) == pytest.approx(spearmanr(x, y).statistic)
 
@@ -101,3 +111,16 @@ def test_rank_correlation_constant_is_nan():
 
 def test_label_is_stable():
     assert sweeps.label({"T": 4.0, "alpha": 0.5}) == "T=4.0,alpha=0.5"
+
+
+def test_intra_op_threads_restores_the_count():
+    import torch
+
+    before = torch.get_num_threads()
+    with sweeps.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with sweeps.intra_op_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"), sweeps.intra_op_threads(0):
+        pass

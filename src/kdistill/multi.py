@@ -202,6 +202,8 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
             opt.step(factor)
             if cfg0.max_norm:
                 net.apply_max_norm(cfg0.max_norm)
+            if net.max_norm:  # what MLP.constrain does after each of fit's steps
+                net.apply_max_norm(net.max_norm)
             loss_sum += losses.detach()
             step += 1
         train_loss = (loss_sum / steps_per_epoch).tolist()

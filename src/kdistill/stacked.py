@@ -66,7 +66,7 @@ class StackedMLP:
             raise ValueError("students: stacking needs MLPs of one architecture without dropout")
         if sum(group_sizes) != len(models) or min(group_sizes) < 1:
             raise ValueError(f"group_sizes {list(group_sizes)} must be positive and sum to {len(models)}")
-        _, widths, (self.activation, self.slope), _ = sigs.pop()
+        _, widths, (self.activation, self.slope), self.max_norm = sigs.pop()  # max_norm: the spec's own
         self.n = len(models)
         self.widths = widths
         self.group_sizes = list(group_sizes)

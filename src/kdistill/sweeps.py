@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .report import summarize
@@ -31,7 +32,7 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """
     for name, values in axes.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise ValueError(f"{name}: a sweep axis must be a list of values, got {values!r}")
+            raise ValueError(f"{name}: a sweep axis must be a list of values, got {values!r}")  # noqa: TRY004
         if len(list(values)) == 0:
             raise ValueError(f"{name}: a sweep axis needs at least one value")
     names = list(axes)
@@ -139,18 +140,16 @@ def within_noise(
     sign = 1.0 if higher_is_better else -1.0
     best = max(rows, key=lambda r: sign * r[metric]["mean"])
     spread = best[metric]["std"]
-    return [
-        {k: r[k] for k in by} for r in rows if sign * (best[metric]["mean"] - r[metric]["mean"]) <= spread + 1e-12
-    ]
+    return [{k: r[k] for k in by} for r in rows if sign * (best[metric]["mean"] - r[metric]["mean"]) <= spread + 1e-12]
 
 
 def mean_curve(curves: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
     """Align ``(step, value)`` curves of several seeds on their common steps: steps, means, stds."""
     if not curves:
         raise ValueError("mean_curve: no curves")
-    common = set(s for s, _ in curves[0])
+    common = {s for s, _ in curves[0]}
     for c in curves[1:]:
-        common &= set(s for s, _ in c)
+        common &= {s for s, _ in c}
     steps = sorted(common)
     lookups = [dict(c) for c in curves]
     means, stds = [], []
@@ -205,3 +204,25 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     if vx == 0 or vy == 0:
         return float("nan")
     return cov / math.sqrt(vx * vy)
+
+
+@contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run a block with ``count`` torch intra-op threads (None: leave as is), restoring the old count after.
+
+    Sweeps of many tiny nets gain nothing from more threads, and on a busy machine threads that wait on
+    each other cost far more than they save.
+    """
+    import torch
+
+    if count is None:
+        yield
+        return
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"threads: a positive integer or null, got {count!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -113,7 +113,10 @@ def _local_sources(base: str | os.PathLike, strict: bool) -> list[tuple[str, Cal
     if not found:
         return [(f"directory {base}", lambda: read_directory(base, strict))]
     return [
-        (f"{kind} {p}", (lambda p=p: read_archive(p, strict)) if kind == "archive" else (lambda p=p: read_directory(p, strict)))
+        (
+            f"{kind} {p}",
+            (lambda p=p: read_archive(p, strict)) if kind == "archive" else (lambda p=p: read_directory(p, strict)),
+        )
         for kind, p in found
     ]
 
@@ -141,8 +144,10 @@ def to_bundle(arrays: Arrays) -> DataBundle:
         images = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(255.0)
         return TensorData(x=images, y=torch.from_numpy(y.astype(np.int64)), classes=CLASSES, name=f"cifar10-{name}")
 
-    return DataBundle(train=split(arrays["x_train"], arrays["y_train"], "train"),
-                      test=split(arrays["x_test"], arrays["y_test"], "test"))
+    return DataBundle(
+        train=split(arrays["x_train"], arrays["y_train"], "train"),
+        test=split(arrays["x_test"], arrays["y_test"], "test"),
+    )
 
 
 def load_cifar10(path: str | os.PathLike | None = None, download_ok: bool = True, strict: bool = True) -> DataBundle:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .. import data as kdata
 from ..data import DataBundle, TensorData
 from ..evaluate import classification_metrics, predict_logits
@@ -27,7 +25,9 @@ from ..train import TrainConfig, fit
 from . import RunContext
 
 NAME = "cifar10-mini"
-DESCRIPTION = "CIFAR-10: Caffe quick model teaches the mini model (one conv removed), lambda 0.05/0.1/0.5 at T=1 and T=4"
+DESCRIPTION = (
+    "CIFAR-10: Caffe quick model teaches the mini model (one conv removed), lambda 0.05/0.1/0.5 at T=1 and T=4"
+)
 
 _COMMON: dict[str, Any] = {
     "seed": 0,
@@ -43,11 +43,25 @@ _COMMON: dict[str, Any] = {
 }
 PROFILES: dict[str, dict[str, Any]] = {
     # Subsets and few epochs: the whole pipeline on 2 CPU cores in a few minutes; numbers far below the paper's.
-    "quick": {**_COMMON, "val_size": 1000, "train_size": 6000, "test_size": 2000, "teacher_epochs": 3,
-              "student_epochs": 2, "seeds": 1},
+    "quick": {
+        **_COMMON,
+        "val_size": 1000,
+        "train_size": 6000,
+        "test_size": 2000,
+        "teacher_epochs": 3,
+        "student_epochs": 2,
+        "seeds": 1,
+    },
     # All 45,000 training images (5,000 held out for validation), the 10,000 test images, two seeds.
-    "full": {**_COMMON, "val_size": 5000, "train_size": None, "test_size": None, "teacher_epochs": 20,
-             "student_epochs": 15, "seeds": 2},
+    "full": {
+        **_COMMON,
+        "val_size": 5000,
+        "train_size": None,
+        "test_size": None,
+        "teacher_epochs": 20,
+        "student_epochs": 15,
+        "seeds": 2,
+    },
 }
 
 
@@ -64,8 +78,17 @@ def standardise(bundle: DataBundle, train: TensorData, test: TensorData) -> tupl
 
 
 def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=s["momentum"],
-                       weight_decay=s["weight_decay"], schedule=s["schedule"], seed=seed, checkpoint=False, **distill)
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=s["batch_size"],
+        lr=s["lr"],
+        momentum=s["momentum"],
+        weight_decay=s["weight_decay"],
+        schedule=s["schedule"],
+        seed=seed,
+        checkpoint=False,
+        **distill,
+    )
 
 
 def _distill_settings(T: float, lam: float) -> dict[str, Any]:
@@ -82,8 +105,12 @@ def _plot(s, teacher_hist, records, chosen, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    left.plot([h["epoch"] for h in teacher_hist], [100 * h["val_accuracy"] for h in teacher_hist], "k--",
-              label=f"teacher {s['teacher']}")
+    left.plot(
+        [h["epoch"] for h in teacher_hist],
+        [100 * h["val_accuracy"] for h in teacher_hist],
+        "k--",
+        label=f"teacher {s['teacher']}",
+    )
     configs = [("alone", None, None)] + [("distilled", c["lam"], c["T"]) for c in _configs(s)]
     cmap = plt.get_cmap("tab10")
     names, means, stds, colors = [], [], [], []
@@ -93,7 +120,9 @@ def _plot(s, teacher_hist, records, chosen, path) -> None:
         curve = [summarize([r["history"][k]["val_accuracy"] for r in runs])["mean"] for k in range(len(epochs))]
         name = "mini alone" if role == "alone" else f"λ={lam:g}, T={T:g}"
         style = "-" if role == "alone" or T == 1 else ":"
-        left.plot(epochs, [100 * c for c in curve], style, color=cmap(i), label=name, linewidth=2 if role == "alone" else 1.3)
+        left.plot(
+            epochs, [100 * c for c in curve], style, color=cmap(i), label=name, linewidth=2 if role == "alone" else 1.3
+        )
         test = summarize([100 * r["test_accuracy"] for r in runs])
         names.append(name + (" *" if role != "alone" and chosen == {"lam": lam, "T": T} else ""))
         means.append(test["mean"])
@@ -145,14 +174,34 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     def student(seed: int, role: str, **fields: Any) -> None:
         model = build_model(s["student"], bundle.input_shape, 10, seed=seed)
         distill = _distill_settings(fields["T"], fields["lam"]) if fields else {}
-        r = fit(model, train, _config(s, s["student_epochs"], seed, **distill), teacher=cached if fields else None,
-                val=val, test=test, progress=ctx.progress)
-        agree = classification_metrics(predict_logits(model, test.x), test.y, t_test, detailed=False)["teacher_agreement"]
-        records.append({"role": role, "seed": seed, **fields, "val_accuracy": r.val["accuracy"],
-                        "test_accuracy": r.test["accuracy"], "test": r.test, "teacher_agreement": agree,
-                        "history": [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in r.history]})
-        ctx.log(f"mini {role} {label(fields) if fields else ''} seed {seed}: {100 * r.val['accuracy']:.2f}% validation, "
-                f"{100 * r.test['accuracy']:.2f}% test ({r.wall_time_s:.0f} s)")
+        r = fit(
+            model,
+            train,
+            _config(s, s["student_epochs"], seed, **distill),
+            teacher=cached if fields else None,
+            val=val,
+            test=test,
+            progress=ctx.progress,
+        )
+        agree = classification_metrics(predict_logits(model, test.x), test.y, t_test, detailed=False)[
+            "teacher_agreement"
+        ]
+        records.append(
+            {
+                "role": role,
+                "seed": seed,
+                **fields,
+                "val_accuracy": r.val["accuracy"],
+                "test_accuracy": r.test["accuracy"],
+                "test": r.test,
+                "teacher_agreement": agree,
+                "history": [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in r.history],
+            }
+        )
+        ctx.log(
+            f"mini {role} {label(fields) if fields else ''} seed {seed}: {100 * r.val['accuracy']:.2f}% validation, "
+            f"{100 * r.test['accuracy']:.2f}% test ({r.wall_time_s:.0f} s)"
+        )
 
     for seed in seeds:
         student(seed, "alone")
@@ -163,39 +212,63 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     alone = select(records, role="alone")
     best = select(records, role="distilled", **chosen)
     models: dict[str, dict[str, Any]] = {
-        "teacher": {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"],
-                    "params": count_parameters(teacher), "flops": count_flops(teacher, bundle.input_shape)},
-        "mini-alone": {**role_metrics([r["test"] for r in alone], ("errors", "accuracy")), "spec": s["student"],
-                       "params": count_parameters(build_model(s["student"], bundle.input_shape, 10)),
-                       "flops": count_flops(build_model(s["student"], bundle.input_shape, 10), bundle.input_shape)},
-        "mini-distilled": {**role_metrics([r["test"] for r in best], ("errors", "accuracy")), "spec": s["student"],
-                           "lambda": chosen["lam"], "temperature": chosen["T"]},
+        "teacher": {
+            **role_metrics([t_fit.test], ("errors", "accuracy")),
+            "spec": s["teacher"],
+            "params": count_parameters(teacher),
+            "flops": count_flops(teacher, bundle.input_shape),
+        },
+        "mini-alone": {
+            **role_metrics([r["test"] for r in alone], ("errors", "accuracy")),
+            "spec": s["student"],
+            "params": count_parameters(build_model(s["student"], bundle.input_shape, 10)),
+            "flops": count_flops(build_model(s["student"], bundle.input_shape, 10), bundle.input_shape),
+        },
+        "mini-distilled": {
+            **role_metrics([r["test"] for r in best], ("errors", "accuracy")),
+            "spec": s["student"],
+            "lambda": chosen["lam"],
+            "temperature": chosen["T"],
+        },
     }
     rows = []
     for cfg in [None, *_configs(s)]:
         runs = alone if cfg is None else select(records, role="distilled", **cfg)
         if cfg is not None:
             models[f"mini-lambda{cfg['lam']:g}-T{cfg['T']:g}"] = {
-                **role_metrics([r["test"] for r in runs], ("errors", "accuracy")), "spec": s["student"],
-                "lambda": cfg["lam"], "temperature": cfg["T"]}
+                **role_metrics([r["test"] for r in runs], ("errors", "accuracy")),
+                "spec": s["student"],
+                "lambda": cfg["lam"],
+                "temperature": cfg["T"],
+            }
         val_acc = summarize([100 * r["val_accuracy"] for r in runs])
         test_acc = summarize([100 * r["test_accuracy"] for r in runs])
         agree = summarize([100 * r["teacher_agreement"] for r in runs])
         name = "alone" if cfg is None else f"λ = {cfg['lam']:g}, T = {cfg['T']:g}"
         mark = " chosen" if cfg is not None and cfg == chosen else ""
-        rows.append(f"| {name} | {val_acc['mean']:.2f} ± {val_acc['std']:.2f} | {test_acc['mean']:.2f} ± {test_acc['std']:.2f} "
-                    f"| {agree['mean']:.1f} |{mark} |")
-    _plot(s, [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in t_fit.history], records, chosen,
-          ctx.out / "cifar10_mini.png")
-    gain = summarize([100 * r["test_accuracy"] for r in best])["mean"] - summarize([100 * r["test_accuracy"] for r in alone])["mean"]
+        rows.append(
+            f"| {name} | {val_acc['mean']:.2f} ± {val_acc['std']:.2f} | {test_acc['mean']:.2f} ± {test_acc['std']:.2f} "
+            f"| {agree['mean']:.1f} |{mark} |"
+        )
+    _plot(
+        s,
+        [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in t_fit.history],
+        records,
+        chosen,
+        ctx.out / "cifar10_mini.png",
+    )
+    gain = (
+        summarize([100 * r["test_accuracy"] for r in best])["mean"]
+        - summarize([100 * r["test_accuracy"] for r in alone])["mean"]
+    )
     md = f"""
 Write-up (Caffe): quick model 80-81%; mini model alone 78%, distilled at λ = 0.1, T = 1: 77% (ahead of the
 plain mini model early in training, behind at the end); λ = 0.1 and 0.05 beat normal training of the
 quick model itself.
 
-Teacher `{s['teacher']}`: {100 * t_fit.test['accuracy']:.2f}% test after {s['teacher_epochs']} epochs. Students
-`{s['student']}`, {s['student_epochs']} epochs each; SGD lr {s['lr']} ({s['schedule']}), momentum {s['momentum']},
-weight decay {s['weight_decay']}, batch {s['batch_size']}, no augmentation; {len(train)} training,
+Teacher `{s["teacher"]}`: {100 * t_fit.test["accuracy"]:.2f}% test after {s["teacher_epochs"]} epochs. Students
+`{s["student"]}`, {s["student_epochs"]} epochs each; SGD lr {s["lr"]} ({s["schedule"]}), momentum {s["momentum"]},
+weight decay {s["weight_decay"]}, batch {s["batch_size"]}, no augmentation; {len(train)} training,
 {len(val)} validation, {len(test)} test images; seeds {seeds}. λ is the soft term's weight. Accuracy in %,
 mean ± std over seeds; teacher agreement = share of test images where the student's top class is the teacher's.
 
@@ -203,12 +276,20 @@ mean ± std over seeds; teacher agreement = share of test images where the stude
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-Chosen on validation: λ = {chosen['lam']:g}, T = {chosen['T']:g}; its test accuracy minus the mini model
+Chosen on validation: λ = {chosen["lam"]:g}, T = {chosen["T"]:g}; its test accuracy minus the mini model
 alone: {gain:+.2f} points. Plot: `cifar10_mini.png`.
 """
     return write_results(
-        ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-        extra={"chosen": {"lambda": chosen["lam"], "temperature": chosen["T"]}, "distilled_minus_alone_points": gain,
-               "teacher_history": t_fit.history,
-               "records": [{k: v for k, v in r.items() if k != "test"} for r in records]},
+        ctx.out,
+        NAME,
+        ctx.profile,
+        ctx.elapsed,
+        models,
+        md,
+        extra={
+            "chosen": {"lambda": chosen["lam"], "temperature": chosen["T"]},
+            "distilled_minus_alone_points": gain,
+            "teacher_history": t_fit.history,
+            "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
+        },
     )

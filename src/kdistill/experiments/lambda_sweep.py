@@ -28,13 +28,23 @@ from .. import data as kdata
 from ..evaluate import classification_metrics, predict_logits
 from ..models import build_model
 from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..sweeps import TEACHER_SEED_OFFSET, choose_best, curve_mean_until, first_step_reaching, mean_curve, rank_correlation, seed_list
+from ..sweeps import (
+    TEACHER_SEED_OFFSET,
+    choose_best,
+    curve_mean_until,
+    first_step_reaching,
+    mean_curve,
+    rank_correlation,
+    seed_list,
+)
 from ..teachers import ModuleTeacher
 from ..train import TrainConfig, fit
 from . import RunContext
 
 NAME = "lambda-sweep"
-DESCRIPTION = "MNIST LeNet->LeNet: soft-label weight lambda 0..1 at T=1 (soft CE) and at a higher T (KL·T²); learning curves"
+DESCRIPTION = (
+    "MNIST LeNet->LeNet: soft-label weight lambda 0..1 at T=1 (soft CE) and at a higher T (KL·T²); learning curves"
+)
 
 _COMMON: dict[str, Any] = {
     "seed": 0,
@@ -53,19 +63,44 @@ _COMMON: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     # 4 lambdas, 300 iterations on a 9,600-image training subset, smaller evaluation sets, one seed:
     # the curves' shape in a few minutes.
-    "quick": {**_COMMON, "lambdas": [0.0, 0.1, 0.5, 1.0], "train_size": 9600, "teacher_epochs": 2,
-              "student_epochs": 2, "eval_every": 30, "val_size": 2000, "curve_val_size": 500, "test_size": 2000,
-              "seeds": 1},
+    "quick": {
+        **_COMMON,
+        "lambdas": [0.0, 0.1, 0.5, 1.0],
+        "train_size": 9600,
+        "teacher_epochs": 2,
+        "student_epochs": 2,
+        "eval_every": 30,
+        "val_size": 2000,
+        "curve_val_size": 500,
+        "test_size": 2000,
+        "seeds": 1,
+    },
     # All 11 lambdas, 3 epochs (2,577 iterations) on the full training split, three seeds.
-    "full": {**_COMMON, "lambdas": [round(0.1 * i, 1) for i in range(11)], "train_size": None, "teacher_epochs": 10,
-             "student_epochs": 3, "eval_every": 50, "test_size": None, "seeds": 3},
+    "full": {
+        **_COMMON,
+        "lambdas": [round(0.1 * i, 1) for i in range(11)],
+        "train_size": None,
+        "teacher_epochs": 10,
+        "student_epochs": 3,
+        "eval_every": 50,
+        "test_size": None,
+        "seeds": 3,
+    },
 }
 
 
 def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainConfig:
     return TrainConfig(
-        epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=s["momentum"], nesterov=False,
-        weight_decay=s["weight_decay"], schedule="constant", seed=seed, checkpoint=False, **distill,
+        epochs=epochs,
+        batch_size=s["batch_size"],
+        lr=s["lr"],
+        momentum=s["momentum"],
+        nesterov=False,
+        weight_decay=s["weight_decay"],
+        schedule="constant",
+        seed=seed,
+        checkpoint=False,
+        **distill,
     )
 
 
@@ -91,8 +126,9 @@ class CurveRecorder:
             return  # the end-of-epoch evaluation can fall on an evaluation step
         logits = predict_logits(self.model, self.val.x)
         acc = float((logits.argmax(1) == self.val.y).float().mean())
-        self.points.append({"step": step, "val_accuracy": acc,
-                            **teacher_student_losses(logits, self.teacher_logits, self.temperature)})
+        self.points.append(
+            {"step": step, "val_accuracy": acc, **teacher_student_losses(logits, self.teacher_logits, self.temperature)}
+        )
 
     def __call__(self, row: dict[str, Any]) -> None:
         self.record(int(row["step"]))
@@ -147,7 +183,9 @@ def _speed(runs: list[dict[str, Any]], early: int, reach: float, loss_key: str) 
         "first_iteration_reaching": first_step_reaching(steps, acc, reach),
         "val_accuracy": summarize([r["val_accuracy"] for r in runs]),
         "test_accuracy": summarize([r["test_accuracy"] for r in runs]),
-        "teacher_student_loss_first": loss[0], "teacher_student_loss_last": loss[-1], "teacher_student_loss_max": max(loss),
+        "teacher_student_loss_first": loss[0],
+        "teacher_student_loss_last": loss[-1],
+        "teacher_student_loss_max": max(loss),
     }
 
 
@@ -202,7 +240,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
     high = float(s["high_temperature"])
     families = [("T1", "T = 1, soft cross-entropy (as the write-up)"), (f"T{high:g}", f"T = {high:g}, KL·T²")]
-    settings = {"T1": dict(temperature=1.0, loss="soft_ce"), f"T{high:g}": dict(temperature=high, loss="kl")}
+    settings = {"T1": {"temperature": 1.0, "loss": "soft_ce"}, f"T{high:g}": {"temperature": high, "loss": "kl"}}
     by_family: dict[str, dict[float, list[dict[str, Any]]]] = {f: {lam: [] for lam in lambdas} for f, _ in families}
 
     def train_one(lam: float, seed: int, fam: str) -> dict[str, Any]:
@@ -213,9 +251,18 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         r = fit(model, transfer, cfg, teacher=cached if lam > 0 else None, progress=ctx.progress, on_eval=rec)
         v = classification_metrics(predict_logits(model, val.x), val.y, t_val, 1.0, detailed=False)
         t = classification_metrics(predict_logits(model, test.x), test.y, t_test, 1.0, detailed=False)
-        return {"lambda": lam, "seed": seed, "family": fam, "val_accuracy": v["accuracy"], "test": t,
-                "test_accuracy": t["accuracy"], "test_errors": t["errors"], "curve": rec.points,
-                "iterations": rec.points[-1]["step"], "wall_time_s": r.wall_time_s}
+        return {
+            "lambda": lam,
+            "seed": seed,
+            "family": fam,
+            "val_accuracy": v["accuracy"],
+            "test": t,
+            "test_accuracy": t["accuracy"],
+            "test_errors": t["errors"],
+            "curve": rec.points,
+            "iterations": rec.points[-1]["step"],
+            "wall_time_s": r.wall_time_s,
+        }
 
     for seed in seeds:
         shared = train_one(0.0, seed, "T1")  # no teacher signal: the same run serves both families
@@ -225,8 +272,10 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             for lam in (x for x in lambdas if x > 0):
                 by_family[fam][lam].append(train_one(lam, seed, fam))
                 r = by_family[fam][lam][-1]
-                ctx.log(f"{fam} lambda={lam:g} seed {seed}: {100 * r['val_accuracy']:.2f}% validation "
-                        f"after {r['iterations']} iterations ({r['wall_time_s']:.0f} s)")
+                ctx.log(
+                    f"{fam} lambda={lam:g} seed {seed}: {100 * r['val_accuracy']:.2f}% validation "
+                    f"after {r['iterations']} iterations ({r['wall_time_s']:.0f} s)"
+                )
 
     iterations = by_family["T1"][0.0][0]["iterations"]
     early = min(s["early_iterations"], iterations)
@@ -240,8 +289,12 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             runs = by_family[fam][lam]
             role = "baseline" if lam == 0 else f"{fam}-lambda{lam:g}"
             if role not in models:
-                models[role] = {**role_metrics([r["test"] for r in runs], ("errors", "accuracy")), "spec": s["student"],
-                                "lambda": lam, **({} if lam == 0 else settings[fam])}
+                models[role] = {
+                    **role_metrics([r["test"] for r in runs], ("errors", "accuracy")),
+                    "spec": s["student"],
+                    "lambda": lam,
+                    **({} if lam == 0 else settings[fam]),
+                }
             row = _speed(runs, early, s["reach_accuracy"], "soft_ce_T1" if fam == "T1" else "kl_T2")
             summary.setdefault(fam, {})[f"{lam:g}"] = row
             loss_last, loss_max = row["teacher_student_loss_last"], row["teacher_student_loss_max"]
@@ -249,48 +302,76 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                 f"| {lam:g} | {_pct(row['early_mean_val_accuracy'])} | {_pct(row['val_accuracy_at_early_end'])} | "
                 f"{row['first_iteration_reaching'] if row['first_iteration_reaching'] is not None else 'never'} | "
                 f"{_pct(row['val_accuracy'])} | {_pct(row['test_accuracy'])} | "
-                f"{loss_last:.3f} ({loss_last / loss_max:.0%} of max) |")
+                f"{loss_last:.3f} ({loss_last / loss_max:.0%} of max) |"
+            )
         tables[fam] = "\n".join(rows)
         verdicts[fam] = _verdict(lambdas, summary[fam])
-        best_lam = choose_best([{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in lambdas for r in by_family[fam][lam]],
-                               ["lam"], "val_accuracy", tie_break=lambda st: st["lam"])["lam"]
+        best_lam = choose_best(
+            [{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in lambdas for r in by_family[fam][lam]],
+            ["lam"],
+            "val_accuracy",
+            tie_break=lambda st: st["lam"],
+        )["lam"]
         verdicts[fam]["best_lambda_on_validation"] = best_lam
 
-    _plot_curves(s, families, by_family, "val_accuracy", "validation accuracy (%)",
-                 f"LeNet student, first {early} iterations (mean over {len(seeds)} seed(s))",
-                 ctx.out / "accuracy_first_1000.png", until=early)
-    _plot_curves(s, families, by_family, "val_accuracy", "validation accuracy (%)",
-                 f"LeNet student, whole run ({iterations} iterations)", ctx.out / "accuracy_whole_run.png")
-    _plot_curves(s, families, by_family, lambda fam: "soft_ce_T1" if fam == "T1" else "kl_T2",
-                 "teacher-student loss on validation",
-                 "Teacher-student loss: soft cross-entropy at T = 1 (left), KL·T² at the higher T (right)",
-                 ctx.out / "teacher_student_loss.png", log=True)
+    _plot_curves(
+        s,
+        families,
+        by_family,
+        "val_accuracy",
+        "validation accuracy (%)",
+        f"LeNet student, first {early} iterations (mean over {len(seeds)} seed(s))",
+        ctx.out / "accuracy_first_1000.png",
+        until=early,
+    )
+    _plot_curves(
+        s,
+        families,
+        by_family,
+        "val_accuracy",
+        "validation accuracy (%)",
+        f"LeNet student, whole run ({iterations} iterations)",
+        ctx.out / "accuracy_whole_run.png",
+    )
+    _plot_curves(
+        s,
+        families,
+        by_family,
+        lambda fam: "soft_ce_T1" if fam == "T1" else "kl_T2",
+        "teacher-student loss on validation",
+        "Teacher-student loss: soft cross-entropy at T = 1 (left), KL·T² at the higher T (right)",
+        ctx.out / "teacher_student_loss.png",
+        log=True,
+    )
 
     def verdict_line(fam: str, title: str) -> str:
         v = verdicts[fam]
-        return (f"- {title}: Spearman(λ, mean validation accuracy over the first {early} iterations) = "
-                f"{fmt(v['spearman_window_mean'])}, λ = {lambdas[-1]:g} minus λ = 0: {v['window_mean_points']:+.2f} points; "
-                f"Spearman(λ, accuracy at iteration {early}) = {fmt(v['spearman_window_end'])}, "
-                f"{v['window_end_points']:+.2f} points. \"Soft labels slow training\" **{v['verdict']}** here. "
-                f"Best λ on validation at the end of the run: {v['best_lambda_on_validation']:g}.")
+        return (
+            f"- {title}: Spearman(λ, mean validation accuracy over the first {early} iterations) = "
+            f"{fmt(v['spearman_window_mean'])}, λ = {lambdas[-1]:g} minus λ = 0: {v['window_mean_points']:+.2f} points; "
+            f"Spearman(λ, accuracy at iteration {early}) = {fmt(v['spearman_window_end'])}, "
+            f'{v["window_end_points"]:+.2f} points. "Soft labels slow training" **{v["verdict"]}** here. '
+            f"Best λ on validation at the end of the run: {v['best_lambda_on_validation']:g}."
+        )
 
-    head = ("| λ | mean val. acc., first {e} it. | val. acc. at it. {e} | first it. ≥ {r:.0%} (mean curve) | final val. acc. "
-            "| final test acc. | teacher-student loss, last (share of max) |\n|---|---|---|---|---|---|---|"
-            ).format(e=early, r=s["reach_accuracy"])
+    head = (
+        "| λ | mean val. acc., first {e} it. | val. acc. at it. {e} | first it. ≥ {r:.0%} (mean curve) | final val. acc. "
+        "| final test acc. | teacher-student loss, last (share of max) |\n|---|---|---|---|---|---|---|"
+    ).format(e=early, r=s["reach_accuracy"])
     md = f"""
 Write-up (Caffe, MNIST): over the first 1,000 iterations accuracy was highest at λ = 0 and fell as λ grew
 (λ = 1 lowest): soft labels slowed training; the teacher-student loss stayed near 80% of its maximum.
 
-Teacher `{s['teacher']}`: {fmt(100 * t_fit.test['accuracy'])}% test after {s['teacher_epochs']} epoch(s). Students
-`{s['student']}`, {iterations} iterations (batch {s['batch_size']}, {len(transfer)} training images), SGD lr {s['lr']},
-momentum {s['momentum']}, weight decay {s['weight_decay']}; seeds {seeds}. Curves: accuracy on {len(curve_val)}
-validation images every {s['eval_every']} iterations. Accuracies in %, mean ± std over seeds. Teacher entropy
+Teacher `{s["teacher"]}`: {fmt(100 * t_fit.test["accuracy"])}% test after {s["teacher_epochs"]} epoch(s). Students
+`{s["student"]}`, {iterations} iterations (batch {s["batch_size"]}, {len(transfer)} training images), SGD lr {s["lr"]},
+momentum {s["momentum"]}, weight decay {s["weight_decay"]}; seeds {seeds}. Curves: accuracy on {len(curve_val)}
+validation images every {s["eval_every"]} iterations. Accuracies in %, mean ± std over seeds. Teacher entropy
 at T = 1 on those images: {teacher_entropy:.3f} nats (the soft cross-entropy's floor).
 
 ### {families[0][1]}
 
 {head}
-{tables['T1']}
+{tables["T1"]}
 
 ### {families[1][1]}
 
@@ -299,15 +380,26 @@ at T = 1 on those images: {teacher_entropy:.3f} nats (the soft cross-entropy's f
 
 ### Does "soft labels slow training" still hold?
 
-{verdict_line('T1', families[0][1])}
+{verdict_line("T1", families[0][1])}
 {verdict_line(families[1][0], families[1][1])}
 
 Plots: `accuracy_first_1000.png`, `accuracy_whole_run.png`, `teacher_student_loss.png`.
 """
     return write_results(
-        ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-        extra={"iterations": iterations, "early_iterations": early, "teacher_entropy_T1": teacher_entropy,
-               "verdicts": verdicts, "summary": summary,
-               "curves": {fam: {f"{lam:g}": [r["curve"] for r in by_family[fam][lam]] for lam in lambdas}
-                          for fam, _ in families}},
+        ctx.out,
+        NAME,
+        ctx.profile,
+        ctx.elapsed,
+        models,
+        md,
+        extra={
+            "iterations": iterations,
+            "early_iterations": early,
+            "teacher_entropy_T1": teacher_entropy,
+            "verdicts": verdicts,
+            "summary": summary,
+            "curves": {
+                fam: {f"{lam:g}": [r["curve"] for r in by_family[fam][lam]] for lam in lambdas} for fam, _ in families
+            },
+        },
     )

@@ -25,7 +25,17 @@ import torch
 from ..data import DataBundle, TensorData, split_validation
 from ..models import build_model
 from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..sweeps import TEACHER_SEED_OFFSET, aggregate, choose_best, grid, rank_correlation, seed_list, select, within_noise
+from ..sweeps import (
+    TEACHER_SEED_OFFSET,
+    aggregate,
+    choose_best,
+    grid,
+    intra_op_threads,
+    rank_correlation,
+    seed_list,
+    select,
+    within_noise,
+)
 from ..teachers import ModuleTeacher
 from ..train import TrainConfig, fit
 from . import RunContext
@@ -51,6 +61,7 @@ _COMMON: dict[str, Any] = {
     "widths": [10, 30, 100, 300],
     "width_class_sep": 0.6,
     "width_informative": 0.8,
+    "threads": 1,  # torch intra-op threads for these small MLPs (null: leave the process default)
 }
 PROFILES: dict[str, dict[str, Any]] = {
     # Fewer, larger batches and epochs: the whole grid in a few minutes, for plumbing and a first look.
@@ -70,15 +81,22 @@ def make_data(s: dict[str, Any], class_sep: float, informative: float) -> DataBu
     if s["classes"] > 2**n_inf:
         raise ValueError(f"informative: {n_inf} informative features cannot separate {s['classes']} classes")
     x, y = make_classification(
-        n_samples=s["samples"], n_features=s["features"], n_informative=n_inf,
-        n_redundant=s["features"] - n_inf, n_classes=s["classes"], n_clusters_per_class=1,
-        class_sep=class_sep, random_state=s["seed"],
+        n_samples=s["samples"],
+        n_features=s["features"],
+        n_informative=n_inf,
+        n_redundant=s["features"] - n_inf,
+        n_classes=s["classes"],
+        n_clusters_per_class=1,
+        class_sep=class_sep,
+        random_state=s["seed"],
     )
     name = f"synthetic-sep{class_sep}-inf{informative}"
     classes = tuple(str(c) for c in range(s["classes"]))
     full = TensorData(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y), classes, name=name)
     rest, test = split_validation(full, s["test_fraction"], seed=s["seed"] + 1000)
-    train, val = split_validation(TensorData(rest.x, rest.y, classes, name=f"{name}-train"), s["val_size"], seed=s["seed"])
+    train, val = split_validation(
+        TensorData(rest.x, rest.y, classes, name=f"{name}-train"), s["val_size"], seed=s["seed"]
+    )
     mean, std = train.x.mean(dim=0), train.x.std(dim=0).clamp_min(1e-6)
 
     def norm(d: TensorData, split: str) -> TensorData:
@@ -89,13 +107,25 @@ def make_data(s: dict[str, Any], class_sep: float, informative: float) -> DataBu
 
 def _config(s: dict[str, Any], epochs: int, seed: int, temperature: float | None = None) -> TrainConfig:
     distill = {} if temperature is None else {"temperature": float(temperature), "alpha": s["alpha"], "loss": "kl"}
-    return TrainConfig(epochs=epochs, batch_size=s["batch_size"], optimizer=s["optimizer"], lr=s["lr"],
-                       schedule=s["schedule"], seed=seed, checkpoint=False, **distill)
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=s["batch_size"],
+        optimizer=s["optimizer"],
+        lr=s["lr"],
+        schedule=s["schedule"],
+        seed=seed,
+        checkpoint=False,
+        **distill,
+    )
 
 
 def _record(result, **fields: Any) -> dict[str, Any]:
-    return {**fields, "val_accuracy": result.val["accuracy"], "test_accuracy": result.test["accuracy"],
-            "test_errors": result.test["errors"]}
+    return {
+        **fields,
+        "val_accuracy": result.val["accuracy"],
+        "test_accuracy": result.test["accuracy"],
+        "test_errors": result.test["errors"],
+    }
 
 
 def _train_students(s, bundle, cached, widths, seeds, records, progress, **setting) -> None:
@@ -104,13 +134,26 @@ def _train_students(s, bundle, cached, widths, seeds, records, progress, **setti
         spec = f"mlp:{width},{width}"
         for seed in seeds:
             model = build_model(spec, bundle.input_shape, s["classes"], seed=seed)
-            r = fit(model, bundle.train, _config(s, s["student_epochs"], seed), val=bundle.val, test=bundle.test,
-                    progress=progress)
+            r = fit(
+                model,
+                bundle.train,
+                _config(s, s["student_epochs"], seed),
+                val=bundle.val,
+                test=bundle.test,
+                progress=progress,
+            )
             records.append(_record(r, **setting, width=width, role="baseline", T=None, seed=seed))
             for T in s["temperatures"]:
                 model = build_model(spec, bundle.input_shape, s["classes"], seed=seed)
-                r = fit(model, bundle.train, _config(s, s["student_epochs"], seed, T), teacher=cached,
-                        val=bundle.val, test=bundle.test, progress=progress)
+                r = fit(
+                    model,
+                    bundle.train,
+                    _config(s, s["student_epochs"], seed, T),
+                    teacher=cached,
+                    val=bundle.val,
+                    test=bundle.test,
+                    progress=progress,
+                )
                 records.append(_record(r, **setting, width=width, role="distilled", T=float(T), seed=seed))
 
 
@@ -129,20 +172,41 @@ def _plot_grid(s, records, teachers, best_T, path) -> None:
             mine = select(records, class_sep=sep, informative=inf, width=s["student_width"])
             rows = aggregate(select(mine, role="distilled"), ["T"], ["val_accuracy", "test_accuracy"])
             Ts = [r["T"] for r in rows]
-            ax.errorbar(Ts, [100 * r["test_accuracy"]["mean"] for r in rows],
-                        yerr=[100 * r["test_accuracy"]["std"] for r in rows], marker="o", capsize=3,
-                        label="distilled student (test)")
-            ax.plot(Ts, [100 * r["val_accuracy"]["mean"] for r in rows], "--", color="tab:blue", alpha=0.5,
-                    label="distilled student (validation)")
+            ax.errorbar(
+                Ts,
+                [100 * r["test_accuracy"]["mean"] for r in rows],
+                yerr=[100 * r["test_accuracy"]["std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label="distilled student (test)",
+            )
+            ax.plot(
+                Ts,
+                [100 * r["val_accuracy"]["mean"] for r in rows],
+                "--",
+                color="tab:blue",
+                alpha=0.5,
+                label="distilled student (validation)",
+            )
             base = summarize([r["test_accuracy"] for r in select(mine, role="baseline")])
             ax.axhline(100 * teachers[(sep, inf)], color="tab:red", label="teacher (test)")
             ax.axhline(100 * base["mean"], color="tab:green", label="baseline student (test)")
             if base["std"]:
-                ax.axhspan(100 * (base["mean"] - base["std"]), 100 * (base["mean"] + base["std"]), color="tab:green",
-                           alpha=0.15)
+                ax.axhspan(
+                    100 * (base["mean"] - base["std"]),
+                    100 * (base["mean"] + base["std"]),
+                    color="tab:green",
+                    alpha=0.15,
+                )
             chosen = next(r for r in rows if r["T"] == best_T[(sep, inf)])
-            ax.plot([chosen["T"]], [100 * chosen["test_accuracy"]["mean"]], "*", color="black", markersize=14,
-                    label="best T on validation")
+            ax.plot(
+                [chosen["T"]],
+                [100 * chosen["test_accuracy"]["mean"]],
+                "*",
+                color="black",
+                markersize=14,
+                label="best T on validation",
+            )
             ax.set_xscale("log")
             ax.set_xticks(Ts)
             ax.set_xticklabels([f"{t:g}" for t in Ts], fontsize=8)
@@ -153,8 +217,10 @@ def _plot_grid(s, records, teachers, best_T, path) -> None:
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=9, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"2x{s['student_width']} student: accuracy against distillation temperature "
-                 f"(mean ± std over {s['seeds']} seed(s))")
+    fig.suptitle(
+        f"2x{s['student_width']} student: accuracy against distillation temperature "
+        f"(mean ± std over {s['seeds']} seed(s))"
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     save_figure(fig, path)
 
@@ -166,8 +232,9 @@ def _plot_widths(s, wrec, widths, best_by_width, near_by_width, path) -> None:
     for w in widths:
         rows = aggregate(select(wrec, width=w, role="distilled"), ["T"], ["val_accuracy"])
         best = max(r["val_accuracy"]["mean"] for r in rows)
-        left.plot([r["T"] for r in rows], [100 * (r["val_accuracy"]["mean"] - best) for r in rows], marker="o",
-                  label=f"2x{w}")
+        left.plot(
+            [r["T"] for r in rows], [100 * (r["val_accuracy"]["mean"] - best) for r in rows], marker="o", label=f"2x{w}"
+        )
     left.set_xscale("log")
     left.set_xticks(s["temperatures"])
     left.set_xticklabels([f"{t:g}" for t in s["temperatures"]])
@@ -180,8 +247,14 @@ def _plot_widths(s, wrec, widths, best_by_width, near_by_width, path) -> None:
     best = [best_by_width[w] for w in widths]
     lo = [min(near_by_width[w]) for w in widths]
     hi = [max(near_by_width[w]) for w in widths]
-    right.errorbar(widths, best, yerr=[[b - a for a, b in zip(lo, best)], [c - b for b, c in zip(best, hi)]],
-                   marker="o", capsize=4, label="best T on validation (bar: T within one seed std)")
+    right.errorbar(
+        widths,
+        best,
+        yerr=[[b - a for a, b in zip(lo, best)], [c - b for b, c in zip(best, hi)]],
+        marker="o",
+        capsize=4,
+        label="best T on validation (bar: T within one seed std)",
+    )
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xticks(widths)
@@ -199,11 +272,18 @@ def _plot_widths(s, wrec, widths, best_by_width, near_by_width, path) -> None:
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    with intra_op_threads(s["threads"]):
+        return _run(s, ctx)
+
+
+def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     seeds = seed_list(s["seed"], s["seeds"])
     width_key = (s["width_class_sep"], s["width_informative"])
     if s["width_class_sep"] not in s["class_seps"] or s["width_informative"] not in s["informative"]:
-        raise ValueError("width_class_sep / width_informative: must name one of the grid's data sets "
-                         f"(class_seps {s['class_seps']}, informative {s['informative']})")
+        raise ValueError(
+            "width_class_sep / width_informative: must name one of the grid's data sets "
+            f"(class_seps {s['class_seps']}, informative {s['informative']})"
+        )
     if not s["temperatures"] or min(s["temperatures"]) <= 0:
         raise ValueError(f"temperatures: need a list of T > 0, got {s['temperatures']}")
     records: list[dict[str, Any]] = []
@@ -216,12 +296,19 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         bundle = make_data(s, sep, inf)
         t_seed = s["seed"] + TEACHER_SEED_OFFSET  # never the same initialisation or data order as a student
         teacher = build_model(s["teacher"], bundle.input_shape, s["classes"], seed=t_seed)
-        t_fit = fit(teacher, bundle.train, _config(s, s["teacher_epochs"], t_seed), val=bundle.val,
-                    test=bundle.test, progress=ctx.progress)
+        t_fit = fit(
+            teacher,
+            bundle.train,
+            _config(s, s["teacher_epochs"], t_seed),
+            val=bundle.val,
+            test=bundle.test,
+            progress=ctx.progress,
+        )
         teachers[(sep, inf)] = t_fit.test["accuracy"]
         cached = ModuleTeacher(teacher).cache(bundle.train)  # one teacher pass, shared by every student
-        widths = [s["student_width"]] + ([w for w in s["widths"] if w != s["student_width"]]
-                                         if (sep, inf) == width_key else [])
+        widths = [s["student_width"]] + (
+            [w for w in s["widths"] if w != s["student_width"]] if (sep, inf) == width_key else []
+        )
         _train_students(s, bundle, cached, widths, seeds, records, ctx.progress, class_sep=sep, informative=inf)
 
         mine = select(records, class_sep=sep, informative=inf, width=s["student_width"])
@@ -233,18 +320,30 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         at_best = select(dist, T=best)
         key = f"sep{sep}-inf{inf}"
         models[f"{key}/teacher"] = {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"]}
-        models[f"{key}/baseline"] = {**role_metrics([r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]}
-                                                     for r in base], ("errors", "accuracy")),
-                                     "spec": f"mlp:{s['student_width']},{s['student_width']}"}
-        models[f"{key}/distilled"] = {**role_metrics([r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]}
-                                                      for r in at_best], ("errors", "accuracy")),
-                                      "spec": f"mlp:{s['student_width']},{s['student_width']}", "temperature": best}
+        models[f"{key}/baseline"] = {
+            **role_metrics(
+                [r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]} for r in base], ("errors", "accuracy")
+            ),
+            "spec": f"mlp:{s['student_width']},{s['student_width']}",
+        }
+        models[f"{key}/distilled"] = {
+            **role_metrics(
+                [r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]} for r in at_best],
+                ("errors", "accuracy"),
+            ),
+            "spec": f"mlp:{s['student_width']},{s['student_width']}",
+            "temperature": best,
+        }
         b_sum = summarize([r["test_accuracy"] for r in base])
         d_sum = summarize([r["test_accuracy"] for r in at_best])
-        table.append(f"| {sep} | {inf} | {100 * t_fit.test['accuracy']:.2f} | {_pct(b_sum)} | {best:g} | "
-                     f"{', '.join(f'{t:g}' for t in near)} | {_pct(d_sum)} |")
-        ctx.log(f"{key}: teacher {100 * t_fit.test['accuracy']:.2f}%, baseline {_pct(b_sum)}%, best T {best:g} "
-                f"(validation) -> distilled {_pct(d_sum)}% test")
+        table.append(
+            f"| {sep} | {inf} | {100 * t_fit.test['accuracy']:.2f} | {_pct(b_sum)} | {best:g} | "
+            f"{', '.join(f'{t:g}' for t in near)} | {_pct(d_sum)} |"
+        )
+        ctx.log(
+            f"{key}: teacher {100 * t_fit.test['accuracy']:.2f}%, baseline {_pct(b_sum)}%, best T {best:g} "
+            f"(validation) -> distilled {_pct(d_sum)}% test"
+        )
 
     _plot_grid(s, records, teachers, best_T, ctx.out / "accuracy_vs_T.png")
 
@@ -258,22 +357,23 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         near_by_width[w] = [d["T"] for d in within_noise(dist, ["T"], "val_accuracy")]
         base = summarize([r["test_accuracy"] for r in select(wrec, width=w, role="baseline")])
         at_best = summarize([r["test_accuracy"] for r in select(dist, T=best_by_width[w])])
-        width_rows.append(f"| 2x{w} | {_pct(base)} | {best_by_width[w]:g} | "
-                          f"{', '.join(f'{t:g}' for t in near_by_width[w])} | {_pct(at_best)} |")
+        width_rows.append(
+            f"| 2x{w} | {_pct(base)} | {best_by_width[w]:g} | "
+            f"{', '.join(f'{t:g}' for t in near_by_width[w])} | {_pct(at_best)} |"
+        )
     _plot_widths(s, wrec, widths, best_by_width, near_by_width, ctx.out / "best_T_vs_width.png")
     rho = rank_correlation(widths, [best_by_width[w] for w in widths])
     in_range = sum(2.5 <= t <= 5 for t in best_T.values())
 
-    claim = ("rises with width" if rho > 0.5 else "falls with width" if rho < -0.5 else
-             "shows no clear trend with width")
+    claim = "rises with width" if rho > 0.5 else "falls with width" if rho < -0.5 else "shows no clear trend with width"
     md = f"""
 Tutorial (part III): the best T lay between 2.5 and 5 on all nine data sets and distilled students
 beat the baseline everywhere; whether wider students prefer a higher T was left open.
 
-Teacher `{s['teacher']}`, student `mlp:{s['student_width']},{s['student_width']}`; {s['optimizer']} lr {s['lr']}
-({s['schedule']}), batch {s['batch_size']}, {s['teacher_epochs']} teacher / {s['student_epochs']} student epochs;
-distilled students learn from the soft targets alone (alpha = {s['alpha']}, KL·T²). {s['samples']} samples:
-{s['test_fraction']:.0%} test, {s['val_size']} validation, the rest training. Student seeds {seeds}; teacher and
+Teacher `{s["teacher"]}`, student `mlp:{s["student_width"]},{s["student_width"]}`; {s["optimizer"]} lr {s["lr"]}
+({s["schedule"]}), batch {s["batch_size"]}, {s["teacher_epochs"]} teacher / {s["student_epochs"]} student epochs;
+distilled students learn from the soft targets alone (alpha = {s["alpha"]}, KL·T²). {s["samples"]} samples:
+{s["test_fraction"]:.0%} test, {s["val_size"]} validation, the rest training. Student seeds {seeds}; teacher and
 data fixed per data set. Accuracy in %, mean ± std over seeds; "T within noise" lists the temperatures whose
 mean validation accuracy is within one seed standard deviation of the best.
 
@@ -292,10 +392,15 @@ Data set class_sep {width_key[0]}, informative {width_key[1]}; every width gets 
 {chr(10).join(width_rows)}
 
 Spearman rank correlation between width and best T: {fmt(rho)} — on this data the best T {claim}
-(n = {len(widths)} widths, {s['seeds']} seed(s) each). Plot: `best_T_vs_width.png`.
+(n = {len(widths)} widths, {s["seeds"]} seed(s) each). Plot: `best_T_vs_width.png`.
 """
     return write_results(
-        ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
+        ctx.out,
+        NAME,
+        ctx.profile,
+        ctx.elapsed,
+        models,
+        md,
         extra={
             "best_T": {f"sep{k[0]}-inf{k[1]}": v for k, v in best_T.items()},
             "best_T_by_width": {str(w): best_by_width[w] for w in widths},

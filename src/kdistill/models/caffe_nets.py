@@ -60,7 +60,9 @@ class CaffeLeNet(nn.Module):
         if side_h < 1 or side_w < 1:
             raise ValueError(f"model: caffe_lenet needs images of at least 16x16, got {h}x{w}")
         self.features = nn.Sequential(nn.Conv2d(c, c1, 5), nn.MaxPool2d(2), nn.Conv2d(c1, c2, 5), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side_h * side_w, fc), nn.ReLU(), nn.Linear(fc, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * side_h * side_w, fc), nn.ReLU(), nn.Linear(fc, num_classes)
+        )
         xavier_fill(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,11 @@ class CifarQuick(nn.Module):
     """Caffe's CIFAR-10 quick model (``third_conv=True``) or the "mini" model without the third convolution."""
 
     def __init__(
-        self, in_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 32, 64, 64), third_conv: bool = True
+        self,
+        in_shape: Sequence[int],
+        num_classes: int,
+        widths: Sequence[int] = (32, 32, 64, 64),
+        third_conv: bool = True,
     ) -> None:
         super().__init__()
         c, h, w = _need_image("cifar_quick", in_shape)
@@ -84,8 +90,12 @@ class CifarQuick(nn.Module):
             raise ValueError(f"model: cifar_quick/cifar_mini need images of at least 8x8, got {h}x{w}")
         c1, c2, c3, fc = widths
         layers: list[nn.Module] = [
-            nn.Conv2d(c, c1, 5, padding=2), nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(),
-            nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(c, c1, 5, padding=2),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(),
+            nn.AvgPool2d(3, 2, ceil_mode=True),
         ]
         out_c = c2
         if third_conv:
