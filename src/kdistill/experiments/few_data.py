@@ -48,10 +48,10 @@ _COMMON: dict[str, Any] = {
     "target_recovered": 0.7,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "student": "mlp:256", "epochs": 8, "min_epoch_samples": 8000, "seeds": 2, "sweep_seeds": 1,
-              "temperatures": [4.0], "alphas": [1.0, 0.5]},
+    "quick": {**_COMMON, "student": "mlp:256", "epochs": 10, "min_epoch_samples": 8000, "seeds": 3, "sweep_seeds": 1,
+              "temperatures": [4.0, 10.0], "alphas": [1.0]},
     "full": {**_COMMON, "student": "mlp:800,800", "epochs": 20, "min_epoch_samples": 11000, "seeds": 3, "sweep_seeds": 3,
-             "temperatures": [2.0, 5.0, 10.0], "alphas": [1.0, 0.7]},
+             "temperatures": [4.0, 10.0, 20.0], "alphas": [1.0, 0.9]},
 }
 
 
