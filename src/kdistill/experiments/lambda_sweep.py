@@ -33,6 +33,7 @@ from ..sweeps import (
     choose_best,
     curve_mean_until,
     first_step_reaching,
+    intra_op_threads,
     mean_curve,
     rank_correlation,
     seed_list,
@@ -72,6 +73,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval_every": 30,
         "val_size": 2000,
         "curve_val_size": 500,
+        "threads": 1,  # robust on a busy machine; full uses every core
         "test_size": 2000,
         "seeds": 1,
     },
@@ -85,6 +87,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval_every": 50,
         "test_size": None,
         "seeds": 3,
+        "threads": None,  # the process default (every core)
     },
 }
 
@@ -139,28 +142,43 @@ def _curve(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
 
 
 def _plot_curves(s, families, by_family, key, ylabel, title, path, until=None, log=False) -> None:
+    """One panel per family, one line per lambda (mean over seeds); accuracy plots get a zoomed second row."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(families), figsize=(6.2 * len(families), 4.4), squeeze=False, sharey=not log)
+    zoom = not log
+    rows = 2 if zoom else 1
+    fig, axes = plt.subplots(rows, len(families), figsize=(6.2 * len(families), 4.0 * rows), squeeze=False)
     cmap = plt.get_cmap("viridis")
     lambdas = s["lambdas"]
-    for ax, (fam, fam_title) in zip(axes[0], families):
+    tail_values: list[float] = []
+    for col, (fam, fam_title) in enumerate(families):
+        k = key(fam) if callable(key) else key
+        scale = 100.0 if k == "val_accuracy" else 1.0
         for lam in lambdas:
-            runs = by_family[fam][lam]
-            k = key(fam) if callable(key) else key
-            steps, mean, _ = _curve(runs, k)
-            pts = [(st, m) for st, m in zip(steps, mean) if until is None or st <= until]
-            if log:
-                pts = [(st, m) for st, m in pts if m > 0]
-            scale = 100.0 if k == "val_accuracy" else 1.0
+            steps, mean, _ = _curve(by_family[fam][lam], k)
+            pts = [
+                (st, scale * m) for st, m in zip(steps, mean) if (until is None or st <= until) and (m > 0 or not log)
+            ]
             color = cmap(lam / max(1e-9, max(lambdas)))
-            ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], color=color, label=f"λ = {lam:g}")
-        ax.set_title(fam_title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
+            for row in range(rows):
+                axes[row][col].plot([p[0] for p in pts], [p[1] for p in pts], color=color, label=f"λ = {lam:g}")
+            tail_values += [v for st, v in pts[len(pts) // 4 :]]
+        axes[0][col].set_title(fam_title, fontsize=10)
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(ylabel + (" (zoomed)" if row else ""))
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    if zoom and tail_values:
+        lo, hi = min(tail_values), max(tail_values)
+        for ax in axes[1]:
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    if zoom:  # the full-range row shares one scale across families
+        limits = [ax.get_ylim() for ax in axes[0]]
+        for ax in axes[0]:
+            ax.set_ylim(min(lo for lo, _ in limits), max(hi for _, hi in limits))
     axes[0][-1].legend(fontsize=8, ncol=2, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
@@ -209,6 +227,11 @@ def _verdict(lambdas: list[float], rows: dict[str, dict[str, Any]]) -> dict[str,
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    with intra_op_threads(s["threads"]):
+        return _run(s, ctx)
+
+
+def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     lambdas = [float(v) for v in s["lambdas"]]
     if not lambdas or min(lambdas) < 0 or max(lambdas) > 1:
         raise ValueError(f"lambdas: soft-term weights in [0, 1], got {s['lambdas']}")
@@ -355,7 +378,8 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         )
 
     head = (
-        "| λ | mean val. acc., first {e} it. | val. acc. at it. {e} | first it. ≥ {r:.0%} (mean curve) | final val. acc. "
+        "| λ | curve: mean val. acc., first {e} it. | curve: val. acc. at it. {e} | curve: first it. ≥ {r:.0%} "
+        "| final val. acc. "
         "| final test acc. | teacher-student loss, last (share of max) |\n|---|---|---|---|---|---|---|"
     ).format(e=early, r=s["reach_accuracy"])
     md = f"""
@@ -364,8 +388,8 @@ Write-up (Caffe, MNIST): over the first 1,000 iterations accuracy was highest at
 
 Teacher `{s["teacher"]}`: {fmt(100 * t_fit.test["accuracy"])}% test after {s["teacher_epochs"]} epoch(s). Students
 `{s["student"]}`, {iterations} iterations (batch {s["batch_size"]}, {len(transfer)} training images), SGD lr {s["lr"]},
-momentum {s["momentum"]}, weight decay {s["weight_decay"]}; seeds {seeds}. Curves: accuracy on {len(curve_val)}
-validation images every {s["eval_every"]} iterations. Accuracies in %, mean ± std over seeds. Teacher entropy
+momentum {s["momentum"]}, weight decay {s["weight_decay"]}; seeds {seeds}. "curve" columns: a fixed subset of {len(curve_val)}
+validation images, measured every {s["eval_every"]} iterations; "final" columns: the whole validation split and test. Accuracies in %, mean ± std over seeds. Teacher entropy
 at T = 1 on those images: {teacher_entropy:.3f} nats (the soft cross-entropy's floor).
 
 ### {families[0][1]}
