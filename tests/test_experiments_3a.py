@@ -7,7 +7,7 @@ import torch
 
 from kdistill import data
 from kdistill.cli import main
-from kdistill.experiments.small_student import best_temperature, sweep_summary
+from kdistill.experiments.small_student import augmented_copies, best_temperature, sweep_summary
 from kdistill.experiments.soft_labels import class_similarity, soft_target_stats
 
 SMALL_TEACHER = ["--set", "teacher=mlp:64", "--set", "teacher_epochs=12", "--set", "teacher_lr=0.1",
@@ -81,14 +81,17 @@ def test_small_student_on_small_data(tmp_path, small_mnist):
                "--set", "val_size=200", "--set", "student=mlp:8,8", "--set", "student_epochs=3",
                "--set", "sweep_temperatures=[1.0, 3.0, 6.0]", "--set", "teacher_cache=none")
     m = res["models"]
-    assert set(m) == {"teacher_mlp", "teacher_cnn", "baseline", "distilled", "distilled+hard",
-                      "distilled-from-cnn", "distilled-best-T"}
-    for role in ("baseline", "distilled", "distilled+hard", "distilled-from-cnn", "distilled-best-T"):
+    assert set(m) == {"teacher-mlp", "teacher-cnn", "baseline", "distilled-cnn", "distilled-cnn+hard",
+                      "distilled-mlp", "distilled-cnn-best-T"}
+    for role in ("baseline", "distilled-cnn", "distilled-cnn+hard", "distilled-mlp", "distilled-cnn-best-T"):
         assert len(m[role]["test_errors"]["values"]) == 2, role
+    # The quick profile adds one shifted copy of the training split: every student saw twice the images.
+    assert res["transfer_set"]["augment_copies"] == 1 and res["main_teacher"] == "cnn"
+    assert res["transfer_set"]["images"] == 2 * (len(data.load_digits().train) - 200)
     assert res["chosen_alpha"] in (0.3, 0.7)
     assert set(res["sweep"]) == {"1.0", "3.0", "6.0"}
     assert res["chosen_temperature"] == best_temperature({float(k): v for k, v in res["sweep"].items()})
-    assert m["distilled-best-T"]["temperature"] == res["chosen_temperature"]
+    assert m["distilled-cnn-best-T"]["temperature"] == res["chosen_temperature"]
     assert (tmp_path / "s" / "temperature_sweep.png").is_file() and (tmp_path / "s" / "roles.png").is_file()
 
 
@@ -113,6 +116,21 @@ def test_sweep_bookkeeping():
         sweep_summary(records + [records[0]])
     with pytest.raises(ValueError, match="sweep"):
         best_temperature({})
+
+
+def test_augmented_copies_keep_labels_and_get_unique_ids(digits):
+    train = digits.train.subset(torch.arange(10, 60))
+    aug = augmented_copies(train, 2, 1, seed=0)
+    assert len(aug) == 3 * len(train) and aug.input_shape == train.input_shape
+    assert torch.equal(aug.x[: len(train)], train.x) and torch.equal(aug.y, train.y.repeat(3))
+    assert len(torch.unique(aug.index)) == len(aug)
+    assert not torch.equal(aug.x[len(train):2 * len(train)], train.x)  # the copies are shifted
+    assert torch.equal(augmented_copies(train, 2, 1, seed=0).x, aug.x)  # and seeded
+    assert augmented_copies(train, 0, 1, seed=0) is train
+    with pytest.raises(ValueError, match="augment_copies"):
+        augmented_copies(train, -1, 1, seed=0)
+    with pytest.raises(ValueError, match="augment_pixels"):
+        augmented_copies(train, 1, 0, seed=0)
 
 
 def test_soft_target_statistics():

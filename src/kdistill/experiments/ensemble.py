@@ -2,8 +2,15 @@
 
 On each data set (MNIST and Fashion-MNIST), K models of one architecture are trained on the hard labels
 with different seeds. Each is "a single model"; together they are an ensemble whose soft targets are the
-arithmetic or the geometric mean of the members' distributions (:class:`kdistill.ensemble.EnsembleTeacher`).
-One more model of the same architecture, epochs and optimiser is distilled from the ensemble.
+arithmetic or the geometric mean of the members' distributions (:mod:`kdistill.ensemble`). One more model
+of the same architecture is distilled from the ensemble with the same optimiser and number of steps.
+
+Members are trained with inputs jittered by up to ``member_jitter`` pixels (fresh offsets every epoch).
+The student is trained on a fixed augmented transfer set of the same kind: ``copies`` copies of the
+training set (the original plus randomly jittered ones, :func:`kdistill.data.augment.jittered_copies`),
+``epochs / copies`` passes, so it takes exactly as many steps as a member. The ensemble's logits on the
+copies are computed once and looked up by sample id. With ``copies = 1`` and ``member_jitter = 0`` this is
+the plain protocol: everything on the un-augmented training set.
 
 The mean, the temperature and the soft-target weight are chosen on the validation split with the first
 repetition; every repetition then trains a fresh ensemble and a fresh student. The headline is the share
@@ -19,6 +26,7 @@ from typing import Any
 import torch
 
 from .. import data as kdata
+from ..data.augment import jittered_copies
 from ..ensemble import combine_log_probs, combine_logits
 from ..evaluate import classification_metrics, predict_logits
 from ..models import build_model, count_parameters
@@ -36,47 +44,55 @@ _COMMON: dict[str, Any] = {
     "val_size": 5000,
     "batch_size": 128,
     "lr": 0.05,
+    "member_jitter": 2,
     "target_retained": 0.8,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "model": "mlp:256", "members": 4, "epochs": 5, "reps": 2,
+    "quick": {**_COMMON, "model": "mlp:256", "members": 3, "epochs": 4, "copies": 2, "reps": 2,
               "means": ["arithmetic", "geometric"], "temperatures": [4.0], "alphas": [1.0]},
-    "full": {**_COMMON, "model": "mlp:800,800", "members": 5, "epochs": 15, "reps": 3,
-             "means": ["arithmetic", "geometric"], "temperatures": [2.0, 5.0], "alphas": [1.0, 0.7]},
+    "full": {**_COMMON, "model": "mlp:400,400", "members": 5, "epochs": 30, "copies": 10, "reps": 3,
+             "means": ["arithmetic", "geometric"], "temperatures": [4.0, 10.0], "alphas": [1.0]},
 }
 
 
 def _config(s: dict[str, Any], seed: int, mean_t_alpha: tuple[str, float, float] | None = None) -> TrainConfig:
-    distill = {} if mean_t_alpha is None else {"temperature": mean_t_alpha[1], "alpha": mean_t_alpha[2]}
-    return TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=seed, checkpoint=False, **distill)
+    """A member's recipe (jittered inputs), or the student's: the same steps as passes over the copies."""
+    if mean_t_alpha is None:
+        return TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=seed,
+                           jitter=s["member_jitter"], checkpoint=False)
+    return TrainConfig(epochs=s["epochs"] // s["copies"], batch_size=s["batch_size"], lr=s["lr"], seed=seed,
+                       temperature=mean_t_alpha[1], alpha=mean_t_alpha[2], checkpoint=False)
 
 
 def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     bundle = kdata.load(name, val_size=s["val_size"], seed=s["seed"], **({"path": ctx.data_path} if ctx.data_path else {}))
     train, val, test = bundle.train, bundle.val, bundle.test
     k = s["members"]
-    ctx.log(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test; {k} members of {s['model']}")
+    # The student's transfer set: the training set plus jittered copies, each with its own sample ids.
+    transfer = jittered_copies(train, s["copies"], s["member_jitter"], seed=s["seed"] + 7) if s["copies"] > 1 else train
+    ctx.log(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test; {k} members of {s['model']}; "
+            f"transfer set of {len(transfer)} ({s['copies']} copies)")
     grid = list(itertools.product(s["means"], s["temperatures"], s["alphas"]))
 
     def train_members(rep: int):
-        logits = {"train": [], "val": [], "test": []}
+        logits = {"transfer": [], "test": []}
         tests = []
         for i in range(k):
             seed = s["seed"] + 100 * rep + i
             model = build_model(s["model"], bundle.input_shape, train.num_classes, seed=seed)
             r = fit(model, train, _config(s, seed), test=test, progress=ctx.progress)
             tests.append(r.test)
-            for split, d in (("train", train), ("val", val), ("test", test)):
+            for split, d in (("transfer", transfer), ("test", test)):
                 logits[split].append(predict_logits(r.model, d.x))
         ctx.log(f"{name} rep {rep}: members' test errors {[t['errors'] for t in tests]}")
         return {split: torch.stack(v) for split, v in logits.items()}, tests
 
     def distill(rep: int, member_logits: dict[str, torch.Tensor], choice: tuple[str, float, float]):
         mean, temperature, _ = choice
-        teacher = CachedTeacher(train.index, combine_logits(member_logits["train"], mean, temperature))
+        teacher = CachedTeacher(transfer.index, combine_logits(member_logits["transfer"], mean, temperature))
         seed = s["seed"] + 100 * rep + 99
         model = build_model(s["model"], bundle.input_shape, train.num_classes, seed=seed)
-        return fit(model, train, _config(s, seed, choice), teacher=teacher, val=val, test=test, progress=ctx.progress)
+        return fit(model, transfer, _config(s, seed, choice), teacher=teacher, val=val, test=test, progress=ctx.progress)
 
     singles, ensembles, distilled, by_choice, ens_by_mean = [], [], [], {}, {m: [] for m in ("arithmetic", "geometric")}
     chosen = None
@@ -147,6 +163,9 @@ def _plot(per_dataset: list[dict[str, Any]], path) -> None:
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     if s["members"] < 2:
         raise ValueError(f"members: an ensemble needs at least 2 members, got {s['members']}")
+    if s["copies"] < 1 or s["epochs"] % s["copies"]:
+        raise ValueError(f"copies: must be >= 1 and divide epochs ({s['epochs']}) so the student takes the members' "
+                         f"number of steps, got {s['copies']}")
     per_dataset = [_run_dataset(name, s, ctx) for name in s["datasets"]]
     _plot(per_dataset, ctx.out / "ensemble.png")
     models = {role: m for res in per_dataset for role, m in res["models"].items()}
@@ -163,10 +182,12 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     md = f"""
 Paper (speech, 10 models): baseline 58.9%, ensemble 61.1%, distilled 60.8% frame accuracy (over 80% of the gain).
 
-Each repetition ({s['reps']}) trains {s['members']} `{s['model']}` members with different seeds and one student of
-the same architecture, all {s['epochs']} epochs with the same optimiser and data. "single" is every member
-alone (n = members x repetitions); gains are accuracy points over the mean single model of the same repetition,
-averaged over repetitions. Mean (arithmetic/geometric), T and alpha chosen on the validation split (first repetition).
+Each repetition ({s['reps']}) trains {s['members']} `{s['model']}` members with different seeds ({s['epochs']} epochs,
+inputs jittered by up to {s['member_jitter']} px) and one student of the same architecture, trained for the same
+number of steps with the same optimiser on {s['copies']} fixed copies of the training set (original + jittered), whose
+ensemble logits are cached. "single" is every member alone (n = members x repetitions); gains are accuracy points
+over the mean single model of the same repetition, averaged over repetitions. Mean (arithmetic/geometric), T and
+alpha chosen on the validation split (first repetition).
 
 | data | single errors | ensemble errors | distilled errors | ensemble gain (points) | distilled gain (points) | kept | >= {100 * s['target_retained']:.0f}% | chosen |
 |---|---|---|---|---|---|---|---|---|

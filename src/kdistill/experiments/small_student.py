@@ -1,4 +1,4 @@
-"""A tiny 2x20 student on MNIST: alone, distilled, distilled with hard labels, and from a CNN teacher.
+"""A tiny 2x20 student on MNIST: alone, distilled, distilled with hard labels, from a second teacher.
 
 Reference 004 (a Keras reproduction of Hinton et al. 2015) could not show distillation with the
 paper's 2x800 student on un-jittered MNIST, so it shrank the student to two hidden layers of 20 units:
@@ -6,9 +6,16 @@ paper's 2x800 student on un-jittered MNIST, so it shrank the student to two hidd
 mixed in (weight 0.7 on the labels), 340 distilled from a CNN teacher. The paper itself reports that
 for 30-unit layers a temperature between 2.5 and 4 worked best.
 
-Here every student gets the same epochs, optimiser and data; each role is repeated over several seeds.
-The hard-label weight is chosen on the validation split, and a temperature sweep (a few seeds per T)
-picks the best T on validation; the student at that T is then trained over the full set of seeds.
+Two teachers are trained (jittered inputs): the paper's 2x1200 dropout net and a CNN; ``main_teacher``
+names the one used for the distilled roles and the temperature sweep, the other gives one more role.
+Every student gets the same epochs, optimiser and transfer set; each role is repeated over several
+seeds. The hard-label weight is chosen on the validation split, and a temperature sweep (a few seeds
+per T) picks a T on validation, at which the student is then trained over all seeds.
+
+The transfer set: the ``plain`` profile uses the training split as it is (reference 004's conditions).
+Such a small net overfits it, so the ``full`` profile adds ``augment_copies`` copies of it shifted by up
+to ``augment_pixels`` pixels, fixed once: the teachers' logits are still computed once per image (cached
+by sample id) and every student, the baseline included, sees exactly the same images and steps.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import data as kdata
+from ..data.dataset import TensorData
 from ..models import build_model, count_parameters
 from ..report import fmt, save_figure, summarize, write_results
 from ..teachers import ModuleTeacher
@@ -26,7 +34,7 @@ from . import RunContext
 from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
 
 NAME = "small-student"
-DESCRIPTION = "MNIST: 2x20 student alone / distilled T=3 / + hard labels / from a CNN teacher, and a T sweep"
+DESCRIPTION = "MNIST: 2x20 student alone / distilled T=3 / + hard labels / from a 2nd teacher, and a T sweep"
 
 _COMMON: dict[str, Any] = {
     "seed": 0,
@@ -37,19 +45,48 @@ _COMMON: dict[str, Any] = {
     "teacher_weight_decay": 5e-4,
     "teacher_cache": "auto",
     "teacher_mlp": "mlp:1200,1200,dropout=0.5,input_dropout=0.2,max_norm=15",
+    "main_teacher": "cnn",
     "student": "mlp:20,20",
     "student_lr": 0.05,
     "temperature": 3.0,
+    "augment_pixels": 1,
+}
+_FULL: dict[str, Any] = {
+    **_COMMON, "teacher_mlp_epochs": 20, "teacher_cnn": "cnn:32,64", "teacher_cnn_epochs": 8,
+    "seeds": 5, "hard_alphas": [0.3, 0.5, 0.7, 0.9],
+    "sweep_temperatures": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0, 20.0], "sweep_seeds": 3,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "teacher_mlp_epochs": 2, "teacher_cnn": "cnn:16,32", "teacher_cnn_epochs": 3,
-              "student_epochs": 10, "seeds": 2, "hard_alphas": [0.3, 0.7],
+    "quick": {**_COMMON, "teacher_mlp_epochs": 2, "teacher_cnn": "cnn:16,32", "teacher_cnn_epochs": 2,
+              "augment_copies": 1, "student_epochs": 5, "seeds": 2, "hard_alphas": [0.3, 0.7],
               "sweep_temperatures": [1.0, 3.0, 10.0], "sweep_seeds": 1},
-    "full": {**_COMMON, "teacher_mlp_epochs": 20, "teacher_cnn": "cnn:32,64", "teacher_cnn_epochs": 8,
-             "student_epochs": 50, "seeds": 5, "hard_alphas": [0.1, 0.3, 0.5, 0.7, 0.9],
-             "sweep_temperatures": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0, 20.0], "sweep_seeds": 3},
+    # 3 shifted copies + the originals: 12 epochs are as many steps as 48 epochs of the plain split.
+    "full": {**_FULL, "augment_copies": 3, "student_epochs": 12},
+    "plain": {**_FULL, "augment_copies": 0, "student_epochs": 50},
 }
-REFERENCE_004 = {"baseline": 368, "distilled": 331, "distilled+hard": 323, "distilled-from-cnn": 340}
+REFERENCE_004 = {"baseline": 368, "distilled-mlp": 331, "distilled-mlp+hard": 323, "distilled-cnn": 340}
+
+
+def augmented_copies(train: TensorData, copies: int, pixels: int, seed: int) -> TensorData:
+    """``train`` followed by ``copies`` copies of it, each image shifted by up to ``pixels`` (seeded, fixed).
+
+    Copy k's sample ids are the originals' plus k times (largest id + 1): unique, so cached teacher logits
+    can be looked up by id exactly as for the plain split.
+    """
+    if not isinstance(copies, int) or copies < 0:
+        raise ValueError(f"augment_copies: a number of shifted copies >= 0, got {copies!r}")
+    if copies and (not isinstance(pixels, int) or pixels < 1):
+        raise ValueError(f"augment_pixels: a shift of at least 1 pixel is needed with copies, got {pixels!r}")
+    if copies == 0:
+        return train
+    g = torch.Generator().manual_seed(seed)
+    span = int(train.index.max()) + 1
+    xs, ids = [train.x], [train.index]
+    for k in range(1, copies + 1):
+        xs.append(kdata.jitter(train.x, pixels, g))
+        ids.append(train.index + k * span)
+    return TensorData(torch.cat(xs), train.y.repeat(copies + 1), train.classes, torch.cat(ids),
+                      f"{train.name}+{copies}x-shift{pixels}")
 
 
 def sweep_summary(records: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
@@ -87,64 +124,74 @@ def _role(results: list[FitResult], **info: Any) -> dict[str, Any]:
             "val_errors": summarize([r.val["errors"] for r in results]), "seeds": len(results), **info}
 
 
-def _plot_sweep(path, summary: dict[float, dict[str, Any]], baseline: dict[str, Any], best: float, spec: str) -> None:
+def _plot_sweep(path, summary: dict[float, dict[str, Any]], baseline: dict[str, Any], best: float, title: str,
+                n_val: int, n_test: int) -> None:
+    """Validation (chooses T) and test (shown only) errors per 10,000 images against T, baseline as a band."""
     import matplotlib.pyplot as plt
 
     Ts = list(summary)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for split, color in (("val", "tab:blue"), ("test", "tab:orange")):
-        mean = [summary[T][f"{split}_errors"]["mean"] for T in Ts]
-        std = [summary[T][f"{split}_errors"]["std"] for T in Ts]
-        scale = 10000 / 5000 if split == "val" else 1.0  # validation has 5,000 images: show per 10,000
-        label = "validation errors ×2 (per 10k; chooses T)" if split == "val" else "test errors (shown only)"
-        ax.errorbar(Ts, [m * scale for m in mean], [s * scale for s in std], marker="o", capsize=3, color=color, label=label)
-    b = baseline["test_errors"]
-    ax.axhspan(b["mean"] - b["std"], b["mean"] + b["std"], color="gray", alpha=0.25)
-    ax.axhline(b["mean"], color="gray", label=f"baseline (no teacher): {b['mean']:.0f} test errors")
+    for split, color, n in (("val", "tab:blue", n_val), ("test", "tab:orange", n_test)):
+        scale = 10000 / n
+        mean = [summary[T][f"{split}_errors"]["mean"] * scale for T in Ts]
+        std = [summary[T][f"{split}_errors"]["std"] * scale for T in Ts]
+        label = "validation (chooses T)" if split == "val" else "test (shown only)"
+        ax.errorbar(Ts, mean, std, marker="o", capsize=3, color=color, label=label)
+        b = baseline[f"{split}_errors"]
+        ax.axhline(b["mean"] * scale, color=color, alpha=0.5, linestyle="--",
+                   label=f"baseline (no teacher), {'validation' if split == 'val' else 'test'}")
     ax.axvline(best, color="tab:green", linestyle=":", label=f"chosen on validation: T = {best:g}")
     ax.axvspan(2.5, 4, color="tab:green", alpha=0.08, label="paper's best range for 30-unit layers")
     ax.set_xscale("log")
     ax.set_xticks(Ts)
     ax.set_xticklabels([f"{T:g}" for T in Ts])
+    ax.minorticks_off()
     ax.set_xlabel("distillation temperature T")
-    ax.set_ylabel("errors per 10,000 images (mean ± std over seeds)")
-    ax.set_title(f"{spec} student distilled at each T (soft targets only)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("errors per 10,000 images (mean ± std)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
 
-def _plot_roles(path, models: dict[str, Any]) -> None:
+def _plot_roles(path, models: dict[str, Any], names: list[str]) -> None:
+    """Test errors per student role (mean ± std over seeds), with reference 004's numbers where it has them."""
     import matplotlib.pyplot as plt
 
-    names = [n for n in models if not n.startswith("teacher")]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     means = [models[n]["test_errors"]["mean"] for n in names]
     stds = [models[n]["test_errors"]["std"] for n in names]
     ax.bar(range(len(names)), means, yerr=stds, capsize=4, label="this run (mean ± std over seeds)")
     ref = [(i, REFERENCE_004[n]) for i, n in enumerate(names) if n in REFERENCE_004]
-    ax.scatter([i for i, _ in ref], [v for _, v in ref], color="black", marker="x", zorder=3, label="reference 004")
+    if ref:
+        ax.scatter([i for i, _ in ref], [v for _, v in ref], color="black", marker="x", zorder=3,
+                   label="reference 004 (no augmentation)")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=15, fontsize=8)
     ax.set_ylabel("test errors (of 10,000)")
-    ax.set_ylim(min(means + [v for _, v in ref]) * 0.85, max(means + [v for _, v in ref]) * 1.08)
-    ax.set_title("2x20 student on MNIST")
+    values = means + [v for _, v in ref]
+    ax.set_ylim(min(values) * 0.8, max(values) * 1.1)
+    ax.set_title("2x20 student on MNIST", fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    if s["main_teacher"] not in ("mlp", "cnn"):
+        raise ValueError(f"main_teacher: 'mlp' or 'cnn', got {s['main_teacher']!r}")
     bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
-    train, val, test = bundle.train, bundle.val, bundle.test
-    ctx.log(f"MNIST: {len(train)} train, {len(val)} validation, {len(test)} test")
+    val, test = bundle.val, bundle.test
+    train = augmented_copies(bundle.train, s["augment_copies"], s["augment_pixels"], s["seed"] + 1)
+    ctx.log(f"MNIST: {len(train)} transfer images ({train.name}), {len(val)} validation, {len(test)} test")
     cache = cache_dir(s["teacher_cache"], ctx.out)
     teachers, records = {}, {}
-    for role, spec, epochs in (("teacher_mlp", s["teacher_mlp"], s["teacher_mlp_epochs"]),
-                               ("teacher_cnn", s["teacher_cnn"], s["teacher_cnn_epochs"])):
-        recipe = TeacherRecipe(spec=spec, epochs=epochs, lr=s["teacher_lr"], weight_decay=s["teacher_weight_decay"],
-                               jitter=s["teacher_jitter"], batch_size=s["batch_size"], seed=s["seed"])
-        model, records[role] = get_teacher(recipe, train, val, test, ctx, cache)
-        teachers[role] = ModuleTeacher(model).cache(train)  # students are not augmented: one pass each
+    for name in ("mlp", "cnn"):
+        recipe = TeacherRecipe(spec=s[f"teacher_{name}"], epochs=s[f"teacher_{name}_epochs"], lr=s["teacher_lr"],
+                               weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"],
+                               batch_size=s["batch_size"], seed=s["seed"])
+        model, records[name] = get_teacher(recipe, bundle.train, val, test, ctx, cache)
+        teachers[name] = ModuleTeacher(model).cache(train)  # one teacher pass over the fixed transfer set
+    main, other = s["main_teacher"], "mlp" if s["main_teacher"] == "cnn" else "cnn"
     seeds = [s["seed"] + i for i in range(s["seeds"])]
 
     def student(name: str, seed: int, teacher: str | None = None, T: float = 1.0, alpha: float = 1.0) -> FitResult:
@@ -156,84 +203,94 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         ctx.log(f"{name} seed {seed}: {r.val['errors']} validation, {r.test['errors']} test errors")
         return r
 
-    T = s["temperature"]
+    T = float(s["temperature"])
     baseline = [student("baseline", seed) for seed in seeds]
-    distilled = [student(f"distilled-T{T}", seed, "teacher_mlp", T) for seed in seeds]
-    from_cnn = [student(f"distilled-cnn-T{T}", seed, "teacher_cnn", T) for seed in seeds]
+    distilled = [student(f"distilled-{main}-T{T:g}", seed, main, T) for seed in seeds]
+    from_other = [student(f"distilled-{other}-T{T:g}", seed, other, T) for seed in seeds]
     # Hard-label weight: chosen on validation with the first seed, then the other seeds at that weight.
-    by_alpha = {a: student(f"distilled-T{T}-a{a}", seeds[0], "teacher_mlp", T, a) for a in s["hard_alphas"]}
+    by_alpha = {a: student(f"distilled-{main}-T{T:g}-a{a}", seeds[0], main, T, a) for a in s["hard_alphas"]}
     alpha = min(by_alpha, key=lambda a: (by_alpha[a].val["errors"], -a))
-    with_hard = [by_alpha[alpha]] + [student(f"distilled-T{T}-a{alpha}", seed, "teacher_mlp", T, alpha) for seed in seeds[1:]]
+    with_hard = [by_alpha[alpha]] + [student(f"distilled-{main}-T{T:g}-a{alpha}", seed, main, T, alpha)
+                                     for seed in seeds[1:]]
 
-    # Temperature sweep (soft targets only, MLP teacher): runs already made at T are reused.
-    sweep_runs: dict[tuple[float, int], FitResult] = {(T, seed): r for seed, r in zip(seeds, distilled)}
-    sweep_seeds = seeds[: s["sweep_seeds"]] if s["sweep_seeds"] <= len(seeds) else \
-        [s["seed"] + i for i in range(s["sweep_seeds"])]
-    for t in s["sweep_temperatures"]:
+    # Temperature sweep (soft targets only, main teacher); runs already made at a (T, seed) are reused.
+    runs: dict[tuple[float, int], FitResult] = {(T, seed): r for seed, r in zip(seeds, distilled)}
+    sweep_seeds = [s["seed"] + i for i in range(s["sweep_seeds"])]
+    sweep_ts = sorted({float(t) for t in s["sweep_temperatures"]})
+    for t in sweep_ts:
         for seed in sweep_seeds:
-            if (float(t), seed) not in sweep_runs:
-                sweep_runs[(float(t), seed)] = student(f"sweep-T{t}", seed, "teacher_mlp", float(t))
-    records_sweep = [{"temperature": t, "seed": seed, "val_errors": r.val["errors"], "test_errors": r.test["errors"]}
-                     for (t, seed), r in sweep_runs.items() if seed in sweep_seeds and t in map(float, s["sweep_temperatures"])]
-    summary = sweep_summary(records_sweep)
+            if (t, seed) not in runs:
+                runs[(t, seed)] = student(f"distilled-{main}-T{t:g}", seed, main, t)
+    summary = sweep_summary([{"temperature": t, "seed": seed, "val_errors": runs[(t, seed)].val["errors"],
+                              "test_errors": runs[(t, seed)].test["errors"]} for t in sweep_ts for seed in sweep_seeds])
     best_T = best_temperature(summary)
-    at_best = [sweep_runs.get((best_T, seed)) or student(f"sweep-T{best_T}", seed, "teacher_mlp", best_T)
-               for seed in seeds]
-    for seed, r in zip(seeds, at_best):
-        sweep_runs[(best_T, seed)] = r
+    at_best = []
+    for seed in seeds:
+        if (best_T, seed) not in runs:
+            runs[(best_T, seed)] = student(f"distilled-{main}-T{best_T:g}", seed, main, best_T)
+        at_best.append(runs[(best_T, seed)])
 
     models: dict[str, Any] = {}
-    for role, rec in records.items():
-        models[role] = {"test_errors": rec["test"]["errors"], "test_accuracy": rec["test"]["accuracy"], "seeds": 1,
-                        "spec": rec["spec"], "loaded_from_cache": rec["loaded_from_cache"],
-                        "train_wall_time_s": rec["train_wall_time_s"]}
-    student_model = baseline[0].model
-    models["baseline"] = _role(baseline, spec=s["student"], params=count_parameters(student_model))
-    models["distilled"] = _role(distilled, teacher="teacher_mlp", temperature=T, alpha=1.0)
-    models["distilled+hard"] = _role(with_hard, teacher="teacher_mlp", temperature=T, alpha=alpha)
-    models["distilled-from-cnn"] = _role(from_cnn, teacher="teacher_cnn", temperature=T, alpha=1.0)
-    models["distilled-best-T"] = _role(at_best, teacher="teacher_mlp", temperature=best_T, alpha=1.0)
+    for name, rec in records.items():
+        models[f"teacher-{name}"] = {"test_errors": rec["test"]["errors"], "test_accuracy": rec["test"]["accuracy"],
+                                     "seeds": 1, "spec": rec["spec"], "loaded_from_cache": rec["loaded_from_cache"],
+                                     "train_wall_time_s": rec["train_wall_time_s"]}
+    params = count_parameters(baseline[0].model)
+    models["baseline"] = _role(baseline, spec=s["student"], params=params)
+    models[f"distilled-{main}"] = _role(distilled, teacher=main, temperature=T, alpha=1.0)
+    models[f"distilled-{main}+hard"] = _role(with_hard, teacher=main, temperature=T, alpha=alpha)
+    models[f"distilled-{other}"] = _role(from_other, teacher=other, temperature=T, alpha=1.0)
+    models[f"distilled-{main}-best-T"] = _role(at_best, teacher=main, temperature=best_T, alpha=1.0)
+    students = [n for n in models if not n.startswith("teacher")]
 
-    _plot_sweep(ctx.out / "temperature_sweep.png", summary, models["baseline"], best_T, s["student"])
-    _plot_roles(ctx.out / "roles.png", models)
+    _plot_sweep(ctx.out / "temperature_sweep.png", summary, models["baseline"], best_T,
+                f"{s['student']} student distilled from the {main} teacher at each T", len(val), len(test))
+    _plot_roles(ctx.out / "roles.png", models, students)
     sweep_rows = "\n".join(
         f"| {t:g} | {fmt(v['val_errors'])} | {fmt(v['test_errors'])} |" + (" chosen |" if t == best_T else " |")
         for t, v in summary.items())
     alpha_rows = "\n".join(f"| {a} | {r.val['errors']} |" + (" chosen |" if a == alpha else " |") for a, r in by_alpha.items())
     role_rows = "\n".join(
-        f"| {n} | {fmt(models[n]['test_errors'])} | {REFERENCE_004.get(n, '')} |"
-        for n in ("baseline", "distilled", "distilled+hard", "distilled-from-cnn", "distilled-best-T"))
+        f"| {n} | {models[n].get('teacher', '-')} | {models[n].get('temperature', '-')} | {models[n].get('alpha', '-')} | "
+        f"{fmt(models[n]['val_errors'])} | {fmt(models[n]['test_errors'])} | {REFERENCE_004.get(n, '')} |"
+        for n in students)
+    aug = (f"the {len(bundle.train)}-image training split plus {s['augment_copies']} copies shifted by up to "
+           f"{s['augment_pixels']} px ({len(train)} images, fixed once)" if s["augment_copies"]
+           else f"the {len(bundle.train)}-image training split, not augmented (reference 004's conditions)")
     md = f"""
-Reference 004 (Keras, 20-20 student, Adam, 50 epochs): 368 test errors alone, 331 distilled at T = 3,
-323 with hard labels (weight 0.7), 340 from a CNN teacher. Paper: best T between 2.5 and 4 for 30-unit layers.
+Reference 004 (Keras, 20-20 student, Adam, 50 epochs, no augmentation): 368 test errors alone, 331
+distilled at T = 3 from its 2x1200 teacher (168 errors), 323 with hard labels (weight 0.7), 340 from its
+CNN teacher (97 errors). Paper: best T between 2.5 and 4 for 30-unit layers.
 
-Teachers (jitter ±{s['teacher_jitter']} px): `{s['teacher_mlp']}` ({s['teacher_mlp_epochs']} epochs):
-{records['teacher_mlp']['test']['errors']} test errors; `{s['teacher_cnn']}` ({s['teacher_cnn_epochs']} epochs):
-{records['teacher_cnn']['test']['errors']} test errors.
-Students: `{s['student']}` ({count_parameters(student_model)} parameters), {s['student_epochs']} epochs each, SGD
-lr {s['student_lr']}, same data (no augmentation), seeds {seeds}. Distillation: KL·T² on soft targets.
+Teachers (trained on jittered inputs, ±{s['teacher_jitter']} px): mlp = `{s['teacher_mlp']}`
+({s['teacher_mlp_epochs']} epochs): {records['mlp']['test']['errors']} test errors; cnn = `{s['teacher_cnn']}`
+({s['teacher_cnn_epochs']} epochs): {records['cnn']['test']['errors']} test errors.
+Transfer set: {aug}.
+Students: `{s['student']}` ({params} parameters), {s['student_epochs']} epochs each, SGD lr {s['student_lr']},
+one-cycle schedule, seeds {seeds}. Distillation: KL·T² on soft targets (alpha = weight of the soft term).
 
-| role | test errors (this run) | reference 004 |
-|---|---|---|
+| role | teacher | T | alpha | validation errors | test errors | reference 004 |
+|---|---|---|---|---|---|---|
 {role_rows}
 
-Hard-label weight (1 - alpha) for `distilled+hard`, chosen on validation (seed {seeds[0]}, T = {T:g}):
+Hard-label weight for `distilled-{main}+hard`, chosen on validation (seed {seeds[0]}, T = {T:g}):
 
 | alpha (soft weight) | validation errors | |
 |---|---|---|
 {alpha_rows}
 
-Temperature sweep (soft targets only, 2x1200 teacher, seeds {sweep_seeds}); T chosen by mean validation
-errors (5,000 images), test errors shown for the record:
+Temperature sweep (soft targets only, {main} teacher, seeds {sweep_seeds}); T chosen by mean validation
+errors ({len(val)} images); test errors shown for the record:
 
 | T | validation errors | test errors | |
 |---|---|---|---|
 {sweep_rows}
 
-`distilled-best-T` is the student at the chosen T = {best_T:g} over all seeds {seeds}.
+`distilled-{main}-best-T` is the student at the chosen T = {best_T:g} over all seeds {seeds}.
 Plots: `temperature_sweep.png`, `roles.png`.
 """
-    extra = {"chosen_alpha": alpha, "chosen_temperature": best_T,
+    extra = {"chosen_alpha": alpha, "chosen_temperature": best_T, "main_teacher": main,
+             "transfer_set": {"name": train.name, "images": len(train), "augment_copies": s["augment_copies"]},
              "validation_errors_by_alpha": {str(a): r.val["errors"] for a, r in by_alpha.items()},
              "sweep": {str(t): v for t, v in summary.items()},
              "teachers": {k: {kk: vv for kk, vv in v.items() if kk != "test"} for k, v in records.items()}}

@@ -45,7 +45,7 @@ _COMMON: dict[str, Any] = {
     "digits_shown": [2, 3, 4, 7, 9],
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 3},
+    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 2},
     "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8},
 }
 

@@ -53,7 +53,7 @@ _COMMON: dict[str, Any] = {
     "baseline": True,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 3, "student_epochs": 6,
+    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 2, "student_epochs": 4,
               "temperatures": [20.0], "alphas": [1.0], "seeds": 2},
     "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 30,
              "temperatures": [20.0], "alphas": [1.0], "seeds": 3},
