@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .data.dataset import TensorData
+from .models.layout import as_layout, use_channels_last
 
 
 @runtime_checkable
@@ -40,14 +41,15 @@ class ModuleTeacher:
 
     needs_inputs = True
 
-    def __init__(self, module: nn.Module, batch_size: int = 2048) -> None:
+    def __init__(self, module: nn.Module, batch_size: int | None = None) -> None:
         self.module = freeze(module)
         self.module.train = lambda mode=True: self.module  # type: ignore[method-assign]
-        self.batch_size = batch_size
+        self.channels_last = use_channels_last(self.module)
+        self.batch_size = batch_size or (256 if self.channels_last else 2048)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(x).float()
+        return self.module(as_layout(x, self.channels_last)).float()
 
     @torch.no_grad()
     def predict(self, data: TensorData) -> torch.Tensor:
