@@ -29,7 +29,8 @@ from ..data.dataset import TensorData
 from ..models import build_model, count_parameters
 from ..report import fmt, save_figure, summarize, write_results
 from ..teachers import ModuleTeacher
-from ..train import FitResult, TrainConfig, fit
+from ..multi import fit_many
+from ..train import FitResult, TrainConfig
 from . import RunContext
 from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
 
@@ -194,41 +195,57 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     main, other = s["main_teacher"], "mlp" if s["main_teacher"] == "cnn" else "cnn"
     seeds = [s["seed"] + i for i in range(s["seeds"])]
 
-    def student(name: str, seed: int, teacher: str | None = None, T: float = 1.0, alpha: float = 1.0) -> FitResult:
-        distill = {} if teacher is None else {"temperature": T, "alpha": alpha}
-        cfg = TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed, **distill)
-        r = fit(build_model(s["student"], bundle.input_shape, 10, seed=seed), train, cfg,
-                teacher=None if teacher is None else teachers[teacher], val=val, test=test,
-                out_dir=ctx.out / f"{name}-seed{seed}", progress=ctx.progress)
-        ctx.log(f"{name} seed {seed}: {r.val['errors']} validation, {r.test['errors']} test errors")
-        return r
+    def config(seed: int, T: float = 1.0, alpha: float = 1.0) -> TrainConfig:
+        return TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed,
+                           temperature=T, alpha=alpha, checkpoint=False)
+
+    def train_together(teacher: str | None, jobs: list[tuple[str, int, float, float]]) -> list[FitResult]:
+        """Students ``(name, seed, T, alpha)`` learning from one teacher (None: hard labels), in one stacked pass.
+
+        Each equals the same student trained alone by ``fit`` (kdistill.multi's guarantee); students with
+        the same seed share batches, as their solo runs would draw the same ones.
+        """
+        if not jobs:
+            return []
+        models = [build_model(s["student"], bundle.input_shape, 10, seed=seed) for _, seed, _, _ in jobs]
+        results = fit_many(models, train, [config(seed, T, a) for _, seed, T, a in jobs],
+                           teacher=None if teacher is None else teachers[teacher], val=val, test=test,
+                           out_dir=ctx.out, names=[f"{n}-seed{seed}" for n, seed, _, _ in jobs], progress=ctx.progress)
+        ctx.log(f"{len(jobs)} students ({teacher or 'no'} teacher) in one pass: {results[0].wall_time_s:.0f} s")
+        for (name, seed, _, _), r in zip(jobs, results):
+            ctx.log(f"{name} seed {seed}: {r.val['errors']} validation, {r.test['errors']} test errors")
+        return results
 
     T = float(s["temperature"])
-    baseline = [student("baseline", seed) for seed in seeds]
-    distilled = [student(f"distilled-{main}-T{T:g}", seed, main, T) for seed in seeds]
-    from_other = [student(f"distilled-{other}-T{T:g}", seed, other, T) for seed in seeds]
-    # Hard-label weight: chosen on validation with the first seed, then the other seeds at that weight.
-    by_alpha = {a: student(f"distilled-{main}-T{T:g}-a{a}", seeds[0], main, T, a) for a in s["hard_alphas"]}
-    alpha = min(by_alpha, key=lambda a: (by_alpha[a].val["errors"], -a))
-    with_hard = [by_alpha[alpha]] + [student(f"distilled-{main}-T{T:g}-a{alpha}", seed, main, T, alpha)
-                                     for seed in seeds[1:]]
-
-    # Temperature sweep (soft targets only, main teacher); runs already made at a (T, seed) are reused.
-    runs: dict[tuple[float, int], FitResult] = {(T, seed): r for seed, r in zip(seeds, distilled)}
     sweep_seeds = [s["seed"] + i for i in range(s["sweep_seeds"])]
     sweep_ts = sorted({float(t) for t in s["sweep_temperatures"]})
-    for t in sweep_ts:
-        for seed in sweep_seeds:
-            if (t, seed) not in runs:
-                runs[(t, seed)] = student(f"distilled-{main}-T{t:g}", seed, main, t)
+    baseline = train_together(None, [("baseline", seed, 1.0, 1.0) for seed in seeds])
+    from_other = train_together(other, [(f"distilled-{other}-T{T:g}", seed, T, 1.0) for seed in seeds])
+
+    # Main teacher, first pass: the T = 3 role over all seeds, the hard-label weights (first seed) and the
+    # temperature sweep (soft targets only) on the sweep seeds; a (T, seed) pair is trained once.
+    runs: dict[tuple[float, int], FitResult] = {}
+    soft = [(t, seed) for seed in seeds for t in [T]] + [(t, seed) for t in sweep_ts for seed in sweep_seeds]
+    soft = list(dict.fromkeys(soft))
+    jobs = [(f"distilled-{main}-T{t:g}", seed, t, 1.0) for t, seed in soft]
+    jobs += [(f"distilled-{main}-T{T:g}-a{a}", seeds[0], T, float(a)) for a in s["hard_alphas"]]
+    first = train_together(main, jobs)
+    runs.update({key: r for key, r in zip(soft, first)})
+    by_alpha = {a: r for a, r in zip(s["hard_alphas"], first[len(soft):])}
+    distilled = [runs[(T, seed)] for seed in seeds]
+    # Hard-label weight chosen on validation with the first seed; T chosen by mean validation errors.
+    alpha = min(by_alpha, key=lambda a: (by_alpha[a].val["errors"], -a))
     summary = sweep_summary([{"temperature": t, "seed": seed, "val_errors": runs[(t, seed)].val["errors"],
                               "test_errors": runs[(t, seed)].test["errors"]} for t in sweep_ts for seed in sweep_seeds])
     best_T = best_temperature(summary)
-    at_best = []
-    for seed in seeds:
-        if (best_T, seed) not in runs:
-            runs[(best_T, seed)] = student(f"distilled-{main}-T{best_T:g}", seed, main, best_T)
-        at_best.append(runs[(best_T, seed)])
+
+    # Second pass: the chosen hard-label weight and the chosen T over the remaining seeds.
+    hard_jobs = [(f"distilled-{main}-T{T:g}-a{alpha}", seed, T, float(alpha)) for seed in seeds[1:]]
+    best_jobs = [(f"distilled-{main}-T{best_T:g}", seed, best_T, 1.0) for seed in seeds if (best_T, seed) not in runs]
+    second = train_together(main, hard_jobs + best_jobs)
+    with_hard = [by_alpha[alpha]] + second[:len(hard_jobs)]
+    runs.update({(best_T, seed): r for (_, seed, _, _), r in zip(best_jobs, second[len(hard_jobs):])})
+    at_best = [runs[(best_T, seed)] for seed in seeds]
 
     models: dict[str, Any] = {}
     for name, rec in records.items():

@@ -88,7 +88,7 @@ def _plot_temperatures(path, logits: torch.Tensor, image: torch.Tensor, label: i
         ax.set_title(f"T = {T:g}", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[1].set_ylabel("softmax(z / T)")
-    fig.suptitle("One logit vector z (the teacher's) at several temperatures", fontsize=10)
+    fig.suptitle("One logit vector z (the teacher's) at several temperatures", fontsize=10, y=1.05)
     save_figure(fig, path)
 
 
