@@ -187,6 +187,34 @@ def test_nnfwp(tmp_path, small_mnist):
     _check_png(out / "nnfwp.png")
 
 
+def test_nnfwp_search_runs_one_pass_per_loss_kind(tmp_path, small_mnist, capsys):
+    _, res = _run(
+        tmp_path,
+        "nnfwp",
+        "train_size=null",
+        "val_size=200",
+        "seeds=2",
+        "batch_size=16",
+        "part2_teacher_epochs=0",
+        "search_benchmark_lrs=[0.01, 0.1]",
+        "search_student_lrs=[0.05, 0.1]",
+        "search_temperatures=[2]",
+        "search_alphas=[1, 0.5]",
+        'search_losses=["kl", "logit_mse"]',
+    )
+    log = capsys.readouterr().out
+    assert "search, loss kl, with the benchmark's rates: 6 net(s)" in log and "search, loss logit_mse: 4 net(s)" in log
+    search = [r for r in res["records"] if r["role"] == "student-search"]
+    assert [(r["loss"], r["alpha"], r["lr"]) for r in search] == [
+        (k, a, lr) for k in ("kl", "logit_mse") for a in (1.0, 0.5) for lr in (0.05, 0.1)
+    ]
+    assert [r["lr"] for r in res["records"] if r["role"] == "benchmark-search"] == [0.01, 0.1]
+    best = max(search, key=lambda r: r["val_accuracy"])
+    assert all(res["chosen_student"][k] == best[k] for k in ("loss", "T", "alpha", "lr"))
+    for role in ("benchmark", "student"):
+        assert sorted(r["seed"] for r in res["records"] if r["part"] == 2 and r["role"] == role) == [0, 1]
+
+
 def test_cifar10_mini(tmp_path, monkeypatch):
     monkeypatch.setitem(data.LOADERS, "cifar10", _tiny_cifar)
     out, res = _run(

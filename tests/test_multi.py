@@ -66,6 +66,35 @@ def test_supervised_and_max_norm_students_equal_solo_runs(digits):
     _check_equivalent(digits, None, configs, spec="mlp:16,max_norm=0.5")
 
 
+def test_linear_one_sample_plain_sgd_students_equal_solo_runs(digits, teacher):
+    # nnfwp's setting: a linear model (an MLP without hidden layer), one sample per plain SGD step, one pass;
+    # logit MSE with constant rates, then KL mixed with the labels under a cosine schedule.
+    common = {"epochs": 1, "batch_size": 1, "momentum": 0.0, "nesterov": False, "checkpoint": False}
+    mse = [TrainConfig(lr=lr, loss="logit_mse", alpha=a, schedule="constant", seed=s, **common)
+           for lr, a, s in [(0.01, 1.0, 0), (0.002, 1.0, 0), (0.01, 0.0, 0), (0.005, 0.5, 2)]]
+    _check_equivalent(digits, teacher, mse, spec="linear")
+    kl = [TrainConfig(lr=lr, temperature=t, alpha=a, schedule="cosine", seed=3, **common)
+          for lr, t, a in [(0.05, 1.0, 1.0), (0.02, 4.0, 0.5)]]
+    _check_equivalent(digits, teacher, kl, spec="linear")
+
+
+def test_alpha_zero_student_equals_supervised_fit(digits, teacher):
+    # A student with soft weight 0 learns from the labels alone: it equals fit without a teacher, so a
+    # directly trained baseline can share its seed's distillation pass.
+    configs = [TrainConfig(epochs=1, batch_size=1, lr=lr, momentum=0.0, nesterov=False, schedule="cosine", seed=4,
+                           loss=kind, alpha=a, temperature=2.0) for lr, kind, a in
+               [(0.02, "kl", 0.0), (0.05, "kl", 1.0)]] + [
+        TrainConfig(epochs=2, batch_size=16, lr=0.1, seed=4, loss="logit_mse", alpha=0.0)]
+    for cfgs in (configs[:2], configs[2:]):
+        together = fit_many([build_model("linear", digits.input_shape, 10, seed=4) for _ in cfgs], digits.train, cfgs,
+                            teacher=teacher, val=digits.val, test=digits.test, progress=False)
+        alone = fit(build_model("linear", digits.input_shape, 10, seed=4), digits.train, cfgs[0], val=digits.val,
+                    test=digits.test, progress=False)
+        assert torch.allclose(_params(together[0].model), _params(alone.model), atol=1e-4, rtol=0)
+        assert abs(together[0].history[-1]["train_loss"] - alone.history[-1]["train_loss"]) < 1e-4
+        assert abs(together[0].test["errors"] - alone.test["errors"]) <= 1
+
+
 def test_keep_best_restores_each_students_best_epoch(digits, teacher):
     # Constant schedule, so the first b epochs of a 4-epoch run are a b-epoch run; high learning rates
     # make validation errors go up and down, so some student's best epoch comes before the last.

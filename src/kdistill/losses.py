@@ -196,15 +196,15 @@ def stacked_distillation_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (N,) losses of :func:`stacked_distillation_loss` and their sum's gradient w.r.t. the logits.
 
-    For ``kl`` and ``soft_ce`` (whose gradient is the same, T * (q - p) / B) and the hard-label
-    cross-entropy ((softmax(s) - onehot) / B) the gradient is written out, in the same precision as
+    For ``kl`` and ``soft_ce`` (whose gradient is the same, T * (q - p) / B), ``logit_mse`` (2 (s - t) / (B C))
+    and the hard-label cross-entropy ((softmax(s) - onehot) / B) the gradient is written out, in the same precision as
     the losses (float64 soft term, float32 hard term), with classes on the middle axis so every
     reduction is vectorised over the batch: a multi-student trainer spends far less time here than
-    with autograd. Other kinds fall back to autograd. ``teacher_logits=None`` means plain supervised
+    with autograd. ``prob_mse`` falls back to autograd. ``teacher_logits=None`` means plain supervised
     training: the loss is the cross-entropy with ``labels`` and ``alpha`` is ignored. ``checked=True``
     skips validation (see :func:`_check_stacked`); with it, ``labels`` must be None when every alpha is 1.
     """
-    if teacher_logits is not None and kind not in ("kl", "soft_ce"):
+    if teacher_logits is not None and kind not in ("kl", "soft_ce", "logit_mse"):
         z = student_logits.detach().requires_grad_(True)
         with torch.enable_grad():
             losses = stacked_distillation_loss(z, teacher_logits, labels, temperature=temperature, alpha=alpha, kind=kind)
@@ -217,12 +217,18 @@ def stacked_distillation_loss_and_grad(
     loss = grad = None
     if teacher_logits is not None:
         work = torch.float32 if student_logits.device.type == "mps" else torch.float64
-        temp = temps.to(work).view(n, 1, 1)
-        log_q, q = _softmax_pair(logits_cb.to(work) / temp, dim=1)
-        log_p, p = _softmax_pair(teacher_logits.detach().transpose(-1, -2).to(work) / temp, dim=1)
-        cross = (p * (log_p - log_q)) if kind == "kl" else -(p * log_q)
-        loss = (cross.sum(dim=1).mean(dim=-1) * temps.to(work).square()).to(out_dtype)
-        grad = (q - p).mul_(temp / b).to(out_dtype)
+        t_cb = teacher_logits.detach().transpose(-1, -2).to(work)
+        if kind == "logit_mse":  # mean of (s - t)^2 over batch and classes: gradient 2 (s - t) / (B C)
+            diff = logits_cb.to(work) - t_cb
+            loss = diff.square().mean(dim=(1, 2)).to(out_dtype)
+            grad = diff.mul_(2.0 / diff[0].numel()).to(out_dtype)
+        else:
+            temp = temps.to(work).view(n, 1, 1)
+            log_q, q = _softmax_pair(logits_cb.to(work) / temp, dim=1)
+            log_p, p = _softmax_pair(t_cb / temp, dim=1)
+            cross = (p * (log_p - log_q)) if kind == "kl" else -(p * log_q)
+            loss = (cross.sum(dim=1).mean(dim=-1) * temps.to(work).square()).to(out_dtype)
+            grad = (q - p).mul_(temp / b).to(out_dtype)
         if not need_labels:
             return loss, grad.transpose(1, 2)
     y = (labels.expand(n, b) if labels.dim() == 1 else labels).view(n, 1, b)

@@ -18,6 +18,8 @@ check 1e-4 on the weights), but shares the work they have in common:
   (``fit_grid``'s ``init_seeds``) and give them configs with the same ``seed``; each still equals
   ``fit`` of that model and config.
 * a module teacher without jitter is cached once, as ``fit`` does, and the cache serves all students.
+* a student with ``alpha=0`` learns from the labels alone and equals ``fit`` of its config without a
+  teacher, so directly trained baselines can share a distillation pass.
 
 What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay``, ``temperature``,
 ``alpha``. Everything else in :class:`~kdistill.train.TrainConfig` (epochs, batch size, optimiser,
