@@ -62,10 +62,13 @@ def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
         assert (tmp_path / "soft" / png).stat().st_size > 1000
 
 
-def test_transfer_keep78_on_small_data(tmp_path, small_mnist):
+@pytest.mark.parametrize("copies", [1, 3])
+def test_transfer_keep78_on_small_data(tmp_path, small_mnist, copies):
     res = _run("transfer-keep78", tmp_path / "k", *SMALL_TEACHER, *SMALL_STUDENT, "--set", "teacher_cache=none",
-               "--set", "student_epochs=30")
+               "--set", "student_epochs=30", "--set", f"transfer_copies={copies}")
     m = res["models"]
+    text = (tmp_path / "k" / "results.md").read_text()
+    assert ("3 copies" in text and "10 passes" in text) if copies == 3 else "no augmentation" in text
     # Hard labels of 7s and 8s only: the baseline gets no other digit right.
     assert m["baseline"]["test_unseen_accuracy"]["values"] == [0.0, 0.0]
     # The distilled student's 7/8 logits are too high: both offsets lower them, and that helps a lot.
@@ -151,6 +154,9 @@ def test_bad_settings_are_clear_errors(tmp_path, small_mnist, capsys):
     assert main(["run", "transfer-omit3", "--out", str(tmp_path / "x"), "--set", "omit=[12]",
                  "--set", "teacher_cache=none"]) == 2
     assert "omit: digits" in capsys.readouterr().err
+    assert main(["run", "transfer-keep78", "--out", str(tmp_path / "z"), "--set", "transfer_copies=7",
+                 "--set", "teacher_cache=none"]) == 2
+    assert "transfer_copies" in capsys.readouterr().err
     assert main(["run", "soft-labels", "--out", str(tmp_path / "y"), "--set", "example_index=-1", "--set", "val_size=200",
                  "--set", "teacher_cache=none"]) == 2
     assert "example_index" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from .transfer_omit3 import (
     VARIANTS,
     candidate_table,
     check_classes,
+    check_copies,
     extra_record,
     load_mnist,
     plot_offset_curve,
@@ -47,17 +48,23 @@ _COMMON: dict[str, Any] = {
     "student_lr": 0.05,
     "keep": [7, 8],
     "baseline": True,
+    "transfer_copies": 1,  # > 1: the transfer set plus jittered copies (fixed), student_epochs / copies passes
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 2, "student_epochs": 12,
               "temperatures": [20.0], "alphas": [1.0], "seeds": 2},
-    "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 60,
+    # The transfer set plus 9 jittered copies (fixed), 6 passes: as many steps as 60 epochs of it.
+    "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 60, "transfer_copies": 10,
              "temperatures": [8.0, 20.0], "alphas": [1.0], "seeds": 3},
+    # The paper's protocol: the un-augmented transfer set, 60 epochs.
+    "plain": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 60,
+              "temperatures": [8.0, 20.0], "alphas": [1.0], "seeds": 3},
 }
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     keep = check_classes(s["keep"], "keep")
+    check_copies(s)
     bundle, teacher, record = load_mnist(s, ctx)
     unseen = [c for c in range(10) if c not in keep]
     transfer = kdata.keep_classes(bundle.train, keep)
@@ -78,8 +85,8 @@ the hard-label student.
 
 Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_jitter']} px, trained on all digits:
 {record['test']['errors']} test errors.
-Students: `{s['student']}`, {s['student_epochs']} epochs each on the {len(transfer)}-image transfer set of only
-{kept} (no augmentation), seeds {runs['seeds']}. Distilled students use the teacher's soft targets (KL·T²);
+Students: `{s['student']}`, {s['student_epochs']} epochs' worth of steps each on the {runs['transfer_text']} of only
+{kept}, seeds {runs['seeds']}. Distilled students use the teacher's soft targets (KL·T²);
 the baseline uses the same images' hard labels, same budget. T and alpha were chosen on the
 {len(bundle.val)}-image validation split (seed {runs['seeds'][0]}, errors after offset (a)):
 

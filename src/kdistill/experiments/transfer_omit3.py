@@ -32,7 +32,8 @@ from ..evaluate import classification_metrics, predict_logits
 from ..models import build_model, count_parameters
 from ..report import fmt, save_figure, summarize, write_results
 from ..teachers import ModuleTeacher
-from ..train import TrainConfig, fit
+from ..multi import fit_many
+from ..train import TrainConfig
 from . import RunContext
 from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
 
@@ -51,12 +52,17 @@ _COMMON: dict[str, Any] = {
     "student_lr": 0.05,
     "omit": [3],
     "baseline": True,
+    "transfer_copies": 1,  # > 1: the transfer set plus jittered copies (fixed), student_epochs / copies passes
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 2, "student_epochs": 4,
               "temperatures": [20.0], "alphas": [1.0], "seeds": 2},
-    "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 30,
-             "temperatures": [20.0], "alphas": [1.0], "seeds": 3},
+    # The transfer set plus 9 jittered copies (fixed), 3 passes: as many steps as 30 epochs of it.
+    "full": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 30, "transfer_copies": 10,
+             "temperatures": [8.0, 20.0], "alphas": [1.0], "seeds": 3},
+    # The paper's protocol: the un-augmented transfer set, 30 epochs.
+    "plain": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 30,
+              "temperatures": [20.0], "alphas": [1.0], "seeds": 3},
 }
 
 VARIANTS = ("none", "val", "label_free")
@@ -71,6 +77,15 @@ def check_classes(values: Any, field: str, num_classes: int = 10) -> list[int]:
     if out[0] < 0 or out[-1] >= num_classes or len(out) == num_classes:
         raise ValueError(f"{field}: digits must lie in 0..{num_classes - 1} and leave at least one out, got {values!r}")
     return out
+
+
+def check_copies(s: dict[str, Any]) -> int:
+    """``transfer_copies``, or a ValueError naming it (raised before any training)."""
+    copies = s["transfer_copies"]
+    if not isinstance(copies, int) or copies < 1 or s["student_epochs"] % copies:
+        raise ValueError(f"transfer_copies: a whole number >= 1 dividing student_epochs ({s['student_epochs']}), "
+                         f"so every student takes the same steps; got {copies!r}")
+    return copies
 
 
 def load_mnist(s: dict[str, Any], ctx: RunContext):
@@ -129,38 +144,55 @@ def train_students(
     """Distilled students (T and alpha chosen on validation after offset (a)) and hard-label baselines.
 
     Returns the chosen settings, the per-candidate validation errors and one :func:`assess` record per
-    student and seed. Every student gets the same epochs, optimiser and (un-augmented) transfer set.
+    student and seed. Every student gets the same epochs, optimiser and transfer set (with
+    ``transfer_copies > 1``: the transfer set plus jittered copies, fixed once, so the teacher's logits
+    are still computed once per image and looked up by sample id).
     """
     val, test = bundle.val, bundle.test
+    copies = check_copies(s)
+    if copies > 1:  # the transfer set plus jittered copies, fixed once: the teacher still runs once per image
+        transfer = kdata.jittered_copies(transfer, copies, s["teacher_jitter"], seed=s["seed"] + 7)
+        ctx.log(f"augmented transfer set: {len(transfer)} images ({copies} copies, jitter ±{s['teacher_jitter']} px)")
     cached = ModuleTeacher(teacher).cache(transfer)
     teacher_val = predict_logits(teacher, val.x)
     seeds = [s["seed"] + i for i in range(s["seeds"])]
 
-    def student(seed: int, T: float | None = None, alpha: float | None = None) -> nn.Module:
-        extra = {} if T is None else {"temperature": T, "alpha": alpha}
-        cfg = TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed, **extra)
-        name = "baseline" if T is None else f"distilled-T{T}-a{alpha}"
-        r = fit(build_model(s["student"], bundle.input_shape, 10, seed=seed), transfer, cfg,
-                teacher=None if T is None else cached, val=val, out_dir=ctx.out / f"{name}-seed{seed}", progress=ctx.progress)
-        return r.model
+    def train_pass(jobs: list[tuple[int, float | None, float | None]]) -> list[nn.Module]:
+        """Students ``(seed, T, alpha)`` in one stacked pass; ``T=None`` is the hard-label baseline.
+
+        The baseline rides along with soft-target weight 0, i.e. the transfer set's hard labels alone,
+        exactly as ``fit`` without a teacher (kdistill.multi's guarantee). Every student gets the same
+        transfer set, epochs and optimiser; students with the same seed share batches.
+        """
+        cfgs = [TrainConfig(epochs=s["student_epochs"] // copies, batch_size=s["batch_size"], lr=s["student_lr"],
+                            seed=seed, temperature=1.0 if T is None else T, alpha=0.0 if T is None else alpha,
+                            checkpoint=False) for seed, T, alpha in jobs]
+        names = [f"{'baseline' if T is None else f'distilled-T{T}-a{alpha}'}-seed{seed}" for seed, T, alpha in jobs]
+        models = [build_model(s["student"], bundle.input_shape, 10, seed=seed) for seed, _, _ in jobs]
+        results = fit_many(models, transfer, cfgs, teacher=cached, val=val, out_dir=ctx.out, names=names,
+                           progress=ctx.progress)
+        ctx.log(f"{len(jobs)} students in one pass: {results[0].wall_time_s:.0f} s")
+        return [r.model for r in results]
 
     candidates = list(itertools.product(s["temperatures"], s["alphas"]))
-    first: dict[tuple[float, float], dict[str, Any]] = {}
-    for T, alpha in candidates:
-        first[(T, alpha)] = assess(student(seeds[0], T, alpha), val, test, teacher_val, classes, unseen)
-        v = first[(T, alpha)]
+    first = {c: assess(m, val, test, teacher_val, classes, unseen)
+             for c, m in zip(candidates, train_pass([(seeds[0], T, a) for T, a in candidates]))}
+    for (T, alpha), v in first.items():
         ctx.log(f"distilled T={T} alpha={alpha} seed {seeds[0]}: validation errors "
                 f"{v['none']['val_errors']} before, {v['val']['val_errors']} after offset {v['val']['offset']:+.2f}")
     chosen = min(candidates, key=lambda c: (first[c]["val"]["val_errors"], first[c]["none"]["val_errors"], -c[0]))
-    distilled = [first[chosen]] + [assess(student(seed, *chosen), val, test, teacher_val, classes, unseen)
-                                   for seed in seeds[1:]]
-    baseline = [assess(student(seed), val, test, teacher_val, classes, unseen) for seed in seeds] if s["baseline"] else []
+    jobs = [(seed, *chosen) for seed in seeds[1:]] + ([(seed, None, None) for seed in seeds] if s["baseline"] else [])
+    rest = [assess(m, val, test, teacher_val, classes, unseen) for m in train_pass(jobs)] if jobs else []
+    distilled = [first[chosen]] + rest[: len(seeds) - 1]
+    baseline = rest[len(seeds) - 1:]
     for name, runs in (("distilled", distilled), ("baseline", baseline)):
         for seed, r in zip(seeds, runs):
             ctx.log(f"{name} seed {seed}: test errors " + ", ".join(
                 f"{VARIANT_LABEL[v] or 'as trained'} {r[v]['test_errors']} ({r[v]['test_unseen_errors']} unseen, offset {r[v]['offset']:+.2f})"
                 for v in VARIANTS))
-    return {"seeds": seeds, "chosen": chosen, "candidates": first, "distilled": distilled, "baseline": baseline,
+    text = (f"{len(transfer)}-image transfer set ({copies} copies: the original and jittered ±{s['teacher_jitter']} px, "
+            f"{s['student_epochs'] // copies} passes)" if copies > 1 else f"{len(transfer)}-image transfer set (no augmentation)")
+    return {"seeds": seeds, "chosen": chosen, "transfer_text": text, "candidates": first, "distilled": distilled, "baseline": baseline,
             "teacher_val": teacher_val}
 
 
@@ -266,6 +298,7 @@ def extra_record(runs: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     omit = check_classes(s["omit"], "omit")
+    check_copies(s)
     bundle, teacher, record = load_mnist(s, ctx)
     transfer = kdata.omit_classes(bundle.train, omit)
     ctx.log(f"transfer set: {len(transfer)} images, no {omit}")
@@ -285,8 +318,8 @@ Reference 004 (Keras, 20-20 student): 56% of threes right after setting the clas
 
 Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_jitter']} px, trained on all digits:
 {record['test']['errors']} test errors.
-Students: `{s['student']}`, {s['student_epochs']} epochs each on the {len(transfer)}-image transfer set without
-{label} (no augmentation), seeds {runs['seeds']}. Distilled students use the teacher's soft targets (KL·T²);
+Students: `{s['student']}`, {s['student_epochs']} epochs' worth of steps each on the {runs['transfer_text']} without
+{label}, seeds {runs['seeds']}. Distilled students use the teacher's soft targets (KL·T²);
 the baseline uses the transfer set's hard labels, same budget. T and alpha were chosen on the
 {len(bundle.val)}-image validation split (seed {runs['seeds'][0]}, errors after offset (a)):
 
