@@ -266,16 +266,17 @@ def plot_per_class(path, runs: list[dict[str, Any]], title: str):
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.27
+    accs = {v: 100 * np.mean([r[v]["per_class_accuracy"] for r in runs], axis=0) for v in VARIANTS}
+    low = min(float(a.min()) for a in accs.values())
     for i, v in enumerate(VARIANTS):
-        acc = np.mean([r[v]["per_class_accuracy"] for r in runs], axis=0)
-        ax.bar(np.arange(10) + (i - 1) * width, 100 * acc, width,
+        ax.bar(np.arange(10) + (i - 1) * width, accs[v], width,
                label={"none": "as distilled", "val": "(a) offset from validation", "label_free": "(b) label-free offset"}[v])
     ax.set_xticks(range(10))
     ax.set_xlabel("true digit")
     ax.set_ylabel(f"test accuracy % (mean of {len(runs)} seeds)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(max(0.0, 5 * np.floor((low - 2) / 5)), 100)  # zoomed in when every digit is near 100%
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     save_figure(fig, path)
 
 
