@@ -25,6 +25,18 @@ from ..train import TrainConfig, fit
 from . import RunContext
 
 
+TEACHER_SETTINGS: dict[str, Any] = {
+    "seed": 0,
+    "val_size": 5000,
+    "batch_size": 128,
+    "teacher_jitter": 2,
+    "teacher_lr": 0.05,
+    "teacher_weight_decay": 5e-4,
+    "teacher_cache": "auto",
+}
+"""Settings every experiment sharing these teachers starts from: one source, so their cache keys agree."""
+
+
 @dataclass(frozen=True)
 class TeacherRecipe:
     """How a teacher is trained (the cache key hashes this and the training data's ids and shape)."""

@@ -51,7 +51,8 @@ _COMMON: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "model": "mlp:256", "members": 3, "epochs": 4, "copies": 2, "reps": 2,
               "means": ["arithmetic", "geometric"], "temperatures": [4.0], "alphas": [1.0]},
-    # About 20 min on one core: each member 10 epochs, the student one pass over the 10 copies.
+    # Estimated (not yet run) at about 20 min per data set on one core: members 10 epochs, the student one
+    # pass over the 10 copies.
     "full": {**_COMMON, "model": "mlp:400,400", "members": 5, "epochs": 10, "copies": 10, "reps": 3,
              "means": ["arithmetic", "geometric"], "temperatures": [4.0], "alphas": [1.0]},
 }

@@ -32,19 +32,13 @@ from ..teachers import ModuleTeacher
 from ..multi import fit_many
 from ..train import FitResult, TrainConfig
 from . import RunContext
-from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
+from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "small-student"
 DESCRIPTION = "MNIST: 2x20 student alone / distilled T=3 / + hard labels / from a 2nd teacher, and a T sweep"
 
 _COMMON: dict[str, Any] = {
-    "seed": 0,
-    "val_size": 5000,
-    "batch_size": 128,
-    "teacher_jitter": 2,
-    "teacher_lr": 0.05,
-    "teacher_weight_decay": 5e-4,
-    "teacher_cache": "auto",
+    **TEACHER_SETTINGS,
     "teacher_mlp": "mlp:1200,1200,dropout=0.5,input_dropout=0.2,max_norm=15",
     "main_teacher": "cnn",
     "student": "mlp:20,20",

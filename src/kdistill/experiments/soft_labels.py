@@ -26,19 +26,13 @@ from ..evaluate import predict_logits
 from ..losses import soft_targets
 from ..report import save_figure, write_results
 from . import RunContext
-from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
+from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "soft-labels"
 DESCRIPTION = "MNIST: pictures of a teacher's soft targets at several temperatures (dark knowledge)"
 
 _COMMON: dict[str, Any] = {
-    "seed": 0,
-    "val_size": 5000,
-    "batch_size": 128,
-    "teacher_jitter": 2,
-    "teacher_lr": 0.05,
-    "teacher_weight_decay": 5e-4,
-    "teacher_cache": "auto",
+    **TEACHER_SETTINGS,
     "temperatures": [1.0, 2.0, 5.0, 10.0, 20.0],
     "high_temperature": 20.0,
     "example_index": 0,

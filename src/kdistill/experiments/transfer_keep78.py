@@ -18,6 +18,7 @@ import torch
 from .. import data as kdata
 from ..report import fmt, write_results
 from . import RunContext
+from ._mnist_teachers import TEACHER_SETTINGS
 from .transfer_omit3 import (
     VARIANT_LABEL,
     VARIANTS,
@@ -37,13 +38,7 @@ NAME = "transfer-keep78"
 DESCRIPTION = "MNIST: 2x800 student distilled on 7s and 8s only, shared 7/8 bias lowered (paper: 47.3% -> 13.2% error)"
 
 _COMMON: dict[str, Any] = {
-    "seed": 0,
-    "val_size": 5000,
-    "batch_size": 128,
-    "teacher_jitter": 2,
-    "teacher_lr": 0.05,
-    "teacher_weight_decay": 5e-4,
-    "teacher_cache": "auto",
+    **TEACHER_SETTINGS,
     "student": "mlp:800,800",
     "student_lr": 0.05,
     "keep": [7, 8],

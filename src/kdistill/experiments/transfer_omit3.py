@@ -35,19 +35,13 @@ from ..teachers import ModuleTeacher
 from ..multi import fit_many
 from ..train import TrainConfig
 from . import RunContext
-from ._mnist_teachers import TeacherRecipe, cache_dir, get_teacher
+from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "transfer-omit3"
 DESCRIPTION = "MNIST: 2x800 student distilled on a transfer set with no 3s, class-3 bias fixed on validation / label-free"
 
 _COMMON: dict[str, Any] = {
-    "seed": 0,
-    "val_size": 5000,
-    "batch_size": 128,
-    "teacher_jitter": 2,
-    "teacher_lr": 0.05,
-    "teacher_weight_decay": 5e-4,
-    "teacher_cache": "auto",
+    **TEACHER_SETTINGS,
     "student": "mlp:800,800",
     "student_lr": 0.05,
     "omit": [3],
