@@ -41,6 +41,12 @@ def test_ensemble_experiment(tmp_path):
     ens_mean = results["models"]["digits:ensemble"]["test_accuracy"]["mean"]
     assert gains[0] == pytest.approx(ens_mean - single_mean, abs=1e-9)
     assert set(summary["validation_errors"]) == {"arithmetic, T=3.0, alpha=1.0", "geometric, T=3.0, alpha=1.0"}
+    # Both means get their own distilled student every repetition; the other mean's is reported beside it.
+    head = summary["chosen"]["mean"]
+    other = ({"arithmetic", "geometric"} - {head}).pop()
+    assert set(summary["by_mean"]) == {"arithmetic", "geometric"}
+    assert results["models"][f"digits:distilled-{other}"]["seeds"] == 2
+    assert summary["by_mean"][head]["retained_share_of_gain"] == summary["retained_share_of_gain"]
     assert (out / "ensemble.png").stat().st_size > 5000
 
 
