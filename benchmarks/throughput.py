@@ -27,9 +27,15 @@ Workloads (teacher 784-1200-1200-10 with seeded random weights: throughput does 
 * scaling: ``fit`` samples/s against batch size and student width; ``fit_many`` time against the
   number of students.
 
-FLOP/s count only the necessary arithmetic: student forward + backward = 3 x its forward FLOPs per
-sample and student, plus one teacher forward per sample where the inputs are augmented (without
-augmentation the teacher's outputs are computed once per run, so they are not counted per epoch).
+FLOP/s count only the necessary arithmetic: the student's forward, its weight gradients and the input
+gradients of every layer but the first (nobody needs the gradient of the images), i.e. 3 x its forward
+FLOPs less 2 x the first layer's, per sample and student; plus one teacher forward per sample where the
+inputs are augmented (without augmentation the teacher's outputs are computed once per run, so they are
+not counted per epoch).
+
+* GEMM ceiling: the W1 student step's matrix products alone (forward, weight gradients, hidden input
+  gradients) at batch 128, in a loop with preallocated outputs and nothing else: the share of the peak
+  that this BLAS reaches on these shapes, a reference for what batch-128 steps can get out of the machine.
 Results (JSON, markdown, PNG) go to ``--out`` (default ``benchmarks/results``) with the machine's
 description and its load average before and after: on a shared machine, re-run it when it is idle.
 """
@@ -96,6 +102,46 @@ def peak_gflops(size: int, reps: int) -> float:
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int) -> float:
+    """Best rate of the matrix products of one MLP training step (``dims`` = widths incl. input/output).
+
+    Forward ``x_i W_i^T``, weight gradients ``g_i^T x_i`` and input gradients ``g_i W_i`` for every layer
+    but the first, with preallocated outputs: only the BLAS calls, no framework.
+    """
+    ws = [torch.randn(o, i) * 0.01 for i, o in zip(dims[:-1], dims[1:])]
+    xs = [torch.randn(batch, d) for d in dims[:-1]]
+    hs = [torch.empty(batch, o) for o in dims[1:]]
+    gws = [torch.empty_like(w) for w in ws]
+    gxs = [torch.empty(batch, d) for d in dims[:-1]]
+    flops = sum(2 * batch * i * o for i, o in zip(dims[:-1], dims[1:])) * 2 + sum(
+        2 * batch * i * o for i, o in zip(dims[1:-1], dims[2:]))
+
+    def step() -> None:
+        for x, w, h in zip(xs, ws, hs):
+            torch.mm(x, w.t(), out=h)
+        for k in reversed(range(len(ws))):
+            torch.mm(hs[k].t(), xs[k], out=gws[k])
+            if k:
+                torch.mm(hs[k], ws[k], out=gxs[k])
+
+    for _ in range(3):
+        step()
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = max(best, steps * flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def train_flops(spec: str, shape, classes) -> float:
+    """Necessary FLOPs of one training sample: forward, weight gradients, input gradients but the first layer's."""
+    model = build_model(spec, shape, classes)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 3 * count_flops(model, shape) - 2 * first.in_features * first.out_features
 
 
 # ----- the baselines ----------------------------------------------------------------------------------
@@ -209,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
     info = {**machine(), "loadavg_before": os.getloadavg()}
+    busy0, own0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     log(f"machine: {info}")
 
     peak = peak_gflops(1024 if args.quick else 4096, 2 if args.quick else 4)
     log(f"peak fp32 matmul: {peak:.1f} GFLOP/s")
+    ceiling = gemm_ceiling_gflops([784, 800, 800, 10], BATCH, 20 if args.quick else 200, 2 if args.quick else 5)
+    log(f"W1 GEMM ceiling at batch {BATCH}: {ceiling:.1f} GFLOP/s ({100 * ceiling / peak:.0f}% of peak)")
 
     bundle = load("mnist", val_size=0)
     train = bundle.train
@@ -228,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = build_model(TEACHER, shape, classes, seed=0).eval()
     module_teacher = ModuleTeacher(teacher)
     f_teacher = count_flops(teacher, shape)
-    f_student = count_flops(build_model(STUDENT, shape, classes), shape)
-    f_tiny = count_flops(build_model(TINY, shape, classes), shape)
+    f_student = train_flops(STUDENT, shape, classes)  # necessary FLOPs of one training sample
+    f_tiny = train_flops(TINY, shape, classes)
     rows: list[dict[str, Any]] = []
     S, W = args.steps, args.warmup
     bounds = arithmetic_bounds(shape, classes)
@@ -259,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             methods["autograd teacher"] = functools.partial(_tutorial, student, t_auto, ds, S, W, True)
         log(f"{name}: {S} steps x {args.repeats}")
         times = interleaved(methods, args.repeats, log)
-        need = 3 * f_student + (f_teacher if pad else 0)
+        need = f_student + (f_teacher if pad else 0)
         for method, secs in times.items():
             rows.append(row(name, method, n_meas, secs, need, peak))
         if name == "W1":
@@ -278,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequential": functools.partial(kd_sequential, spec, data, tch, cfgs),
             "vectorised": functools.partial(kd_many, spec, data, tch, cfgs),
         }, args.repeats, log)
-        need = len(cfgs) * 3 * f_s + (f_teacher if jitter else 0)
+        need = len(cfgs) * f_s + (f_teacher if jitter else 0)
         for method, secs in times.items():
             rows.append(row(name, method, steps * BATCH, secs, need, peak, students=len(cfgs)))
 
@@ -290,33 +339,34 @@ def main(argv: list[str] | None = None) -> int:
         steps = max(2, budget // batch)
         data = subset(steps, batch)
         secs = [kd_fit(STUDENT, data, cached_all, config(batch=batch)) for _ in range(2)]
-        scaling["batch"].append(row("scaling", f"batch {batch}", steps * batch, secs, 3 * f_student, peak, batch=batch))
+        scaling["batch"].append(row("scaling", f"batch {batch}", steps * batch, secs, f_student, peak, batch=batch))
         log(f"batch {batch}: {scaling['batch'][-1]['samples_per_s']:.0f} samples/s")
     for width in ([20, 200] if args.quick else [20, 50, 100, 200, 400, 800, 1600]):
         spec = f"mlp:{width},{width}"
-        f_w = count_flops(build_model(spec, shape, classes), shape)
+        f_w = train_flops(spec, shape, classes)
         data = subset(4 if args.quick else 64)
         secs = [kd_fit(spec, data, cached_all, config()) for _ in range(2)]
-        scaling["width"].append(row("scaling", f"width {width}", len(data), secs, 3 * f_w, peak, width=width))
+        scaling["width"].append(row("scaling", f"width {width}", len(data), secs, f_w, peak, width=width))
         log(f"width {width}: {scaling['width'][-1]['samples_per_s']:.0f} samples/s")
     data = subset(4 if args.quick else 40)
     one = min(kd_fit(TINY, data, cached_all, config()) for _ in range(2))
     for n in ([1, 4] if args.quick else [1, 2, 4, 8, 16, 32]):
         cfgs = [config(1.0 + i) for i in range(n)]
         secs = [kd_many(TINY, data, cached_all, cfgs) for _ in range(2)]
-        scaling["students"].append(row("scaling", f"{n} students", len(data), secs, n * 3 * f_tiny, peak, students=n,
+        scaling["students"].append(row("scaling", f"{n} students", len(data), secs, n * f_tiny, peak, students=n,
                                        sequential_estimate_s=n * one))
         log(f"{n} students: {min(secs):.3f} s (sequential estimate {n * one:.3f} s)")
 
     info["loadavg_after"] = os.getloadavg()
+    info["other_cpu_share"] = other_cpu_share(busy0, own0, wall0)
     info["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     ratios = summary_ratios(rows)
     out = Path(args.out)
     results = {"machine": info, "settings": {**vars(args), "teacher": f"{TEACHER} (seeded random weights)",
                                              "student": STUDENT, "tiny_student": TINY, "batch": BATCH, "lr": LR,
                                              "temperatures": TEMPERATURES},
-               "peak_gflop_per_s": peak, "teacher_cache_s": cache_s, "train_size": len(train),
-               "flops_per_sample": {"teacher_fwd": f_teacher, "student_fwd": f_student, "tiny_fwd": f_tiny},
+               "peak_gflop_per_s": peak, "gemm_ceiling_gflop_per_s": ceiling, "teacher_cache_s": cache_s, "train_size": len(train),
+               "flops_per_sample": {"teacher_fwd": f_teacher, "student_train": f_student, "tiny_train": f_tiny},
                "rows": rows, "scaling": scaling, "ratios": ratios, "targets": TARGETS,
                "arithmetic_bounds": bounds}
     write_json(out / "throughput.json", results)
@@ -333,14 +383,8 @@ def arithmetic_bounds(shape, classes) -> dict[str, float]:
     A backward pass costs two forwards (weight and input gradients) except that nobody needs the input
     gradient of the first layer; kdistill's W1 step runs no teacher at all (its outputs are cached).
     """
-    def executed(spec: str) -> tuple[float, float]:
-        model = build_model(spec, shape, classes)
-        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-        fwd = count_flops(model, shape)
-        return fwd, 3 * fwd - 2 * first.in_features * first.out_features  # forward, forward + backward
-
-    t_fwd, t_train = executed(TEACHER)
-    _, s_train = executed(STUDENT)
+    t_fwd = count_flops(build_model(TEACHER, shape, classes), shape)
+    t_train, s_train = train_flops(TEACHER, shape, classes), train_flops(STUDENT, shape, classes)
     return {
         "W1 vs tutorial": (t_fwd + s_train) / s_train,
         "W1 vs autograd teacher": (t_train + s_train) / s_train,
@@ -361,9 +405,37 @@ def summary_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def other_cpu_share(busy0: float | None, own0: float, wall0: float) -> float | None:
+    """Share of the machine's CPU time that *other* processes used since ``busy0`` (this process excluded).
+
+    The load average cannot tell: it lags by a minute and counts this benchmark's own threads.
+    """
+    busy1 = machine_busy_s()
+    if busy0 is None or busy1 is None:
+        return None
+    other = (busy1 - busy0) - (time.process_time() - own0)
+    return max(0.0, other) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
+
+
 def is_busy(m: dict[str, Any]) -> bool:
-    """Whether other work was running: a 1-minute load average above half the logical CPUs."""
-    return max(m["loadavg_before"][0], m["loadavg_after"][0]) > 0.5 * m["logical_cpus"]
+    """Whether other work ran during the benchmark: other processes used over 10% of the CPUs' time.
+
+    Without ``/proc/stat``, falls back to the 1-minute load average before the run (over half the CPUs).
+    """
+    share = m.get("other_cpu_share")
+    if share is not None:
+        return share > 0.10
+    return m["loadavg_before"][0] > 0.5 * m["logical_cpus"]
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -373,13 +445,16 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} "
          f"threads; load average before {tuple(round(x, 2) for x in m['loadavg_before'])}, after "
-         f"{tuple(round(x, 2) for x in m['loadavg_after'])}; {m['date']}; total {m['wall_time_s']} s."),
+         f"{tuple(round(x, 2) for x in m['loadavg_after'])}; other processes' share of the CPU time during the run: "
+         f"{'unknown' if m.get('other_cpu_share') is None else format(m['other_cpu_share'], '.1%')}; {m['date']}; "
+         f"total {m['wall_time_s']} s."),
         (f"Measured fp32 matmul peak: **{res['peak_gflop_per_s']:.1f} GFLOP/s**. "
          f"Teacher: {res['settings']['teacher']}; one-off teacher cache over the {res['train_size']:,}-image "
          f"training split: {res['teacher_cache_s']:.2f} s."),
         "",
         "Samples/s: training samples per second (W3/W4: samples per second through all 8 students). GFLOP/s counts",
-        "the necessary arithmetic only (3 x student forward per student, + 1 teacher forward per sample when jittered).",
+        "the necessary arithmetic only: per student, its forward, weight gradients and the input gradients of all but",
+        "the first layer (3 x forward less 2 x the first layer); + 1 teacher forward per sample when jittered.",
         "Medians of interleaved repetitions; `python benchmarks/throughput.py`.",
         "",
         "| workload | method | samples/s | GFLOP/s | % of peak |",
@@ -394,8 +469,14 @@ def markdown(res: dict[str, Any]) -> str:
         unit = "%" if "peak" in k else "x"
         lines.append(f"| {k} | {v:.2f}{unit} | >= {target:g}{unit} | {'yes' if v >= target else 'no'} |")
     if is_busy(m):
-        lines[2:2] = [("**Warning: other processes were using the CPUs during this run (see the load averages), so "
+        lines[2:2] = [("**Warning: other processes were using the CPUs during this run (see their share below), so "
                        "these timings are not representative; re-run on an idle machine.**"), ""]
+    c = res["gemm_ceiling_gflop_per_s"]
+    lines += ["", (f"GEMM ceiling: the W1 student step's matrix products alone at batch {res['settings']['batch']} "
+                   f"(preallocated, no framework) run at {c:.1f} GFLOP/s = **{100 * c / res['peak_gflop_per_s']:.0f}% "
+                   "of the peak**: what this BLAS reaches on these shapes with no framework around it, a reference for "
+                   "how close to the large-matrix peak a batch-128 step can get. kdistill's W1 runs at "
+                   f"{100 * res['ratios']['W1 % of peak'] / (100 * c / res['peak_gflop_per_s']):.0f}% of that rate.")]
     b = res["arithmetic_bounds"]
     lines += ["", ("Arithmetic bounds: per sample, the tutorial loop executes "
                    f"{b['W1 vs tutorial']:.2f}x and the autograd-teacher loop {b['W1 vs autograd teacher']:.2f}x the "
