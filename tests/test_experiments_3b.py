@@ -156,14 +156,14 @@ def test_lambda_sweep_needs_lambda_zero(tmp_path, small_mnist, capsys):
     assert "lambdas" in capsys.readouterr().err
 
 
+NNFWP_TINY = ("train_size=null", "val_size=200", "seeds=2", "batch_size=16")
+
+
 def test_nnfwp(tmp_path, small_mnist):
     out, res = _run(
         tmp_path,
         "nnfwp",
-        "train_size=null",
-        "val_size=200",
-        "seeds=2",
-        "batch_size=16",
+        *NNFWP_TINY,
         "search_benchmark_lrs=[0.01, 0.1]",
         "search_student_lrs=[0.1]",
         "search_temperatures=[2, 4]",
@@ -191,10 +191,7 @@ def test_nnfwp_search_runs_one_pass_per_loss_kind(tmp_path, small_mnist, capsys)
     _, res = _run(
         tmp_path,
         "nnfwp",
-        "train_size=null",
-        "val_size=200",
-        "seeds=2",
-        "batch_size=16",
+        *NNFWP_TINY,
         "part2_teacher_epochs=0",
         "search_benchmark_lrs=[0.01, 0.1]",
         "search_student_lrs=[0.05, 0.1]",
