@@ -11,19 +11,36 @@ if TYPE_CHECKING:
     from .dataset import TensorData
 
 
-def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image of ``x`` (B, C, H, W) by its own random offset of up to ``pixels`` each way.
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device`` without making the host wait for the GPU's queued work.
 
-    Equivalent to a zero-padded random crop of the original size (the paper's 'jittered by up to two
-    pixels'). Offsets are drawn on the CPU from ``generator`` so runs are reproducible on any device.
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream: once per training step that
+    would stall the host behind every kernel already queued. A pinned staging copy lets the transfer
+    queue behind them instead (torch's pinned allocator keeps the buffer alive until the copy is done).
     """
-    if pixels <= 0:
-        return x
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def jitter_offsets(batch: int, pixels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(2, ``batch``) random row and column offsets in [0, 2 * ``pixels``], drawn on the CPU.
+
+    Drawn on the CPU from ``generator`` so that runs are reproducible on any device.
+    """
+    return torch.randint(0, 2 * pixels + 1, (2, batch), generator=generator)
+
+
+def translate(x: torch.Tensor, offsets: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Translate image i of ``x`` (B, C, H, W) by ``offsets[:, i] - pixels``, zero-filling the border.
+
+    Equivalent to a zero-padded crop of the original size at the given offsets; ``offsets`` must be on
+    ``x``'s device (a CUDA graph replays this with offsets refilled in place).
+    """
     if x.dim() != 4:
         raise ValueError(f"jitter expects images shaped (B, C, H, W), got {tuple(x.shape)}")
     b, _, h, w = x.shape
     k = pixels
-    offsets = torch.randint(0, 2 * k + 1, (2, b), generator=generator).to(x.device)
     padded = F.pad(x, (k, k, k, k))
     rows = torch.arange(h, device=x.device)[None, :] + offsets[0][:, None]  # (B, H)
     cols = torch.arange(w, device=x.device)[None, :] + offsets[1][:, None]  # (B, W)
@@ -31,6 +48,20 @@ def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator | None = Non
     # Advanced indexing puts the broadcast (B, H, W) dims first and the channel dim last.
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image of ``x`` (B, C, H, W) by its own random offset of up to ``pixels`` each way.
+
+    Equivalent to a zero-padded random crop of the original size (the paper's 'jittered by up to two
+    pixels'). Offsets come from :func:`jitter_offsets`, so runs are reproducible on any device.
+    """
+    if pixels <= 0:
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"jitter expects images shaped (B, C, H, W), got {tuple(x.shape)}")
+    offsets = to_device_async(jitter_offsets(x.shape[0], pixels, generator), x.device)
+    return translate(x, offsets, pixels)
 
 
 def jittered_copies(data: "TensorData", copies: int, pixels: int, seed: int = 0) -> "TensorData":
