@@ -12,6 +12,19 @@ def digits():
     return data.load("digits", seed=0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_asked():
+    """``device: auto`` means the CPU in tests, as in CI, also on a GPU machine (before any fixture trains);
+    tests/test_cuda.py asks for ``cuda`` explicitly."""
+    before = os.environ.get("KDISTILL_DEVICE")
+    os.environ["KDISTILL_DEVICE"] = "cpu"
+    yield
+    if before is None:
+        del os.environ["KDISTILL_DEVICE"]
+    else:
+        os.environ["KDISTILL_DEVICE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))

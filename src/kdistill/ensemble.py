@@ -84,6 +84,13 @@ class EnsembleTeacher:
     def __len__(self) -> int:
         return len(self.members)
 
+    def to(self, device: torch.device | str) -> "EnsembleTeacher":
+        """Move every member that can move to ``device`` (where the student trains)."""
+        for m in self.members:
+            if hasattr(m, "to"):
+                m.to(device)
+        return self
+
     def at_temperature(self, temperature: float) -> "EnsembleTeacher":
         """The same members and mean, combining at ``temperature``."""
         return EnsembleTeacher(self.members, self.mean, temperature)

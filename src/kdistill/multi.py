@@ -26,7 +26,7 @@ What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay
 schedule, jitter, loss kind, ...) must be equal, because it sets the shape of the shared pass.
 Students that cannot be stacked (other architectures, dropout) are trained one after another with
 ``fit``, still sharing a cached teacher. The stacked path writes no checkpoints (no resume), validates
-once per epoch (``eval_every_steps`` must be 0), runs in float32 (``amp`` unused) and ignores ``compile``.
+once per epoch (``eval_every_steps`` must be 0), runs in float32 (``amp`` unused) and ignores ``compile`` and ``cuda_graph``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.augment import jitter as jitter_batch
+from .cuda_graph import GraphedStep, graph_safe_teacher
+from .data.augment import jitter_offsets, to_device_async, translate
 from .data.dataset import TensorData
 from .evaluate import classification_metrics
 from .io import save_model
@@ -52,7 +53,7 @@ from .train import FitResult, TrainConfig, fit, lr_factor, prepare_teacher, reso
 
 PER_STUDENT = ("seed", "lr", "momentum", "weight_decay", "temperature", "alpha")
 """TrainConfig fields that may differ between the students of one pass."""
-IGNORED = ("compile", "checkpoint")
+IGNORED = ("compile", "checkpoint", "cuda_graph")
 """Fields without effect here (no per-step compile; no checkpoints of a stacked pass)."""
 
 
@@ -161,8 +162,9 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
     for m in models:
         m.to(device)
     net = StackedMLP([models[i] for i in order], [len(g) for g in groups], device)
+    maybe_graph = cfg0.cuda_graph and device.type == "cuda" and graph_safe_teacher(teacher)
     opt = StackedOptimizer(net, cfg0.optimizer, [c.lr for c in cfgs], [c.momentum for c in cfgs], [c.weight_decay for c in cfgs],
-                           cfg0.nesterov and any(c.momentum > 0 for c in cfgs))
+                           cfg0.nesterov and any(c.momentum > 0 for c in cfgs), capturable=maybe_graph)
     temps = torch.tensor([c.temperature for c in cfgs], dtype=torch.float64, device=device)
     alphas = torch.tensor([c.alpha for c in cfgs], dtype=torch.float64, device=device)
     need_labels = teacher is None or bool((alphas < 1).any())
@@ -186,27 +188,49 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg0.epochs, desc=f"{n_students} students", leave=False)
+    loss_sum = torch.zeros(n_students, device=device)
+
+    def train_step(rows: list[torch.Tensor], offsets: list[torch.Tensor] | None, factor: float | torch.Tensor) -> None:
+        """One update of every student: pure device work, so it can be captured as a CUDA graph."""
+        xbs = [x.index_select(0, r) for r in rows]
+        if offsets is not None:
+            xbs = [translate(xb, o, cfg0.jitter) for xb, o in zip(xbs, offsets)]
+        logits = net.forward(xbs)
+        losses, grad = _losses(logits, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of, cfg0.loss)
+        net.backward(grad)
+        opt.step(factor)
+        if cfg0.max_norm:
+            net.apply_max_norm(cfg0.max_norm)
+        if net.max_norm:  # what MLP.constrain does after each of fit's steps
+            net.apply_max_norm(net.max_norm)
+        loss_sum.add_(losses.detach())
+
+    graphed = None
+    if maybe_graph and opt.graph_safe:  # static inputs of the captured step, refilled before every replay
+        rows_bufs = [torch.zeros(bs, dtype=torch.long, device=device) for _ in gens]
+        offsets_bufs = [torch.zeros(2, bs, dtype=torch.long, device=device) for _ in gens] if cfg0.jitter else None
+        factor_buf = torch.ones((), dtype=torch.float64, device=device)
+        graphed = GraphedStep(lambda: train_step(rows_bufs, offsets_bufs, factor_buf))
+
     step = 0
     t0 = time.perf_counter()
     for epoch in range(cfg0.epochs):
         perms = [torch.randperm(n, generator=g).to(device) for g in gens]
-        loss_sum = torch.zeros(n_students, device=device)
+        loss_sum.zero_()
         factor = 1.0
         for i in range(steps_per_epoch):
             rows = [p[i * bs : (i + 1) * bs] for p in perms]
-            xbs = [x.index_select(0, r) for r in rows]
-            if cfg0.jitter:
-                xbs = [jitter_batch(xb, cfg0.jitter, g) for xb, g in zip(xbs, gens)]
+            offsets = [jitter_offsets(len(r), cfg0.jitter, g) for r, g in zip(rows, gens)] if cfg0.jitter else None
             factor = lr_factor(cfg0.schedule, step, total_steps, cfg0.warmup)
-            logits = net.forward(xbs)
-            losses, grad = _losses(logits, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of, cfg0.loss)
-            net.backward(grad)
-            opt.step(factor)
-            if cfg0.max_norm:
-                net.apply_max_norm(cfg0.max_norm)
-            if net.max_norm:  # what MLP.constrain does after each of fit's steps
-                net.apply_max_norm(net.max_norm)
-            loss_sum += losses.detach()
+            if graphed is None:
+                train_step(rows, None if offsets is None else [to_device_async(o, device) for o in offsets], factor)
+            else:
+                for buf, r in zip(rows_bufs, rows):
+                    buf.copy_(r)
+                for buf, o in zip(offsets_bufs or [], offsets or []):
+                    buf.copy_(o.pin_memory(), non_blocking=True)
+                factor_buf.fill_(factor)
+                graphed()
             step += 1
         train_loss = (loss_sum / steps_per_epoch).tolist()
         lrs = [c.lr * factor for c in cfgs]  # the last step's rates, as fit's history reports them

@@ -208,7 +208,7 @@ class StackedOptimizer:
 
     def __init__(self, net: StackedMLP, kind: str, lr: Sequence[float], momentum: Sequence[float],
                  weight_decay: Sequence[float], nesterov: bool, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, capturable: bool = False) -> None:
         if kind not in ("sgd", "adam"):
             raise ValueError(f"optimizer: {kind!r} is not one of ('sgd', 'adam')")
         if not (len(lr) == len(momentum) == len(weight_decay) == net.n):
@@ -223,6 +223,7 @@ class StackedOptimizer:
         self.mom = [net.per_student(mom, i) for i in range(len(net.params))]
         self.wd = [net.per_student(wd, i) for i in range(len(net.params))]
         self.betas, self.eps, self.t = betas, eps, 0
+        self.capturable = capturable
         shared = len(set(lr)) == 1 and len(set(momentum)) == 1 and len(set(weight_decay)) == 1
         self.fused = self._fused_optimizer(kind, momentum[0], weight_decay[0], nesterov) if shared else None
         if self.fused is None:
@@ -241,20 +242,31 @@ class StackedOptimizer:
             p.grad = g
         try:
             if kind == "adam":
+                extra = {"capturable": True} if self.capturable else {}
                 return torch.optim.Adam(self.net.params, lr=1.0, weight_decay=weight_decay, betas=self.betas,
-                                        eps=self.eps, fused=True)
+                                        eps=self.eps, fused=True, **extra)
             return torch.optim.SGD(self.net.params, lr=1.0, momentum=momentum, nesterov=nesterov and momentum > 0,
                                    weight_decay=weight_decay, fused=True)
         except (RuntimeError, TypeError, ValueError):  # no fused kernel in this torch build
             return None
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether :meth:`step` can be captured in a CUDA graph (all but the unfused Adam, whose bias
+        corrections are host-side numbers that change every step)."""
+        return self.fused is not None or self.kind == "sgd"
+
     @torch.no_grad()
-    def step(self, factor: float = 1.0) -> None:
-        """One update at learning rate ``lr[i] * factor`` for student i (``factor``: the schedule's value)."""
+    def step(self, factor: float | torch.Tensor = 1.0) -> None:
+        """One update at learning rate ``lr[i] * factor`` for student i (``factor``: the schedule's value).
+
+        ``factor`` may be a float64 device scalar (refilled before each CUDA-graph replay).
+        """
         net = self.net
         self.t += 1
         if self.fused is not None:
-            self.fused.param_groups[0]["lr"] = self.shared_lr * factor
+            lr = self.shared_lr * factor
+            self.fused.param_groups[0]["lr"] = lr.float() if isinstance(lr, torch.Tensor) else lr
             self.fused.step()
             return
         lr = (self.base_lr * factor).float()  # rounded like fit's python-float lr * factor

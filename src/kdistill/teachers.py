@@ -47,6 +47,11 @@ class ModuleTeacher:
         self.channels_last = use_channels_last(self.module)
         self.batch_size = batch_size or (256 if self.channels_last else 2048)
 
+    def to(self, device: torch.device | str) -> "ModuleTeacher":
+        """Move the network to ``device`` (where the student trains: a live teacher sees its batches)."""
+        self.module.to(device)
+        return self
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(as_layout(x, self.channels_last)).float()
