@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                 # the full benchmark (a few minutes on 2 cores)
     python benchmarks/throughput.py --quick         # a smoke test of the script (seconds, numbers meaningless)
+    python benchmarks/throughput.py --device cuda   # the same on a GPU (results: throughput-cuda.*)
 
 Everything is measured in one process, on the same MNIST training split, the same models and the same
 KL·T² loss, so the ratios compare like with like. Each measurement runs a bounded number of training
@@ -36,6 +37,11 @@ not counted per epoch).
 * GEMM ceiling: the W1 student step's matrix products alone (forward, weight gradients, hidden input
   gradients) at batch 128, in a loop with preallocated outputs and nothing else: the share of the peak
   that this BLAS reaches on these shapes, a reference for what batch-128 steps can get out of the machine.
+On a GPU (``--device cuda``) the data, models and teacher live on the device; the tutorial loops copy
+each batch there as tutorials do; every timed region ends with a device synchronisation. kdistill runs
+with its CUDA defaults (bf16 autocast, each step replayed as one CUDA graph) and, as extra rows, in float32,
+without the graph and with ``torch.compile``; a whole W1 epoch (60,000 images, batch 128) is timed on its own. Peaks are measured for fp32 (TF32 off) and bf16;
+the bf16 peak is the reference for AMP rows.
 Results (JSON, markdown, PNG) go to ``--out`` (default ``benchmarks/results``) with the machine's
 description and its load average before and after: on a shared machine, re-run it when it is idle.
 """
@@ -92,29 +98,50 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peak_gflops(size: int, reps: int) -> float:
-    """Best rate of ``size`` x ``size`` fp32 matrix products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def gpu_info(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    p = torch.cuda.get_device_properties(device)
+    return {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1), "gpu_sms": p.multi_processor_count,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gflops(size: int, reps: int, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> float:
+    """Best rate of ``size`` x ``size`` matrix products (random data; on CUDA 10 back-to-back per timing)."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    inner = 10 if device.type == "cuda" else 1
+    for _ in range(2):
+        a @ b
     best = 0.0
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+        for _ in range(inner):
+            a @ b
+        sync(device)
+        best = max(best, inner * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
 
-def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int) -> float:
+def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int,
+                        device: torch.device = torch.device("cpu")) -> float:
     """Best rate of the matrix products of one MLP training step (``dims`` = widths incl. input/output).
 
     Forward ``x_i W_i^T``, weight gradients ``g_i^T x_i`` and input gradients ``g_i W_i`` for every layer
     but the first, with preallocated outputs: only the BLAS calls, no framework.
     """
-    ws = [torch.randn(o, i) * 0.01 for i, o in zip(dims[:-1], dims[1:])]
-    xs = [torch.randn(batch, d) for d in dims[:-1]]
-    hs = [torch.empty(batch, o) for o in dims[1:]]
+    ws = [torch.randn(o, i, device=device) * 0.01 for i, o in zip(dims[:-1], dims[1:])]
+    xs = [torch.randn(batch, d, device=device) for d in dims[:-1]]
+    hs = [torch.empty(batch, o, device=device) for o in dims[1:]]
     gws = [torch.empty_like(w) for w in ws]
-    gxs = [torch.empty(batch, d) for d in dims[:-1]]
+    gxs = [torch.empty(batch, d, device=device) for d in dims[:-1]]
     flops = sum(2 * batch * i * o for i, o in zip(dims[:-1], dims[1:])) * 2 + sum(
         2 * batch * i * o for i, o in zip(dims[1:-1], dims[2:]))
 
@@ -130,9 +157,11 @@ def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int) -> f
         step()
     best = 0.0
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        sync(device)
         best = max(best, steps * flops / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -166,16 +195,19 @@ class PerSampleMNIST(Dataset):
 
 
 def tutorial_loop(student, teacher, dataset: Dataset, steps: int, warmup: int, temperature: float,
-                  autograd_teacher: bool = False) -> float:
-    """Seconds for ``steps`` steps (after ``warmup``) of the textbook loop."""
+                  autograd_teacher: bool = False, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds for ``steps`` steps (after ``warmup``) of the textbook loop (batches copied to ``device``)."""
+    student.to(device)
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True)
     t0 = None
     for i, (xb, yb) in enumerate(loader):
         if i == warmup:
+            sync(device)
             t0 = time.perf_counter()
         if i == warmup + steps:
             break
+        xb, yb = xb.to(device), yb.to(device)
         if autograd_teacher:
             # Reference 003's pattern: the teacher's outputs keep their graph, so backward runs through it.
             t = teacher(xb)
@@ -189,16 +221,22 @@ def tutorial_loop(student, teacher, dataset: Dataset, steps: int, warmup: int, t
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync(device)
     return time.perf_counter() - t0
 
 
-def _tutorial(make_student, teacher, dataset, steps, warmup, autograd_teacher) -> float:
-    return tutorial_loop(make_student(), teacher, dataset, steps, warmup, 20.0, autograd_teacher=autograd_teacher)
+def _tutorial(make_student, teacher, dataset, steps, warmup, autograd_teacher, device) -> float:
+    return tutorial_loop(make_student(), teacher, dataset, steps, warmup, 20.0, autograd_teacher=autograd_teacher,
+                         device=device)
 
 
 # ----- kdistill ---------------------------------------------------------------------------------------
-def config(temperature: float = 20.0, jitter: int = 0, batch: int = BATCH) -> TrainConfig:
-    return TrainConfig(epochs=1, batch_size=batch, lr=LR, temperature=temperature, alpha=1.0, jitter=jitter, seed=0)
+DEVICE = "cpu"  # set by main(): every kdistill config below trains there
+
+
+def config(temperature: float = 20.0, jitter: int = 0, batch: int = BATCH, **kw: Any) -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=batch, lr=LR, temperature=temperature, alpha=1.0, jitter=jitter, seed=0,
+                       device=DEVICE, **kw)
 
 
 def kd_fit(spec: str, train: TensorData, teacher, cfg: TrainConfig) -> float:
@@ -238,29 +276,47 @@ def row(workload: str, method: str, samples: int, seconds: list[float], flops_pe
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--steps", type=int, default=60, help="measured steps per W1/W2/W3 run")
-    p.add_argument("--steps-w4", type=int, default=20, help="measured steps per W4 run")
+    p.add_argument("--steps", type=int, help="measured steps per W1/W2/W3 run (default: 60 on CPU, 400 on CUDA)")
+    p.add_argument("--steps-w4", type=int, help="measured steps per W4 run (default: 20 on CPU, 100 on CUDA)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, numbers are meaningless")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    global DEVICE
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: {args.device!r} is not cpu or cuda")
+    DEVICE = str(device)
+    gpu = device.type == "cuda"
+    args.steps = args.steps or (400 if gpu else 60)
+    args.steps_w4 = args.steps_w4 or (100 if gpu else 20)
     if args.quick:
         args.steps, args.steps_w4, args.warmup, args.repeats = 4, 2, 1, 1
     torch.set_num_threads(args.threads)
+    if gpu:  # fp32 means fp32: no TF32 in the baselines' or kdistill's float32 products
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    info = {**machine(), "loadavg_before": os.getloadavg()}
+    info = {**machine(), **gpu_info(device), "device": str(device), "loadavg_before": os.getloadavg()}
     busy0, own0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     log(f"machine: {info}")
 
-    peak = peak_gflops(1024 if args.quick else 4096, 2 if args.quick else 4)
+    size = 1024 if args.quick else (8192 if gpu else 4096)
+    peak = peak_gflops(size, 2 if args.quick else 4, device)
     log(f"peak fp32 matmul: {peak:.1f} GFLOP/s")
-    ceiling = gemm_ceiling_gflops([784, 800, 800, 10], BATCH, 20 if args.quick else 200, 2 if args.quick else 5)
+    peak_bf16 = peak_gflops(size, 2 if args.quick else 4, device, torch.bfloat16) if gpu else None
+    if peak_bf16:
+        log(f"peak bf16 matmul: {peak_bf16:.1f} GFLOP/s")
+    ceiling = gemm_ceiling_gflops([784, 800, 800, 10], BATCH, 20 if args.quick else 200, 2 if args.quick else 5, device)
     log(f"W1 GEMM ceiling at batch {BATCH}: {ceiling:.1f} GFLOP/s ({100 * ceiling / peak:.0f}% of peak)")
 
     bundle = load("mnist", val_size=0)
@@ -274,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     def subset(steps: int, batch: int = BATCH) -> TensorData:
         return train.subset(order[: steps * batch])
 
-    teacher = build_model(TEACHER, shape, classes, seed=0).eval()
+    teacher = build_model(TEACHER, shape, classes, seed=0).eval().to(device)
     module_teacher = ModuleTeacher(teacher)
     f_teacher = count_flops(teacher, shape)
     f_student = train_flops(STUDENT, shape, classes)  # necessary FLOPs of one training sample
@@ -290,37 +346,65 @@ def main(argv: list[str] | None = None) -> int:
     cache_s = time.perf_counter() - t0
     log(f"teacher cache over {len(train)} samples: {cache_s:.2f} s")
 
-    # Warm-up of every path (allocator, MKL, first-call costs).
+    # Warm-up of every path (allocator, MKL/cuBLAS, first-call costs).
     warm = subset(max(W, 2))
     kd_fit(STUDENT, warm, module_teacher, config())
     kd_fit(STUDENT, warm, module_teacher, config(jitter=2))
+    if gpu:
+        kd_fit(STUDENT, warm, module_teacher, config(amp=False))
 
     # W1 / W2 -----------------------------------------------------------------------------------------
     for name, pad in (("W1", 0), ("W2", 2)):
         ds = PerSampleMNIST(train, pad)
-        t_auto = build_model(TEACHER, shape, classes, seed=0)  # not frozen: its forward is recorded by autograd
+        t_auto = build_model(TEACHER, shape, classes, seed=0).to(device)  # not frozen: autograd records its forward
         student = functools.partial(build_model, STUDENT, shape, classes, seed=0)
         methods = {
-            "tutorial": functools.partial(_tutorial, student, teacher, ds, S, W, False),
+            "tutorial": functools.partial(_tutorial, student, teacher, ds, S, W, False, device),
             "kdistill": functools.partial(kd_fit, STUDENT, subset(S), module_teacher, config(jitter=pad)),
         }
         if name == "W1":
-            methods["autograd teacher"] = functools.partial(_tutorial, student, t_auto, ds, S, W, True)
+            methods["autograd teacher"] = functools.partial(_tutorial, student, t_auto, ds, S, W, True, device)
+        if gpu:
+            methods["kdistill fp32"] = functools.partial(kd_fit, STUDENT, subset(S), module_teacher,
+                                                         config(jitter=pad, amp=False))
         log(f"{name}: {S} steps x {args.repeats}")
         times = interleaved(methods, args.repeats, log)
         need = f_student + (f_teacher if pad else 0)
         for method, secs in times.items():
-            rows.append(row(name, method, n_meas, secs, need, peak))
+            amp = gpu and method == "kdistill"
+            rows.append(row(name, f"{method} (AMP bf16)" if amp else method, n_meas, secs, need,
+                            peak_bf16 if amp else peak, peak_kind="bf16" if amp else "fp32"))
         if name == "W1":
             kd = statistics.median(times["kdistill"])
             amort = n_meas / (kd + cache_s * n_meas / (10 * len(train)))
-            rows.append(row(name, "kdistill incl. teacher cache (10-epoch run)", n_meas, [n_meas / amort], need, peak,
-                            cache_s=cache_s))
+            rows.append(row(name, "kdistill incl. teacher cache (10-epoch run)", n_meas, [n_meas / amort], need,
+                            peak_bf16 if gpu else peak, cache_s=cache_s, peak_kind="bf16" if gpu else "fp32"))
+
+    # One whole W1 epoch (every training image, batch 128), the unit users wait for ---------------------
+    epoch: dict[str, list[float]] = {}
+    variants = {"kdistill": config()}
+    if gpu:
+        variants = {"kdistill (AMP bf16)": config(), "kdistill fp32": config(amp=False),
+                    "kdistill (AMP bf16, no CUDA graph)": config(cuda_graph=False),
+                    "kdistill fp32, no CUDA graph": config(amp=False, cuda_graph=False),
+                    "kdistill (AMP bf16, torch.compile)": config(compile=True)}
+    steps_epoch = len(train) // BATCH
+    for method, cfg in variants.items():
+        try:
+            kd_fit(STUDENT, subset(4), module_teacher, cfg)  # warm-up (and compilation, when asked for)
+            epoch[method] = [kd_fit(STUDENT, train, module_teacher, cfg) for _ in range(args.repeats)]
+        except Exception as exc:  # torch.compile needs a working compiler tool chain; report, don't abort
+            log(f"W1 epoch, {method}: failed ({type(exc).__name__}: {exc})")
+            continue
+        amp = gpu and "AMP" in method
+        rows.append(row("W1 epoch", method, steps_epoch * BATCH, epoch[method], f_student,
+                        peak_bf16 if amp else peak, peak_kind="bf16" if amp else "fp32"))
+        log(f"W1 epoch, {method}: {statistics.median(epoch[method]):.3f} s (median of {args.repeats})")
 
     # W3 / W4 -----------------------------------------------------------------------------------------
     for name, spec, jitter, steps, f_s in (("W3", TINY, 0, S, f_tiny), ("W4", STUDENT, 2, args.steps_w4, f_student)):
         data = subset(steps)
-        cfgs = [config(t, jitter) for t in TEMPERATURES]
+        cfgs = [config(t, jitter, amp=False) for t in TEMPERATURES]  # fit_many trains in fp32: so does fit here
         tch = module_teacher if jitter else module_teacher.cache(data)
         log(f"{name}: {len(cfgs)} students of {spec}, {steps} steps x {args.repeats}")
         times = interleaved({
@@ -329,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         }, args.repeats, log)
         need = len(cfgs) * f_s + (f_teacher if jitter else 0)
         for method, secs in times.items():
-            rows.append(row(name, method, steps * BATCH, secs, need, peak, students=len(cfgs)))
+            rows.append(row(name, method, steps * BATCH, secs, need, peak, students=len(cfgs), peak_kind="fp32"))
 
     # Scaling -----------------------------------------------------------------------------------------
     scaling: dict[str, list[dict[str, Any]]] = {"batch": [], "width": [], "students": []}
@@ -338,20 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     for batch in ([32, 128] if args.quick else [32, 64, 128, 256, 512, 1024]):
         steps = max(2, budget // batch)
         data = subset(steps, batch)
-        secs = [kd_fit(STUDENT, data, cached_all, config(batch=batch)) for _ in range(2)]
+        secs = [kd_fit(STUDENT, data, cached_all, config(batch=batch, amp=False)) for _ in range(2)]
         scaling["batch"].append(row("scaling", f"batch {batch}", steps * batch, secs, f_student, peak, batch=batch))
         log(f"batch {batch}: {scaling['batch'][-1]['samples_per_s']:.0f} samples/s")
     for width in ([20, 200] if args.quick else [20, 50, 100, 200, 400, 800, 1600]):
         spec = f"mlp:{width},{width}"
         f_w = train_flops(spec, shape, classes)
         data = subset(4 if args.quick else 64)
-        secs = [kd_fit(spec, data, cached_all, config()) for _ in range(2)]
+        secs = [kd_fit(spec, data, cached_all, config(amp=False)) for _ in range(2)]
         scaling["width"].append(row("scaling", f"width {width}", len(data), secs, f_w, peak, width=width))
         log(f"width {width}: {scaling['width'][-1]['samples_per_s']:.0f} samples/s")
     data = subset(4 if args.quick else 40)
-    one = min(kd_fit(TINY, data, cached_all, config()) for _ in range(2))
+    one = min(kd_fit(TINY, data, cached_all, config(amp=False)) for _ in range(2))
     for n in ([1, 4] if args.quick else [1, 2, 4, 8, 16, 32]):
-        cfgs = [config(1.0 + i) for i in range(n)]
+        cfgs = [config(1.0 + i, amp=False) for i in range(n)]
         secs = [kd_many(TINY, data, cached_all, cfgs) for _ in range(2)]
         scaling["students"].append(row("scaling", f"{n} students", len(data), secs, n * f_tiny, peak, students=n,
                                        sequential_estimate_s=n * one))
@@ -365,14 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": info, "settings": {**vars(args), "teacher": f"{TEACHER} (seeded random weights)",
                                              "student": STUDENT, "tiny_student": TINY, "batch": BATCH, "lr": LR,
                                              "temperatures": TEMPERATURES},
-               "peak_gflop_per_s": peak, "gemm_ceiling_gflop_per_s": ceiling, "teacher_cache_s": cache_s, "train_size": len(train),
+               "peak_gflop_per_s": peak, "peak_bf16_gflop_per_s": peak_bf16, "gemm_ceiling_gflop_per_s": ceiling, "teacher_cache_s": cache_s, "train_size": len(train),
                "flops_per_sample": {"teacher_fwd": f_teacher, "student_train": f_student, "tiny_train": f_tiny},
                "rows": rows, "scaling": scaling, "ratios": ratios, "targets": TARGETS,
                "arithmetic_bounds": bounds}
-    write_json(out / "throughput.json", results)
-    write_text(out / "throughput.md", markdown(results))
-    plot(scaling, peak, out / "throughput.png", busy=is_busy(info))
-    log(f"done: {out}/throughput.{{json,md,png}}")
+    stem = "throughput" if not gpu else "throughput-cuda"
+    write_json(out / f"{stem}.json", results)
+    write_text(out / f"{stem}.md", markdown(results))
+    plot(scaling, peak, out / f"{stem}.png", busy=is_busy(info), title=info.get("gpu"))
+    log(f"done: {out}/{stem}.{{json,md,png}}")
     print(markdown(results))
     return 0
 
@@ -393,13 +478,15 @@ def arithmetic_bounds(shape, classes) -> dict[str, float]:
 
 
 def summary_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The issue's ratios, for kdistill's default path (on CUDA: bf16 autocast)."""
     sps = {(r["workload"], r["method"]): r["samples_per_s"] for r in rows}
     pct = {(r["workload"], r["method"]): r["pct_of_peak"] for r in rows}
+    kd = "kdistill (AMP bf16)" if ("W1", "kdistill (AMP bf16)") in sps else "kdistill"
     return {
-        "W1 vs tutorial": sps["W1", "kdistill"] / sps["W1", "tutorial"],
-        "W1 vs autograd teacher": sps["W1", "kdistill"] / sps["W1", "autograd teacher"],
-        "W1 % of peak": pct["W1", "kdistill"],
-        "W2 vs tutorial": sps["W2", "kdistill"] / sps["W2", "tutorial"],
+        "W1 vs tutorial": sps["W1", kd] / sps["W1", "tutorial"],
+        "W1 vs autograd teacher": sps["W1", kd] / sps["W1", "autograd teacher"],
+        "W1 % of peak": pct["W1", kd],
+        "W2 vs tutorial": sps["W2", kd] / sps["W2", "tutorial"],
         "W3 vectorised vs sequential": sps["W3", "vectorised"] / sps["W3", "sequential"],
         "W4 vectorised vs sequential": sps["W4", "vectorised"] / sps["W4", "sequential"],
     }
@@ -440,43 +527,54 @@ def is_busy(m: dict[str, Any]) -> bool:
 
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
+    gpu = f"**{m['gpu']}** ({m['gpu_sms']} SMs, {m['gpu_memory_gib']} GiB, CUDA {m['cuda']}) with host " if m.get("gpu") else ""
+    bf16 = res.get("peak_bf16_gflop_per_s")
     lines = [
-        "# Throughput benchmark",
+        "# Throughput benchmark" + (" (GPU)" if gpu else ""),
         "",
-        (f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} "
+        (f"Machine: {gpu}{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} "
          f"threads; load average before {tuple(round(x, 2) for x in m['loadavg_before'])}, after "
          f"{tuple(round(x, 2) for x in m['loadavg_after'])}; other processes' share of the CPU time during the run: "
          f"{'unknown' if m.get('other_cpu_share') is None else format(m['other_cpu_share'], '.1%')}; {m['date']}; "
          f"total {m['wall_time_s']} s."),
-        (f"Measured fp32 matmul peak: **{res['peak_gflop_per_s']:.1f} GFLOP/s**. "
+        (f"Measured fp32 matmul peak: **{res['peak_gflop_per_s']:.1f} GFLOP/s**"
+         + (f" (TF32 off); bf16: **{bf16:,.0f} GFLOP/s**, the reference for the AMP rows. " if bf16 else ". ") +
          f"Teacher: {res['settings']['teacher']}; one-off teacher cache over the {res['train_size']:,}-image "
          f"training split: {res['teacher_cache_s']:.2f} s."),
         "",
         "Samples/s: training samples per second (W3/W4: samples per second through all 8 students). GFLOP/s counts",
         "the necessary arithmetic only: per student, its forward, weight gradients and the input gradients of all but",
         "the first layer (3 x forward less 2 x the first layer); + 1 teacher forward per sample when jittered.",
-        "Medians of interleaved repetitions; `python benchmarks/throughput.py`.",
+        "Medians of interleaved repetitions; " + (
+            "`python benchmarks/throughput.py --device cuda`; W3/W4 and the scaling runs are fp32 on both sides."
+            if gpu else "`python benchmarks/throughput.py`."),
         "",
         "| workload | method | samples/s | GFLOP/s | % of peak |",
         "|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        kind = f" ({r.get('peak_kind', 'fp32')})" if gpu else ""
         lines.append(f"| {r['workload']} | {r['method']} | {r['samples_per_s']:,.0f} | {r['gflop_per_s']:.1f} | "
-                     f"{r['pct_of_peak']:.0f}% |")
-    lines += ["", "| ratio | measured | target | met |", "|---|---|---|---|"]
+                     f"{r['pct_of_peak']:.{1 if gpu else 0}f}%{kind} |")
+    lines += ["", "| ratio | measured | target (2-core CPU) | met |", "|---|---|---|---|"]
     for k, v in res["ratios"].items():
         target = res["targets"][k]
         unit = "%" if "peak" in k else "x"
         lines.append(f"| {k} | {v:.2f}{unit} | >= {target:g}{unit} | {'yes' if v >= target else 'no'} |")
+    epoch = {r["method"]: r for r in res["rows"] if r["workload"] == "W1 epoch"}
+    if gpu and epoch:
+        lines += ["", f"One W1 epoch ({next(iter(epoch.values()))['samples']:,} images, batch 128; target on an H100/H200: "
+                  "< 1 s): " + "; ".join(f"{k}: **{r['seconds_median']:.3f} s**" for k, r in epoch.items()) + "."]
     if is_busy(m):
         lines[2:2] = [("**Warning: other processes were using the CPUs during this run (see their share below), so "
                        "these timings are not representative; re-run on an idle machine.**"), ""]
     c = res["gemm_ceiling_gflop_per_s"]
+    w1_fp32 = next(r for r in res["rows"] if r["workload"] == "W1" and r["method"] in ("kdistill", "kdistill fp32"))
     lines += ["", (f"GEMM ceiling: the W1 student step's matrix products alone at batch {res['settings']['batch']} "
                    f"(preallocated, no framework) run at {c:.1f} GFLOP/s = **{100 * c / res['peak_gflop_per_s']:.0f}% "
                    "of the peak**: what this BLAS reaches on these shapes with no framework around it, a reference for "
                    "how close to the large-matrix peak a batch-128 step can get. kdistill's W1 runs at "
-                   f"{100 * res['ratios']['W1 % of peak'] / (100 * c / res['peak_gflop_per_s']):.0f}% of that rate.")]
+                   f"{100 * w1_fp32['gflop_per_s'] / c:.0f}% of that rate" + (" in fp32." if gpu else "."))]
     b = res["arithmetic_bounds"]
     lines += ["", ("Arithmetic bounds: per sample, the tutorial loop executes "
                    f"{b['W1 vs tutorial']:.2f}x and the autograd-teacher loop {b['W1 vs autograd teacher']:.2f}x the "
@@ -499,7 +597,8 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path, busy: bool = False) -> None:
+def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path, busy: bool = False,
+         title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,7 +643,8 @@ def plot(scaling: dict[str, list[dict[str, Any]]], peak: float, path: Path, busy
     ax.set_ylim(0, None)
     ax.legend()
     note = " - BUSY MACHINE, NOT REPRESENTATIVE" if busy else ""
-    fig.suptitle(f"kdistill training throughput (measured fp32 matmul peak {peak:.0f} GFLOP/s){note}")
+    where = f"{title}, " if title else ""
+    fig.suptitle(f"kdistill training throughput ({where}measured fp32 matmul peak {peak:.0f} GFLOP/s){note}")
     fig.tight_layout()
     save_figure(fig, path)
 
