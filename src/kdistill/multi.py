@@ -26,7 +26,9 @@ What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay
 schedule, jitter, loss kind, ...) must be equal, because it sets the shape of the shared pass.
 Students that cannot be stacked (other architectures, dropout) are trained one after another with
 ``fit``, still sharing a cached teacher. The stacked path writes no checkpoints (no resume), validates
-once per epoch (``eval_every_steps`` must be 0), runs in float32 (``amp`` unused) and ignores ``compile`` and ``cuda_graph``.
+once per epoch (``eval_every_steps`` must be 0), runs in float32 (``amp`` unused) and ignores ``compile``.
+On CUDA each step of the stacked pass is captured once and replayed as a CUDA graph (``cuda_graph``, as
+in ``fit``), except with Adam at per-student rates, whose hand-written update needs the host every step.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .train import FitResult, TrainConfig, fit, lr_factor, prepare_teacher, reso
 
 PER_STUDENT = ("seed", "lr", "momentum", "weight_decay", "temperature", "alpha")
 """TrainConfig fields that may differ between the students of one pass."""
-IGNORED = ("compile", "checkpoint", "cuda_graph")
+IGNORED = ("compile", "checkpoint")
 """Fields without effect here (no per-step compile; no checkpoints of a stacked pass)."""
 
 
