@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     # Scaling -----------------------------------------------------------------------------------------
     scaling: dict[str, list[dict[str, Any]]] = {"batch": [], "width": [], "students": []}
     cached_all = module_teacher.cache(train)
-    budget = 2048 if args.quick else 16384  # samples per batch-size point
+    # Samples per batch-size point; on a GPU enough steps that the graph capture's warm-up steps do not count.
+    budget = 2048 if args.quick else (131072 if gpu else 16384)
     for batch in ([32, 128] if args.quick else [32, 64, 128, 256, 512, 1024]):
         steps = max(2, budget // batch)
         data = subset(steps, batch)
@@ -428,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     for width in ([20, 200] if args.quick else [20, 50, 100, 200, 400, 800, 1600]):
         spec = f"mlp:{width},{width}"
         f_w = train_flops(spec, shape, classes)
-        data = subset(4 if args.quick else 64)
+        data = subset(4 if args.quick else (400 if gpu else 64))
         secs = [kd_fit(spec, data, cached_all, config(amp=False)) for _ in range(2)]
         scaling["width"].append(row("scaling", f"width {width}", len(data), secs, f_w, peak, width=width))
         log(f"width {width}: {scaling['width'][-1]['samples_per_s']:.0f} samples/s")
-    data = subset(4 if args.quick else 40)
+    data = subset(4 if args.quick else (400 if gpu else 40))
     one = min(kd_fit(TINY, data, cached_all, config(amp=False)) for _ in range(2))
     for n in ([1, 4] if args.quick else [1, 2, 4, 8, 16, 32]):
         cfgs = [config(1.0 + i, amp=False) for i in range(n)]
