@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     # Samples per batch-size point; on a GPU enough steps that the graph capture's warm-up steps do not count.
     budget = 2048 if args.quick else (131072 if gpu else 16384)
     for batch in ([32, 128] if args.quick else [32, 64, 128, 256, 512, 1024]):
-        steps = max(2, budget // batch)
+        steps = max(2, min(budget, len(train)) // batch)  # never more samples than the split has
         data = subset(steps, batch)
         secs = [kd_fit(STUDENT, data, cached_all, config(batch=batch, amp=False)) for _ in range(2)]
         scaling["batch"].append(row("scaling", f"batch {batch}", steps * batch, secs, f_student, peak, batch=batch))
