@@ -62,8 +62,9 @@ def _load_data(cfg: dict[str, Any]):
 
 
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
+    from .distributed import init_from_env
     from .report import write_run_files
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, fit, resolve_device
     from .models import build_model
 
     extra: dict[str, Any] = {"model": args.model}
@@ -79,6 +80,8 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
         raise ValueError("teacher: give --teacher WEIGHTS.safetensors (a model saved by `kdistill train`), "
                          "--teacher-logits FILE or --teacher-onnx FILE; several make an ensemble")
     tcfg = TrainConfig.from_dict(cfg.get("train", {}))  # validates before any work
+    # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
+    rank = init_from_env(cuda=resolve_device(tcfg.device).type == "cuda")
     if distill and cfg.get("unlabelled") and tcfg.alpha < 1:
         raise ValueError(f"alpha: --unlabelled drops the labels, so alpha must be 1 (soft targets only), got {tcfg.alpha}")
     if distill and cfg.get("fraction") is not None and not 0 < cfg["fraction"] <= 1:
@@ -100,12 +103,15 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
         teacher = resolve_teacher(cfg, train, tcfg.jitter, tcfg.temperature)  # files checked against the data here
         train = drop_labels(train) if cfg.get("unlabelled") else train
     model = build_model(cfg["model"], bundle.input_shape, bundle.train.num_classes, seed=tcfg.seed)
-    write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
+    if rank == 0:
+        write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
     t0 = time.perf_counter()
     result = fit(model, train, tcfg, teacher=teacher, val=bundle.val, test=bundle.test, out_dir=out,
                  resume=args.resume, progress=not args.no_progress)
     from .report import write_results
 
+    if rank != 0:
+        return 0
     role = "distilled" if distill else "model"
     write_results(out, "distill" if distill else "train", "cli", time.perf_counter() - t0,
                   {role: {"test_errors": result.test["errors"], "test_accuracy": result.test["accuracy"],

@@ -45,6 +45,7 @@ from torch import nn
 
 from .cuda_graph import GraphedStep, graph_safe_teacher
 from .data.augment import jitter_offsets, to_device_async, translate
+from .distributed import world
 from .data.dataset import TensorData
 from .evaluate import classification_metrics
 from .io import save_model
@@ -105,6 +106,9 @@ def fit_many(
     (``names[i]``, default ``student{i}``) with ``metrics.jsonl`` and ``model.safetensors``.
     Each result's ``wall_time_s`` is the wall time of the whole shared pass.
     """
+    if world()[1] > 1:
+        raise ValueError("fit_many: a sweep is not data-parallel; run it in one process (several sweeps can share "
+                         "a machine's GPUs, one process each)")
     models = list(models)
     configs = list(configs) if isinstance(configs, Sequence) else [configs] * len(models)
     if len(configs) != len(models):

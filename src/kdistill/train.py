@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graph import GraphedStep, graph_safe_teacher
+from .distributed import mean_over_processes, process_device, shard, world
 from .data.augment import jitter_offsets, to_device_async, translate
 from .data.dataset import TensorData
 from .evaluate import classification_metrics, predict_logits
@@ -192,13 +193,18 @@ def fit(
     """Train ``model`` on ``train`` (distilling from ``teacher`` if given); return history and metrics.
 
     With ``out_dir`` each epoch appends to ``metrics.jsonl`` and rewrites ``checkpoint.safetensors``
-    (model, optimiser, RNG states); ``resume=True`` continues from that checkpoint exactly.
+    (model, optimiser, RNG states); ``resume=True`` continues from that checkpoint exactly. Inside a
+    process group of several processes the global batch is split between them (:mod:`kdistill.distributed`).
     """
     cfg = config or TrainConfig()
     cfg.validate()
     if train.has_unlabelled and teacher is None:
         raise ValueError(f"{train.name}: has unlabelled samples; supervised training needs labels (give a teacher)")
-    device = resolve_device(cfg.device)
+    rank, n_proc = world()
+    if cfg.batch_size % n_proc:
+        raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly between {n_proc} processes; "
+                         f"use a multiple of {n_proc}")
+    device = process_device(resolve_device(cfg.device), n_proc)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
@@ -213,10 +219,16 @@ def fit(
     n = len(train)
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch: equal-sized steps
     total_steps = steps_per_epoch * cfg.epochs
-    use_graph = cfg.cuda_graph and device.type == "cuda" and not cfg.compile and graph_safe_teacher(teacher)
+    use_graph = (cfg.cuda_graph and device.type == "cuda" and not cfg.compile and graph_safe_teacher(teacher)
+                 and n_proc == 1)  # gradient all-reduces stay outside graphs
     optimizer = make_optimizer(model.parameters(), cfg, device, capturable=use_graph)
     use_amp = cfg.amp and device.type == "cuda"
-    forward = torch.compile(model) if cfg.compile else model
+    net: nn.Module = model
+    if n_proc > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(net) if cfg.compile else net
     constrain_fns = [m.constrain for m in model.modules() if hasattr(m, "constrain") and callable(m.constrain)]
     loss_sum = torch.zeros((), device=device)
 
@@ -254,6 +266,7 @@ def fit(
 
     out = Path(out_dir) if out_dir else None
     ckpt = out / "checkpoint.safetensors" if out else None
+    write = out is not None and rank == 0  # every process reads a checkpoint; only rank 0 writes
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
     best = (math.inf, None, None)  # (val errors, epoch, state)
@@ -266,7 +279,7 @@ def fit(
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-    elif out:
+    elif write:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
 
@@ -282,7 +295,7 @@ def fit(
         return row
 
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=getattr(model, "spec", "train"), leave=False)
@@ -294,6 +307,7 @@ def fit(
         for i in range(steps_per_epoch):
             rows = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             offsets = jitter_offsets(len(rows), cfg.jitter, gen) if cfg.jitter else None
+            rows, offsets = shard(rows, offsets, rank, n_proc)  # every process drew the same global batch
             lr = cfg.lr * lr_factor(cfg.schedule, step, total_steps, cfg.warmup)
             if graphed is None:
                 for g in optimizer.param_groups:
@@ -311,14 +325,14 @@ def fit(
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and on_eval:
                 on_eval(evaluate_val(step / steps_per_epoch, None))
                 model.train()
-        row = evaluate_val(epoch + 1, float(loss_sum) / steps_per_epoch)
+        row = evaluate_val(epoch + 1, float(mean_over_processes(loss_sum, n_proc)) / steps_per_epoch)
         model.train()
         history.append(row)
         if on_eval:
             on_eval(row)
         if cfg.keep_best and val is not None and row["val_errors"] < best[0]:
             best = (row["val_errors"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        if out:
+        if write:
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             if cfg.checkpoint:
@@ -340,6 +354,6 @@ def fit(
         result.val = classification_metrics(predict_logits(model, val.x), val.y, val_teacher, cfg.temperature, detailed=False)
     if test is not None:
         result.test = classification_metrics(predict_logits(model, test.x), test.y)
-    if out:
+    if write:
         save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes)
     return result
