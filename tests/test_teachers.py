@@ -17,6 +17,18 @@ def test_module_teacher_is_frozen_and_stays_in_eval(digits):
     assert all(not p.requires_grad for p in net.parameters())
 
 
+def test_a_copy_of_a_teacher_network_is_its_own_module():
+    # export_onnx deep-copies the network and calls .cpu().eval() on the copy: that must be the copy,
+    # not the original (which may sit on a GPU).
+    import copy
+
+    m = build_model("mlp:8", (1, 8, 8), 10)
+    ModuleTeacher(m)
+    c = copy.deepcopy(m)
+    assert c.eval() is c and c.train() is c and m.train() is m
+    assert not c.training and not m.training
+
+
 def test_cached_teacher_is_keyed_by_sample_id_not_position(digits):
     net = build_model("mlp:32", digits.input_shape, 10, seed=0)
     mt = ModuleTeacher(net)

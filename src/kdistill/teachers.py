@@ -7,6 +7,7 @@ teacher looks its outputs up by sample id, which is only valid when ``x`` is not
 
 from __future__ import annotations
 
+import types
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -32,6 +33,14 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """A teacher network's ``train()``: keeps eval mode and returns the module, as ``train`` does.
+
+    Bound to the module itself (not a closure over it), so a deep copy's ``train``/``eval`` return the copy.
+    """
+    return module
+
+
 class ModuleTeacher:
     """An ``nn.Module`` used as a teacher: eval mode, no grad, never updated.
 
@@ -43,7 +52,7 @@ class ModuleTeacher:
 
     def __init__(self, module: nn.Module, batch_size: int | None = None) -> None:
         self.module = freeze(module)
-        self.module.train = lambda mode=True: self.module  # type: ignore[method-assign]
+        self.module.train = types.MethodType(_stay_in_eval, self.module)  # type: ignore[method-assign]
         self.channels_last = use_channels_last(self.module)
         self.batch_size = batch_size or (256 if self.channels_last else 2048)
 
