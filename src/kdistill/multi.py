@@ -45,8 +45,8 @@ from torch import nn
 
 from .cuda_graph import GraphedStep, graph_safe_teacher
 from .data.augment import jitter_offsets, to_device_async, translate
-from .distributed import world
 from .data.dataset import TensorData
+from .distributed import world
 from .evaluate import classification_metrics
 from .io import save_model
 from .losses import stacked_distillation_loss_and_grad

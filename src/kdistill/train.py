@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graph import GraphedStep, graph_safe_teacher
-from .distributed import mean_over_processes, process_device, shard, world
 from .data.augment import jitter_offsets, to_device_async, translate
 from .data.dataset import TensorData
+from .distributed import mean_over_processes, process_device, shard, world
 from .evaluate import classification_metrics, predict_logits
 from .io import load_checkpoint, save_checkpoint, save_model
 from .losses import LOSS_KINDS, distillation_loss
@@ -294,6 +294,10 @@ def fit(
         row["time_s"] = round(time.perf_counter() - t0, 3)
         return row
 
+    if graphed is not None:  # after any resume, whose optimiser state brings back a float rate
+        for g in optimizer.param_groups:
+            g["lr"] = lr_buf
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -318,8 +322,6 @@ def fit(
                 if offsets is not None:
                     offsets_buf.copy_(offsets.pin_memory(), non_blocking=True)
                 lr_buf.fill_(lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_buf
                 graphed()
             step += 1
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and on_eval:

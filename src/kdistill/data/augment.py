@@ -58,8 +58,6 @@ def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator | None = Non
     """
     if pixels <= 0:
         return x
-    if x.dim() != 4:
-        raise ValueError(f"jitter expects images shaped (B, C, H, W), got {tuple(x.shape)}")
     offsets = to_device_async(jitter_offsets(x.shape[0], pixels, generator), x.device)
     return translate(x, offsets, pixels)
 
