@@ -1,16 +1,20 @@
 """Files: atomic writes, model weights and training checkpoints in safetensors, run metadata.
 
 Nothing is ever loaded with pickle: weights and optimiser tensors go through safetensors, the rest of
-the state through JSON in the safetensors metadata.
+the state through JSON in the safetensors metadata. Weights from elsewhere (``.pt``/``.pth``/``.bin``
+state dicts) are read with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import sys
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,9 +65,20 @@ def _jsonable(obj: Any) -> Any:
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
-    """Weights plus the metadata needed to rebuild the model (``spec``, ``in_shape``, ``num_classes``)."""
+    """Weights plus the metadata needed to rebuild the model (``spec``, ``in_shape``, ``num_classes``).
+
+    A model without a ``.spec`` (built from the user's own class) is described as ``py:FILE.py:CLASS``
+    when possible (:func:`~kdistill.models.adapters.describe_model`); otherwise its class path is kept
+    under ``class`` and :func:`load_model` asks for a spec.
+    """
+    from .models.adapters import describe_model
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"kdistill": json.dumps({"spec": getattr(model, "spec", None), **meta}, default=_jsonable)}
+    spec = getattr(model, "spec", None) or describe_model(model)
+    info: dict[str, Any] = {"spec": spec}
+    if spec is None:
+        info["class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    metadata = {"kdistill": json.dumps({**info, **meta}, default=_jsonable)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -74,22 +89,128 @@ def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(meta.get("kdistill", "{}"))
 
 
-def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, num_classes=None) -> nn.Module:
-    """Rebuild and load a model saved by :func:`save_model` (arguments override the stored metadata)."""
-    from .models import build_model
+WEIGHT_FORMATS = (
+    "kdistill model .safetensors (save_model), plain .safetensors state dict, kdistill checkpoint.safetensors, "
+    ".pt/.pth/.bin state dict (torch.save; plain, or under 'state_dict'/'model')"
+)
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel saves, torch.compile saves
 
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix carried by every key."""
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _safetensors_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    tensors = load_file(str(path))
+    if "kdistill_checkpoint" in raw:
+        ckpt = json.loads(raw["kdistill_checkpoint"])
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        return state, ({"spec": ckpt["spec"]} if ckpt.get("spec") else {})
+    meta = json.loads(raw["kdistill"]) if "kdistill" in raw else {}
+    return tensors, meta
+
+
+def _torch_weights(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # torch.save zip archive, or a (legacy) pickle
+        raise ValueError(f"weights: {path} is not a torch.save file (neither a zip archive nor a pickle stream). "
+                         f"Accepted: {WEIGHT_FORMATS}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols while refusing a file
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"weights: {path} holds pickled Python objects besides tensors (a whole model, custom classes), "
+            f"which are never loaded; save model.state_dict() instead. Accepted: {WEIGHT_FORMATS}"
+        ) from err
+    except Exception as err:  # RuntimeError/EOFError/... for files that are not torch.save archives
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"weights: {path} is not a readable torch.save file ({type(err).__name__}: {reason}). "
+            f"Accepted: {WEIGHT_FORMATS}"
+        ) from err
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise ValueError(f"weights: {path} holds {what}, not a state dict of tensors. Accepted: {WEIGHT_FORMATS}")
+    return dict(obj)
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, kdistill metadata or {})`` of a weights file, without building a model.
+
+    Reads a kdistill model file, a plain safetensors state dict, a kdistill ``checkpoint.safetensors``
+    (the ``model.`` tensors; optimiser and RNG state dropped; metadata holds its ``spec``) and
+    ``.pt``/``.pth``/``.bin`` state dicts via ``torch.load(weights_only=True)`` (also nested under
+    ``state_dict``/``model``). A ``module.`` prefix on every key (DDP) is removed. Nothing is unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights: no file {path}")
-    meta = read_model_meta(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            state, meta = _safetensors_weights(path)
+        except Exception as err:  # safetensors raises its own SafetensorError on a bad header
+            raise ValueError(f"weights: {path} is not a readable safetensors file ({err}). Accepted: {WEIGHT_FORMATS}") from err
+    elif suffix in _TORCH_SUFFIXES:
+        state, meta = _torch_weights(path), {}
+    else:
+        raise ValueError(f"weights: {path}: unknown weights format {suffix or '(no suffix)'!r}. Accepted: {WEIGHT_FORMATS}")
+    return _strip_wrapper_prefix(state), meta
+
+
+def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor], spec: str) -> None:
+    """ValueError naming the first offending keys when ``state`` does not fit ``model``."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and state[k].shape != want[k].shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise ValueError(f"weights: {path} does not fit model {spec!r}: " + "; ".join(problems)
+                         + "; check --model / in_shape / num_classes")
+
+
+def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, num_classes=None) -> nn.Module:
+    """Rebuild and load a model from any file :func:`load_weights` reads (arguments override the stored
+    metadata; a plain state dict needs all three)."""
+    from .models import build_model
+
+    path = Path(path)
+    state, meta = load_weights(path)
     spec = spec or meta.get("spec")
     in_shape = in_shape or meta.get("in_shape")
     num_classes = num_classes or meta.get("num_classes")
+    if not spec and meta.get("class"):
+        raise ValueError(
+            f"{path}: saved from class {meta['class']}, which kdistill cannot rebuild by itself; pass a spec "
+            f"(--model py:FILE.py:FACTORY, with FACTORY(in_shape, num_classes) building that model)"
+        )
     if not (spec and in_shape and num_classes):
-        raise ValueError(f"{path}: no model spec/in_shape/num_classes stored; pass them explicitly")
+        missing = [n for n, v in (("spec", spec), ("in_shape", in_shape), ("num_classes", num_classes)) if not v]
+        raise ValueError(f"{path}: no model {'/'.join(missing)} stored; pass them explicitly")
     model = build_model(spec, in_shape, num_classes)
-    state = load_file(str(path))
-    model.load_state_dict({k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items() if not k.startswith("optim.")})
+    _check_state(path, model, state, spec)
+    model.load_state_dict(state)
     return model
 
 

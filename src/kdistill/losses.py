@@ -10,9 +10,14 @@ With p = softmax(teacher / T) and q = softmax(student / T):
 The soft terms' gradients scale as 1/T^2, hence the T^2 factor: it keeps their weight relative to the
 hard-label cross-entropy unchanged when T changes (Hinton et al. 2015, section 2). Everything is
 computed from ``log_softmax``, so logits of any magnitude give finite values.
+
+Beyond logits matching: :func:`dkd_loss` (decoupled KD, Zhao et al. 2022), :func:`hint_loss` (FitNets,
+Romero et al. 2015) and :func:`attention_transfer_loss` (Zagoruyko & Komodakis 2017) on feature maps.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -241,3 +246,144 @@ def stacked_distillation_loss_and_grad(
     loss = torch.where(alphas == 1, loss, a * loss + (1 - a) * hard)
     grad = grad.mul_(a.view(n, 1, 1)).add_(hard_grad.mul_((1 - a).view(n, 1, 1)))
     return loss, grad.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- decoupled and feature losses
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 where the device has it (as in :func:`soft_loss`), else float32."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _check_weight(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+
+
+def _non_target(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The (B, C - 1) entries of ``z`` (B, C) other than each row's label, in class order.
+
+    Index arithmetic instead of a boolean mask, so there is no host synchronisation on an accelerator.
+    """
+    b, c = z.shape
+    idx = torch.arange(c - 1, device=z.device).expand(b, c - 1)
+    idx = idx + (idx >= labels[:, None]).long()
+    return z.gather(1, idx)
+
+
+def _binary_log_probs(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_target, log(1 - p_target)) of softmax(``z``), each (B,), both from logsumexps (stable)."""
+    total = torch.logsumexp(z, dim=1)
+    log_pt = z.gather(1, labels[:, None]).squeeze(1) - total
+    log_rest = torch.logsumexp(_non_target(z, labels), dim=1) - total
+    return log_pt, log_rest
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022): ``alpha`` * TCKD + ``beta`` * NCKD.
+
+    With T = ``temperature``, p_t the softmax(z / T) probability of the label and b = (p_t, 1 - p_t):
+
+    * TCKD ("target class"): KL(b_teacher || b_student), the binary KL of target vs the rest;
+    * NCKD ("non-target classes"): KL between teacher and student softmaxes over the C - 1 non-target
+      logits only (mdistiller subtracts 1000 from the target logit; here the target is removed by a
+      gather, the exact limit of that trick, so huge logits stay finite).
+
+    Both terms are multiplied by T^2 and averaged over the batch, as the paper's reference code does.
+    The decoupling lets NCKD -- the "dark knowledge" among wrong classes that classical KD weights by
+    1 - p_t of the teacher -- get its own weight ``beta``. Computed in float64 from logsumexps (so
+    log(1 - p_t) does not cancel when p_t is near 1); the teacher is detached.
+    """
+    _check_temperature(temperature)
+    _check_weight(alpha, "alpha")
+    _check_weight(beta, "beta")
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            "must have the same shape (batch, classes)"
+        )
+    b, c = student_logits.shape
+    if c < 2:
+        raise ValueError(f"student_logits: DKD needs at least 2 classes, got {c}")
+    if labels.shape != (b,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels: need ({b},) integer class indices, got {tuple(labels.shape)} {labels.dtype}")
+    work = _work_dtype(student_logits)
+    y = labels.to(student_logits.device, torch.long)
+    s = student_logits.to(work) / temperature
+    t = teacher_logits.detach().to(work) / temperature
+    # TCKD: binary KL, sum over {target, rest} of p (log p - log q).
+    s_pt, s_rest = _binary_log_probs(s, y)
+    t_pt, t_rest = _binary_log_probs(t, y)
+    tckd = t_pt.exp() * (t_pt - s_pt) + t_rest.exp() * (t_rest - s_rest)
+    # NCKD: KL over the non-target classes' own softmax.
+    log_q = F.log_softmax(_non_target(s, y), dim=1)
+    log_p = F.log_softmax(_non_target(t, y), dim=1)
+    nckd = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    t2 = temperature * temperature
+    loss = (alpha * tckd.mean() + beta * nckd.mean()) * t2
+    return loss.to(student_logits.dtype)
+
+
+def hint_loss(projected_student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNets hint loss (Romero et al., ICLR 2015): mean squared error to the teacher's feature.
+
+    The student's feature must already be projected to the teacher's shape (FitNets' regressor, e.g. a
+    1x1 convolution); the teacher's feature is detached, so only the student side learns.
+    """
+    if projected_student_feature.shape != teacher_feature.shape:
+        raise ValueError(
+            f"projected_student_feature {tuple(projected_student_feature.shape)} and teacher_feature "
+            f"{tuple(teacher_feature.shape)} must have the same shape (project the student feature first)"
+        )
+    s = projected_student_feature
+    return F.mse_loss(s, teacher_feature.detach().to(s.dtype))
+
+
+def _check_feature(f: torch.Tensor, name: str) -> None:
+    if f.dim() != 4:
+        raise ValueError(f"{name}: need a feature map shaped (B, C, H, W), got {tuple(f.shape)}")
+
+
+def attention_map(feature: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Spatial attention of ``feature`` (B, C, H, W): mean over channels of |a|^p, flattened, L2-normalised.
+
+    Zagoruyko & Komodakis (ICLR 2017), F^p_mean; returns (B, H * W) unit rows. For even p this equals
+    mdistiller's / RepDistiller's ``f.pow(p).mean(1)``; the absolute value is the paper's definition
+    and keeps odd p meaningful.
+    """
+    _check_feature(feature, "feature")
+    if not (math.isfinite(p) and p > 0):
+        raise ValueError(f"p: must be a finite number > 0, got {p}")
+    return F.normalize(feature.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): mean over batch and positions of (q_s - q_t)^2.
+
+    q = :func:`attention_map` (as ``(at(s) - at(t)).pow(2).mean()`` in mdistiller's AT.py and
+    RepDistiller's ``Attention``). Channel counts may differ. When the spatial sizes differ, the
+    student's feature map is resized to the teacher's by ``F.adaptive_avg_pool2d`` before its map is
+    formed (the teacher's map, the target, stays at its own resolution; a larger student is average-
+    pooled as in those references, a smaller one is block-upsampled). The teacher is detached.
+    """
+    _check_feature(student_feature, "student_feature")
+    _check_feature(teacher_feature, "teacher_feature")
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(
+            f"student_feature {tuple(student_feature.shape)} and teacher_feature {tuple(teacher_feature.shape)} "
+            "must have the same batch size"
+        )
+    size = teacher_feature.shape[-2:]
+    s = student_feature if student_feature.shape[-2:] == size else F.adaptive_avg_pool2d(student_feature, size)
+    q_s = attention_map(s, p)
+    q_t = attention_map(teacher_feature.detach(), p).to(q_s.dtype)
+    return (q_s - q_t).pow(2).mean()

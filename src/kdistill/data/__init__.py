@@ -1,12 +1,19 @@
-"""Data sets as in-memory tensors, validation splits, transfer-set filters and batched jitter."""
+"""Data sets as in-memory tensors, validation splits, transfer-set filters and batched jitter.
+
+:func:`load` takes a registered name (``mnist``, ``cifar10``, ...) or a file spec ``PREFIX:PATH``
+(``npz:data.npz``, ``csv:table.csv``, ``folder:images/``); user data held in Python goes through
+:func:`as_split`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from .augment import jitter, jittered_copies
-from .dataset import UNLABELLED, DataBundle, TensorData
+from .convert import as_split, to_tensor_data
+from .dataset import UNLABELLED, DataBundle, Split, StreamData, TensorData
 from .mnist import load_fashion_mnist, load_mnist
 from .splits import (
     drop_labels,
@@ -33,26 +40,114 @@ def register_loader(name: str, loader: Callable[..., DataBundle], val_size: int 
     DEFAULT_VAL_SIZE[name] = val_size
 
 
+SOURCES: dict[str, Callable[..., DataBundle]] = {}
+"""File-spec prefixes: ``SOURCES["npz"](path, **options)`` loads ``npz:PATH``."""
+SOURCE_VAL_SIZE: dict[str, int | float] = {}
+
+
+def register_source(prefix: str, loader: Callable[..., DataBundle], val_size: int | float = 0.1) -> None:
+    """Make ``PREFIX:PATH`` loadable by :func:`load`: ``loader(PATH, **options)``.
+
+    The loader also gets ``seed=`` when it takes one (for its own seeded splits). When it returns a
+    bundle with a ``val`` split (the file brings one), that is used and nothing is carved.
+    """
+    if not prefix or ":" in prefix:
+        raise ValueError(f"register_source: prefix must be a non-empty name without ':', got {prefix!r}")
+    SOURCES[prefix] = loader
+    SOURCE_VAL_SIZE[prefix] = val_size
+
+
+def _accepted_options(loader: Callable[..., Any], skip: int) -> list[str] | None:
+    """Keyword options ``loader`` takes (after its first ``skip`` parameters); None if it takes any."""
+    try:
+        params = list(inspect.signature(loader).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params[skip:] if p.kind in kinds]
+
+
+def _check_options(what: str, loader: Callable[..., Any], options: dict[str, Any], skip: int) -> None:
+    accepted = _accepted_options(loader, skip)
+    if accepted is None:
+        return
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        shown = [a for a in accepted if a != "seed"]  # load() owns seed
+        raise ValueError(
+            f"data: {what} has no option {', '.join(map(repr, unknown))}; it accepts {shown or 'no options'}"
+        )
+
+
+def _split_spec(name: str, options: dict[str, Any]) -> tuple[str, str] | None:
+    """``(prefix, path)`` when ``name`` is a file spec ``PREFIX:PATH`` (or a bare prefix with ``path=``)."""
+    prefix, sep, path = name.partition(":")
+    if sep and prefix in SOURCES:
+        if not path:
+            raise ValueError(f"data: {name!r} names no path; write {prefix}:PATH")
+        if options.get("path") not in (None, path):
+            raise ValueError(f"data: {name!r} already names a path; drop path={options['path']!r}")
+        options.pop("path", None)
+        return prefix, path
+    if not sep and name in SOURCES:
+        if options.get("path") is None:
+            raise ValueError(f"data: {name!r} needs a file; write {name}:PATH (or pass path=PATH)")
+        return name, str(options.pop("path"))
+    return None
+
+
 def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **options: Any) -> DataBundle:
     """Load data set ``name`` with a seeded validation split carved from its training set.
 
-    ``options`` go to the loader (``path=`` for local files, ``class_sep=`` for synthetic, ...).
-    ``val_size=0`` keeps all training data and no validation split.
+    ``name`` is a registered data set (:data:`LOADERS`) or a file spec ``PREFIX:PATH`` (:data:`SOURCES`:
+    ``npz:``, ``csv:``, ``folder:``). ``options`` go to the loader (``path=`` for local files,
+    ``class_sep=`` for synthetic, ``image_size=`` for folders, ...); an option it does not take is an error
+    listing those it does. ``val_size=0`` keeps all training data and no validation split; a data set that
+    brings its own validation split keeps it and nothing is carved.
     """
-    if name not in LOADERS:
-        raise ValueError(f"data: unknown data set {name!r}; choose one of {sorted(LOADERS)}")
-    bundle = LOADERS[name](**options)
-    size = DEFAULT_VAL_SIZE.get(name, 0.1) if val_size is None else val_size
+    options = dict(options)
+    spec = _split_spec(name, options)
+    if spec is not None:
+        prefix, path = spec
+        loader = SOURCES[prefix]
+        _check_options(f"{prefix}:", loader, options, skip=1)
+        if "seed" in (_accepted_options(loader, 1) or ()):
+            options["seed"] = seed
+        bundle = loader(path, **options)
+        default = SOURCE_VAL_SIZE.get(prefix, 0.1)
+    elif name in LOADERS:
+        _check_options(repr(name), LOADERS[name], options, skip=0)
+        bundle = LOADERS[name](**options)
+        default = DEFAULT_VAL_SIZE.get(name, 0.1)
+    else:
+        raise ValueError(
+            f"data: unknown data set {name!r}; choose one of {sorted(LOADERS)} or a file spec "
+            f"{', '.join(f'{p}:PATH' for p in sorted(SOURCES))}"
+        )
+    if bundle.val is not None:
+        return bundle
+    size = default if val_size is None else val_size
     return with_validation(bundle, size, seed) if size else bundle
 
 
 from .cifar import load_cifar10  # noqa: E402
+from .cifar100 import load_cifar100  # noqa: E402
+from .folder import load_folder  # noqa: E402
+from .tables import load_csv, load_npz  # noqa: E402
 
 register_loader("cifar10", load_cifar10, 5000)
+register_loader("cifar100", load_cifar100, 5000)
+register_source("npz", load_npz)
+register_source("csv", load_csv)
+register_source("folder", load_folder)
 
 
 __all__ = [
-    "UNLABELLED", "DataBundle", "TensorData", "LOADERS", "load", "register_loader", "jitter", "jittered_copies",
-    "load_mnist", "load_fashion_mnist", "load_digits", "load_synthetic", "split_validation",
-    "with_validation", "omit_classes", "keep_classes", "stratified_fraction", "drop_labels",
+    "UNLABELLED", "DataBundle", "TensorData", "StreamData", "Split", "LOADERS", "SOURCES", "load",
+    "register_loader", "register_source", "as_split", "to_tensor_data", "jitter", "jittered_copies",
+    "load_mnist", "load_fashion_mnist", "load_digits", "load_synthetic", "load_cifar10", "load_cifar100",
+    "load_npz", "load_csv", "load_folder", "split_validation", "with_validation", "omit_classes",
+    "keep_classes", "stratified_fraction", "drop_labels",
 ]

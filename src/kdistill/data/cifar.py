@@ -8,6 +8,7 @@ parent, directly or under ``cifar10/``), the user cache, and last the official d
 
 A local archive is validated by what it holds (record sizes, 50,000 + 10,000 images, 5,000 and 1,000 per
 class) rather than by a checksum, since re-packed copies of the same images have other checksums.
+The source search (:class:`Release`, :func:`find_release`) is shared with CIFAR-100 (``cifar100.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import os
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +69,52 @@ def _assemble(raws: dict[str, bytes], origin: str, strict: bool) -> Arrays:
 
 def check_counts(arrays: Arrays, origin: str) -> None:
     """The official split: 5,000 training and 1,000 test images of each of the ten classes."""
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        counts = np.bincount(arrays[f"y_{split}"], minlength=len(CLASSES))
-        if len(counts) != len(CLASSES) or (counts != per_class).any():
+    check_per_class(arrays, origin, len(CLASSES), TRAIN_PER_CLASS, TEST_PER_CLASS)
+
+
+def check_per_class(arrays: Arrays, origin: str, classes: int, train_per_class: int, test_per_class: int,
+                    key: str = "y") -> None:
+    """Raise unless ``arrays[key_train]``/``[key_test]`` hold exactly that many images of every class."""
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        counts = np.bincount(arrays[f"{key}_{split}"], minlength=classes)
+        if len(counts) != classes or (counts != per_class).any():
             raise ValueError(
                 f"{origin}: {split} split has {counts.tolist()} images per class, expected {per_class} each "
                 "(a truncated or different data set)"
             )
 
 
-def read_archive(path: Path, strict: bool = True) -> Arrays:
-    """The batches inside a ``cifar-10-binary.tar.gz`` (read in memory, nothing extracted to disk)."""
+@dataclass(frozen=True)
+class Release:
+    """Where one binary CIFAR release lives and how its files become arrays.
+
+    ``assemble(raws, origin, strict)`` turns the bytes of the ``members`` found (keyed by base name) into
+    arrays; ``marker`` is the member whose presence shows that a directory holds the extracted release.
+    """
+
+    title: str
+    archive: str
+    folder: str
+    members: tuple[str, ...]
+    marker: str
+    url: str
+    md5: str
+    cache: str
+    aliases: tuple[str, ...]
+    assemble: Callable[[dict[str, bytes], str, bool], Arrays]
+
+
+CIFAR10 = Release(
+    title="CIFAR-10", archive=ARCHIVE_NAME, folder=BATCH_DIR, members=(*TRAIN_FILES, TEST_FILE), marker=TEST_FILE,
+    url=CIFAR10_URL, md5=CIFAR10_MD5, cache="cifar10", aliases=("cifar10", "cifar-10"), assemble=_assemble,
+)
+
+
+def read_archive(path: Path, strict: bool = True, release: Release = CIFAR10) -> Arrays:
+    """The release's files inside its ``.tar.gz`` (read in memory, nothing extracted to disk)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    wanted = {*TRAIN_FILES, TEST_FILE}
+    wanted = set(release.members)
     raws: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -92,61 +126,84 @@ def read_archive(path: Path, strict: bool = True) -> Arrays:
                         raws[base] = fh.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ValueError(f"{path}: not a readable tar archive ({exc})") from exc
-    return _assemble(raws, str(path), strict)
+    return release.assemble(raws, str(path), strict)
 
 
-def read_directory(directory: Path, strict: bool = True) -> Arrays:
-    """The batches from an extracted ``cifar-10-batches-bin`` folder."""
-    raws = {f: (directory / f).read_bytes() for f in (*TRAIN_FILES, TEST_FILE) if (directory / f).is_file()}
-    return _assemble(raws, str(directory), strict)
+def read_directory(directory: Path, strict: bool = True, release: Release = CIFAR10) -> Arrays:
+    """The release's files from its extracted folder (``cifar-10-batches-bin`` for CIFAR-10)."""
+    raws = {f: (directory / f).read_bytes() for f in release.members if (directory / f).is_file()}
+    return release.assemble(raws, str(directory), strict)
 
 
-def _local_sources(base: str | os.PathLike, strict: bool) -> list[tuple[str, Callable[[], Arrays]]]:
-    """Ways ``base`` (a file or a directory) may hold CIFAR-10, most specific first; only existing ones."""
+def _local_sources(base: str | os.PathLike, strict: bool,
+                   release: Release = CIFAR10) -> list[tuple[str, Callable[[], Arrays]]]:
+    """Ways ``base`` (a file or a directory) may hold the release, most specific first; only existing ones."""
     base = Path(base)
     if not base.is_dir():  # a file, or a path that does not exist (reported as such by the archive reader)
-        return [(f"archive {base}", lambda: read_archive(base, strict))]
+        return [(f"archive {base}", lambda: read_archive(base, strict, release))]
     candidates: list[tuple[str, Path]] = []
-    for d in (base, base / "cifar10", base / "cifar-10"):
-        candidates += [("archive", d / ARCHIVE_NAME), ("directory", d / BATCH_DIR), ("directory", d)]
-    found = [(kind, p) for kind, p in candidates if (p.is_file() if kind == "archive" else (p / TEST_FILE).is_file())]
+    for d in (base, *(base / a for a in release.aliases)):
+        candidates += [("archive", d / release.archive), ("directory", d / release.folder), ("directory", d)]
+    found = [
+        (kind, p) for kind, p in candidates if (p.is_file() if kind == "archive" else (p / release.marker).is_file())
+    ]
     if not found:
-        return [(f"directory {base}", lambda: read_directory(base, strict))]
+        return [(f"directory {base}", lambda: read_directory(base, strict, release))]
     return [
         (
             f"{kind} {p}",
-            (lambda p=p: read_archive(p, strict)) if kind == "archive" else (lambda p=p: read_directory(p, strict)),
+            (lambda p=p: read_archive(p, strict, release)) if kind == "archive"
+            else (lambda p=p: read_directory(p, strict, release)),
         )
         for kind, p in found
     ]
 
 
-def _download(cache: Path, strict: bool) -> Callable[[], Arrays]:
+def _download(cache: Path, strict: bool, release: Release = CIFAR10) -> Callable[[], Arrays]:
     def load() -> Arrays:
-        target = cache / ARCHIVE_NAME
-        part = cache / f"{ARCHIVE_NAME}.part"
-        download(CIFAR10_URL, part, timeout=60.0)
+        target = cache / release.archive
+        part = cache / f"{release.archive}.part"
+        download(release.url, part, timeout=60.0)
         digest = hashlib.md5(part.read_bytes()).hexdigest()
-        if digest != CIFAR10_MD5:
+        if digest != release.md5:
             part.unlink()
-            raise ValueError(f"downloaded archive md5 {digest} != official {CIFAR10_MD5}")
-        arrays = read_archive(part, strict)
+            raise ValueError(f"downloaded archive md5 {digest} != official {release.md5}")
+        arrays = read_archive(part, strict, release)
         os.replace(part, target)
         return arrays
 
     return load
 
 
-def to_bundle(arrays: Arrays) -> DataBundle:
+def find_release(release: Release, path: str | os.PathLike | None, download_ok: bool, strict: bool) -> Arrays:
+    """The release's arrays from the first source that works: ``path``, ``$KDISTILL_DATA``, the user
+    cache, then (if ``download_ok``) the official download; else one error listing every attempt."""
+    cache = user_cache_dir() / release.cache
+    sources: list[tuple[str, Callable[[], Arrays]]] = []
+    for base in (path, os.environ.get("KDISTILL_DATA")):
+        if base:
+            sources += _local_sources(base, strict, release)
+    sources.append((f"user cache {cache}", lambda: read_archive(cache / release.archive, strict, release)))
+    if download_ok:
+        sources.append((f"official download {release.url}", _download(cache, strict, release)))
+    howto = (
+        f"Pass the binary release ({release.archive}, or its extracted {release.folder} folder) with --data-path "
+        f"or KDISTILL_DATA, or put {release.archive} in {cache}. It is at {release.url}."
+    )
+    return first_working(sources, release.title, howto)
+
+
+def to_bundle(arrays: Arrays, classes: tuple[str, ...] = CLASSES, name: str = "cifar10",
+              label_key: str = "y") -> DataBundle:
     """uint8 arrays -> float tensors in [0, 1] (no normalisation: that is the experiment's choice)."""
 
-    def split(x: np.ndarray, y: np.ndarray, name: str) -> TensorData:
+    def split(x: np.ndarray, y: np.ndarray, part: str) -> TensorData:
         images = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(255.0)
-        return TensorData(x=images, y=torch.from_numpy(y.astype(np.int64)), classes=CLASSES, name=f"cifar10-{name}")
+        return TensorData(x=images, y=torch.from_numpy(y.astype(np.int64)), classes=classes, name=f"{name}-{part}")
 
     return DataBundle(
-        train=split(arrays["x_train"], arrays["y_train"], "train"),
-        test=split(arrays["x_test"], arrays["y_test"], "test"),
+        train=split(arrays["x_train"], arrays[f"{label_key}_train"], "train"),
+        test=split(arrays["x_test"], arrays[f"{label_key}_test"], "test"),
     )
 
 
@@ -155,16 +212,4 @@ def load_cifar10(path: str | os.PathLike | None = None, download_ok: bool = True
 
     ``strict=False`` skips the per-class count check (for hand-made subsets in the official layout).
     """
-    cache = user_cache_dir() / "cifar10"
-    sources: list[tuple[str, Callable[[], Arrays]]] = []
-    for base in (path, os.environ.get("KDISTILL_DATA")):
-        if base:
-            sources += _local_sources(base, strict)
-    sources.append((f"user cache {cache}", lambda: read_archive(cache / ARCHIVE_NAME, strict)))
-    if download_ok:
-        sources.append((f"official download {CIFAR10_URL}", _download(cache, strict)))
-    howto = (
-        f"Pass the binary release ({ARCHIVE_NAME}, or its extracted {BATCH_DIR} folder) with --data-path or "
-        f"KDISTILL_DATA, or put {ARCHIVE_NAME} in {cache}. It is at {CIFAR10_URL}."
-    )
-    return to_bundle(first_working(sources, "CIFAR-10", howto))
+    return to_bundle(find_release(CIFAR10, path, download_ok, strict))

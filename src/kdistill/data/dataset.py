@@ -7,6 +7,7 @@ per-sample ``Dataset``/``DataLoader``: batches are slices of these tensors picke
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -65,12 +66,59 @@ class TensorData:
 
 
 @dataclass(frozen=True)
+class StreamData:
+    """A split that stays on disk: a map-style ``torch.utils.data.Dataset`` read through a ``DataLoader``.
+
+    Item ``i`` of ``dataset`` is ``(x, y)`` or ``(x, y, sample_id)``; without a sample id, ``index[i]`` is
+    used (default ``i``). ``labels`` (one per item, when known without decoding the inputs) lets splits be
+    stratified and labels be checked before training; ``input_shape`` is one sample's shape.
+    """
+
+    dataset: Any
+    classes: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    index: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    labels: torch.Tensor | None = None
+    name: str = "data"
+
+    def __post_init__(self) -> None:
+        n = len(self.dataset)
+        if self.index is None:
+            object.__setattr__(self, "index", torch.arange(n))
+        if len(self.index) != n or (self.labels is not None and len(self.labels) != n):
+            raise ValueError(f"{self.name}: index and labels need one entry per item ({n})")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_unlabelled(self) -> bool:
+        return self.labels is not None and bool((self.labels == UNLABELLED).any())
+
+    def subset(self, rows: torch.Tensor, name: str | None = None) -> "StreamData":
+        """Items ``rows`` of this split (a ``torch.utils.data.Subset``); sample ids travel with them."""
+        from torch.utils.data import Subset
+
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return replace(self, dataset=Subset(self.dataset, rows.tolist()), index=self.index[rows],
+                       labels=None if self.labels is None else self.labels[rows], name=name or self.name)
+
+
+Split = TensorData | StreamData
+"""What a data set's split may be: in memory (the fast path) or streamed from disk."""
+
+
+@dataclass(frozen=True)
 class DataBundle:
     """The splits of one data set. ``val`` is carved from the training data; ``test`` is only reported."""
 
-    train: TensorData
-    test: TensorData
-    val: TensorData | None = None
+    train: Split
+    test: Split
+    val: Split | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .dataset import UNLABELLED, DataBundle, TensorData
+from .dataset import UNLABELLED, DataBundle, Split, TensorData
 
 
 def _check_classes(data: TensorData, classes: Iterable[int], field: str) -> list[int]:
@@ -30,16 +30,31 @@ def stratified_rows(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
     return torch.sort(torch.cat(keep)).values
 
 
-def split_validation(train: TensorData, size: int | float, seed: int = 0) -> tuple[TensorData, TensorData]:
-    """Carve a stratified validation split of ``size`` samples (or, if below 1, that fraction) from ``train``.
+def _known_labels(data: Split) -> torch.Tensor | None:
+    """Labels available without reading inputs: a TensorData's ``y``, a StreamData's ``labels`` if set."""
+    return data.y if isinstance(data, TensorData) else data.labels
 
-    Returns ``(train_rest, val)``. Sample ids keep pointing at the original training rows.
+
+def split_validation(train: Split, size: int | float, seed: int = 0) -> tuple[Split, Split]:
+    """Carve a validation split of ``size`` samples (or, if below 1, that fraction) from ``train``.
+
+    Stratified by class whenever the labels are known (always for in-memory data; for streamed data when
+    its ``labels`` are set), else a seeded random choice, since stratifying would mean reading every item.
+    Returns ``(train_rest, val)`` of the same kind as ``train``. Sample ids keep pointing at the original
+    training rows.
     """
     n = len(train)
     count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
     if not 0 < count < n:
         raise ValueError(f"val_size: need 0 < size < {n} samples, got {size}")
-    rows = stratified_rows(train.y, count / n, seed)
+    labels = _known_labels(train)
+    if labels is None:
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(n, generator=g)[:count].sort().values
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[rows] = True
+        return train.subset(torch.nonzero(~mask).flatten()), train.subset(rows, name=f"{train.name}-val")
+    rows = stratified_rows(labels.cpu(), count / n, seed)
     # Rounding per class may miss the exact count by a few; top up or trim deterministically.
     g = torch.Generator().manual_seed(seed + 1)
     if len(rows) != count:

@@ -5,6 +5,7 @@ from .counting import count_flops, count_parameters
 from .mlp import MLP, apply_max_norm
 from .registry import ModelSpec, available, build_model, register
 from . import caffe_nets  # noqa: F401,E402  registers caffe_lenet, cifar_quick, cifar_mini
+from . import cifar  # noqa: F401,E402  registers the CRD / mdistiller CIFAR zoo (resnet*, wrn, vgg*)
 
 __all__ = [
     "MLP", "ConvNet", "LeNet5", "ModelSpec", "apply_max_norm", "available", "build_model", "register",

@@ -3,6 +3,11 @@
 Grammar: ``NAME[:ARG,ARG,...]`` where each ARG is either a positional integer (layer widths or channel
 counts) or ``key=value``. Builders receive ``in_shape``, ``num_classes``, the positional integers and
 the keyword options, so a spec plus the data's shape fully determines the architecture.
+
+Models from outside the registry go through adapters (see :mod:`kdistill.models.adapters`):
+``tv:NAME[,key=value...]`` (torchvision), ``timm:NAME[,key=value...]`` and ``py:FILE.py:FACTORY[,...]`` /
+``py:package.module:FACTORY[,...]`` (the user's code, called as ``FACTORY(in_shape, num_classes, **options)``).
+Their outputs are reduced to logits (option ``logits_key=NAME`` picks a dict entry / attribute).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import adapters
 from .convnets import ConvNet, LeNet5
 from .mlp import MLP
+from .outputs import ensure_logits
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -53,15 +60,33 @@ def _value(text: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A parsed spec. For adapter specs ``name`` is ``tv``/``timm``/``py`` and ``target`` the model name
+    or ``FILE.py:FACTORY`` / ``package.module:FACTORY``; ``options`` then may hold ``logits_key``."""
+
     name: str
     ints: tuple[int, ...]
     options: dict[str, Any]
+    target: str = ""
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.name in adapters.ADAPTERS
 
     @classmethod
     def parse(cls, spec: str) -> "ModelSpec":
         name, _, rest = spec.strip().partition(":")
+        if name in adapters.ADAPTERS:
+            _, target, parts = adapters.split_adapter_spec(spec)
+            options = {}
+            for part in parts:
+                key, _, val = part.partition("=")
+                options[key.strip()] = _value(val.strip())
+            return cls(name, (), options, target)
         if name not in _REGISTRY:
-            raise ValueError(f"model: unknown model {name!r} in spec {spec!r}; choose one of {available()}")
+            raise ValueError(
+                f"model: unknown model {name!r} in spec {spec!r}; choose one of {available()}, "
+                f"or tv:NAME (torchvision), timm:NAME, py:FILE.py:FACTORY"
+            )
         ints: list[int] = []
         options: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in rest.split(","))):
@@ -83,6 +108,8 @@ def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int 
     With ``seed``, the initial weights depend on it alone (the global RNG is seeded first).
     """
     parsed = ModelSpec.parse(spec)
+    if parsed.is_adapter:
+        return _build_adapter(spec, parsed, in_shape, num_classes, seed)
     builder = _REGISTRY[parsed.name]
     accepted = set(inspect.signature(builder).parameters)
     unknown = set(parsed.options) - accepted
@@ -93,6 +120,21 @@ def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int 
         torch.manual_seed(seed)
     model = builder(tuple(in_shape), num_classes, parsed.ints, **parsed.options)
     model.spec = spec  # type: ignore[attr-defined]
+    return model
+
+
+def _build_adapter(spec: str, parsed: ModelSpec, in_shape: Sequence[int], num_classes: int,
+                   seed: int | None) -> nn.Module:
+    """tv:/timm:/py: models: built by their library or factory, outputs reduced to logits."""
+    options = dict(parsed.options)
+    logits_key = options.pop("logits_key", "logits")
+    if not isinstance(logits_key, str) or not logits_key:
+        raise ValueError(f"model: {spec!r}: logits_key must be a name, got {logits_key!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = adapters.build_adapter(spec, in_shape, num_classes, options)
+    ensure_logits(model, logits_key)
+    model.spec = adapters.canonical_spec(spec)  # type: ignore[attr-defined]
     return model
 
 

@@ -1,0 +1,227 @@
+"""Turn what users hold (arrays, tensors, torch data sets and loaders) into kdistill splits.
+
+Every trainer consumes a :data:`~kdistill.data.dataset.Split`; these converters are the one place where
+outside data gets checked, so a bad label or dtype is reported once, by field name, with the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dataset import UNLABELLED, Split, StreamData, TensorData
+
+_NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed, unsigned, float
+
+
+def _as_array(v: Any, field: str) -> np.ndarray | torch.Tensor:
+    """A tensor stays a tensor; anything else becomes a numpy array (lists, tuples, scalars per row)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    try:
+        return np.asarray(v)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise ValueError(f"{field}: cannot be read as one array ({exc}); pass a numpy array or tensor") from exc
+
+
+def to_inputs(x: Any, field: str = "x") -> torch.Tensor:
+    """Inputs as float32; ``uint8`` inputs (8-bit images) are scaled by 1/255 into [0, 1].
+
+    Other integer, bool and float dtypes are cast as they are (no scaling): only uint8 is unambiguously
+    pixel data.
+    """
+    arr = _as_array(x, field)
+    if isinstance(arr, np.ndarray):
+        if arr.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(
+                f"{field}: inputs must be numeric, got dtype {arr.dtype} (strings or Python objects); "
+                "convert features to numbers first (e.g. one-hot encode categorical columns)"
+            )
+        arr = torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.is_complex():
+        raise ValueError(f"{field}: complex inputs are not supported; pass real features")
+    if arr.ndim == 0:
+        raise ValueError(f"{field}: need one row per sample, got a scalar")
+    if arr.dtype == torch.uint8:
+        return arr.to(torch.float32).div_(255.0)
+    return arr.to(torch.float32)
+
+
+def to_labels(y: Any, field: str = "y") -> torch.Tensor:
+    """Class labels as int64 (one per sample; ``UNLABELLED`` = -1 marks a dropped label).
+
+    Float labels are accepted when every value is a whole number (``3.0``); anything else is an error,
+    since silently truncating ``2.7`` or a one-hot row would train on wrong targets.
+    """
+    arr = _as_array(y, field)
+    if isinstance(arr, np.ndarray):
+        if arr.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(
+                f"{field}: labels must be integer class ids, got dtype {arr.dtype}; map class names to "
+                "0..K-1 (e.g. names = sorted(set(y)); y = [names.index(v) for v in y]) and pass classes=names"
+            )
+        arr = torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.ndim != 1:
+        raise ValueError(
+            f"{field}: need one integer label per sample (1-D), got shape {tuple(arr.shape)}; "
+            "for one-hot or probability rows pass y.argmax(1)"
+        )
+    if arr.is_floating_point() or arr.is_complex():
+        if arr.is_complex() or not bool(torch.isfinite(arr).all()):
+            raise ValueError(f"{field}: labels contain NaN or infinite values; drop or fix those rows")
+        if not bool((arr == arr.round()).all()):
+            bad = arr[arr != arr.round()][:3].tolist()
+            raise ValueError(
+                f"{field}: labels must be whole class ids, found fractional values such as {bad}; "
+                "soft targets are not labels: pass hard class ids (e.g. y.argmax(1))"
+            )
+    labels = arr.to(torch.long)
+    if len(labels) and int(labels.min()) < UNLABELLED:
+        raise ValueError(f"{field}: labels must be >= 0 (or {UNLABELLED} for unlabelled), found {int(labels.min())}")
+    return labels
+
+
+def default_classes(labels: torch.Tensor) -> tuple[str, ...]:
+    """``("0", ..., str(max label))``: names for data sets that bring none."""
+    top = int(labels.max()) if len(labels) else -1
+    return tuple(str(i) for i in range(top + 1))
+
+
+def check_classes(labels: torch.Tensor, classes: Sequence[str], field: str) -> tuple[str, ...]:
+    """``classes`` as a tuple of names, checked to cover every label."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise ValueError(f"{field}: classes must be a sequence of names, got {type(classes).__name__}")
+    names = tuple(str(c) for c in classes)
+    if len(labels) and int(labels.max()) >= len(names):
+        raise ValueError(
+            f"{field}: label {int(labels.max())} has no name among the {len(names)} classes; "
+            "pass one name per class id 0..K-1"
+        )
+    return names
+
+
+def to_tensor_data(
+    x: Any,
+    y: Any,
+    *,
+    classes: Sequence[str] | None = None,
+    index: Any = None,
+    name: str = "data",
+) -> TensorData:
+    """An in-memory split from arrays, tensors or lists of any numeric dtype.
+
+    Inputs become float32 (``uint8`` is scaled by 1/255, see :func:`to_inputs`), labels int64
+    (see :func:`to_labels`). ``classes`` defaults to ``str(i)`` for every id up to the largest label;
+    ``index`` (sample ids) defaults to ``0..N-1``.
+    """
+    inputs, labels = to_inputs(x, "x"), to_labels(y, "y")
+    if len(inputs) != len(labels):
+        raise ValueError(f"{name}: x has {len(inputs)} rows but y has {len(labels)} labels; pass one label per row")
+    names = default_classes(labels) if classes is None else check_classes(labels, classes, "classes")
+    ids = None
+    if index is not None:
+        ids = to_labels(index, "index")
+        if len(torch.unique(ids)) != len(ids):
+            raise ValueError("index: sample ids must be unique")
+    return TensorData(x=inputs, y=labels, classes=names, index=ids, name=name)
+
+
+def _stream_classes(dataset: Any, classes: Sequence[str] | None) -> tuple[Sequence[str] | None, torch.Tensor | None]:
+    """Class names and labels of a map-style data set, from what it declares (no decoding)."""
+    labels = None
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        labels = to_labels(targets, "dataset.targets")
+        if len(labels) != len(dataset):
+            labels = None  # targets that do not describe the items (a wrapper's): not trusted
+    if classes is not None:
+        return classes, labels
+    declared = getattr(dataset, "classes", None)
+    if isinstance(declared, Sequence) and not isinstance(declared, (str, bytes)) and declared \
+            and all(isinstance(c, str) for c in declared):
+        return tuple(declared), labels
+    if labels is not None:
+        return default_classes(labels), labels
+    return None, None
+
+
+def _item_label(item: Any, i: int) -> int:
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise ValueError(
+            f"dataset: item {i} is a {type(item).__name__}, expected (x, y) or (x, y, sample_id)"
+        )
+    label = torch.as_tensor(item[1])
+    if label.numel() != 1:
+        raise ValueError(
+            f"dataset: item {i}'s label has shape {tuple(label.shape)}; items need one integer class id "
+            "(for one-hot labels return y.argmax())"
+        )
+    return int(to_labels(label.reshape(1), f"dataset item {i} label")[0])
+
+
+def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -> StreamData:
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{name}: the data set is empty")
+    first = dataset[0]
+    _item_label(first, 0)
+    fix = "give the data set a transform that returns tensors (e.g. torchvision's ToTensor())"
+    if type(first[0]).__module__.startswith("PIL"):
+        raise ValueError(f"{name}: items are PIL images, not tensors; {fix}")
+    try:
+        shape = tuple(np.shape(first[0]))
+        arr = np.asarray(first[0]) if not isinstance(first[0], torch.Tensor) else None
+        if arr is not None and arr.dtype.kind not in _NUMERIC_KINDS:
+            raise TypeError(arr.dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: item 0's input is a {type(first[0]).__name__}, not a numeric array; {fix}") from exc
+    names, labels = _stream_classes(dataset, classes)
+    if names is None:  # nothing declared: read every label once (decodes every item, slow for big sets)
+        labels = torch.tensor([_item_label(dataset[i], i) for i in range(n)], dtype=torch.long)
+        names = default_classes(labels)
+    names = check_classes(labels if labels is not None else torch.zeros(0, dtype=torch.long), names, "classes")
+    return StreamData(dataset=dataset, classes=names, input_shape=shape, labels=labels, name=name)
+
+
+def as_split(obj: Any, *, classes: Sequence[str] | None = None, name: str = "data") -> Split:
+    """Whatever a user passes as training or evaluation data, as a kdistill split.
+
+    Accepted:
+
+    * a :class:`TensorData` or :class:`StreamData`: returned as it is;
+    * a pair ``(x, y)`` of arrays, tensors or lists: :func:`to_tensor_data`;
+    * a ``torch.utils.data.TensorDataset`` of ``(x, y)`` or ``(x, y, sample_ids)``: its tensors, in memory
+      (the fast path: batches are tensor slices);
+    * any other map-style ``torch.utils.data.Dataset`` with ``__len__`` whose items are ``(x, y)`` or
+      ``(x, y, sample_id)``: a :class:`StreamData`. ``input_shape`` is item 0's input shape. Class names
+      come from ``classes=``, else the data set's ``classes`` (a sequence of names), else its ``targets``
+      (which also give the labels); with none of these, every item is read once to collect its label,
+      which decodes the whole data set (slow: pass ``classes=`` to avoid it);
+    * a ``torch.utils.data.DataLoader``: its ``dataset``, by the rules above. Its batch size, workers and
+      sampler are not used: the engine reads the data set with its own loader settings.
+    """
+    from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+    if isinstance(obj, (TensorData, StreamData)):
+        return obj
+    if isinstance(obj, DataLoader):
+        return as_split(obj.dataset, classes=classes, name=name)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return to_tensor_data(obj[0], obj[1], classes=classes, name=name)
+    if isinstance(obj, TensorDataset):
+        if len(obj.tensors) not in (2, 3):
+            raise ValueError(
+                f"{name}: a TensorDataset needs tensors (x, y) or (x, y, sample_ids), got {len(obj.tensors)}"
+            )
+        index = obj.tensors[2] if len(obj.tensors) == 3 else None
+        return to_tensor_data(obj.tensors[0], obj.tensors[1], classes=classes, index=index, name=name)
+    if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
+        return _dataset_to_stream(obj, classes, name)
+    raise ValueError(
+        f"{name}: cannot use a {type(obj).__module__}.{type(obj).__qualname__} as data; pass a TensorData or "
+        "StreamData, a pair (x, y) of arrays or tensors, a torch TensorDataset, a map-style torch Dataset "
+        "with __len__ whose items are (x, y[, sample_id]), or a DataLoader over one"
+    )

@@ -1,0 +1,225 @@
+"""Tabular and array files as data sets: ``npz:PATH`` (numpy archives) and ``csv:PATH`` (one row per sample).
+
+Both give in-memory splits: a file small enough to be a CSV or an ``.npz`` fits in memory. The numpy
+archive is read with ``allow_pickle=False`` so a data file can never run code.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .convert import check_classes, default_classes, to_inputs, to_labels, to_tensor_data
+from .dataset import DataBundle, TensorData
+from .splits import split_validation
+
+NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+NPZ_OPTIONAL = ("x_val", "y_val", "classes")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def existing_file(path: str | os.PathLike, source: str) -> Path:
+    """``path`` as a Path, or a FileNotFoundError naming it and the source that wanted it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{source}: no such file {str(p)!r}")
+    return p
+
+
+def _same_features(splits: dict[str, TensorData], origin: str) -> None:
+    shapes = {name: d.input_shape for name, d in splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{origin}: every split needs the same sample shape, got {shapes}")
+
+
+def _npz_classes(archive: np.lib.npyio.NpzFile, origin: str) -> list[str] | None:
+    if "classes" not in archive.files:
+        return None
+    try:
+        names = archive["classes"]
+    except ValueError as exc:  # an object array: would need pickle
+        raise ValueError(
+            f"{origin}: 'classes' is stored as Python objects; save it as a string array "
+            "(np.savez(..., classes=np.array(names, dtype=str)))"
+        ) from exc
+    if names.ndim != 1:
+        raise ValueError(f"{origin}: 'classes' must be a 1-D array of names, got shape {names.shape}")
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in names.tolist()]
+
+
+def load_npz(path: str | os.PathLike) -> DataBundle:
+    """A numpy archive with ``x_train``, ``y_train``, ``x_test``, ``y_test`` and optionally ``x_val`` and
+    ``y_val`` (then used as the validation split) and ``classes`` (names, one per class id).
+
+    Inputs follow :func:`~kdistill.data.convert.to_tensor_data`: uint8 is scaled to [0, 1], other dtypes
+    are kept as values; labels must be whole class ids.
+    """
+    p = existing_file(path, "npz")
+    origin = str(p)
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{origin}: not a readable numpy .npz archive ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{origin}: holds a single array; save the splits with np.savez(path, x_train=..., ...)")
+    with archive:
+        present = set(archive.files)
+        missing = [k for k in NPZ_REQUIRED if k not in present]
+        if ("x_val" in present) != ("y_val" in present):
+            missing.append("y_val" if "x_val" in present else "x_val")
+        if missing:
+            raise ValueError(
+                f"{origin}: missing arrays {missing}; the file has {sorted(present)}. Expected "
+                f"{list(NPZ_REQUIRED)}, optionally {list(NPZ_OPTIONAL)}"
+            )
+        names = _npz_classes(archive, origin)
+        splits = [s for s in SPLIT_NAMES if f"x_{s}" in present]
+        try:
+            raw = {s: (archive[f"x_{s}"], archive[f"y_{s}"]) for s in splits}
+        except ValueError as exc:
+            raise ValueError(f"{origin}: arrays stored as Python objects cannot be read; save numeric arrays") from exc
+    labels = {}
+    for s, (_, y) in raw.items():
+        try:
+            labels[s] = to_labels(y, f"y_{s}")
+        except ValueError as exc:
+            raise ValueError(f"{origin}: {exc}") from exc
+    every = torch.cat(list(labels.values()))
+    classes = default_classes(every) if names is None else check_classes(every, names, f"{origin}: classes")
+    out = {}
+    for s, (x, _) in raw.items():
+        try:
+            inputs = to_inputs(x, f"x_{s}")
+        except ValueError as exc:
+            raise ValueError(f"{origin}: {exc}") from exc
+        if len(inputs) != len(labels[s]):
+            raise ValueError(f"{origin}: x_{s} has {len(inputs)} rows but y_{s} has {len(labels[s])} labels")
+        out[s] = TensorData(x=inputs, y=labels[s], classes=classes, name=f"{p.stem}-{s}")
+    _same_features(out, origin)
+    return DataBundle(train=out["train"], test=out["test"], val=out.get("val"))
+
+
+def _read_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and ``(line number, cells)`` of every non-blank row."""
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{p}: the file is empty; expected a header row naming the columns")
+        header = [h.strip() for h in header]
+        rows = []
+        for cells in reader:
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{p}: line {reader.line_num} has {len(cells)} cells, the header has {len(header)} columns"
+                )
+            rows.append((reader.line_num, cells))
+    if not rows:
+        raise ValueError(f"{p}: no data rows below the header")
+    return header, rows
+
+
+def _column(header: list[str], name: str, option: str, p: Path) -> int:
+    if name not in header:
+        raise ValueError(f"{p}: no column {name!r} (option {option}); the columns are {header}")
+    return header.index(name)
+
+
+def _parse_labels(values: list[str], lines: list[int], p: Path, column: str) -> tuple[list[int], tuple[str, ...]]:
+    """Integer labels (whole numbers, '3' or '3.0') keep their ids; any other value makes them names."""
+    for v, line in zip(values, lines):
+        if not v:
+            raise ValueError(f"{p}: empty {column!r} cell on line {line}; every row needs a label")
+    ids: list[int] = []
+    for v in values:
+        try:
+            f = float(v)
+        except ValueError:
+            break
+        if not f.is_integer():
+            raise ValueError(
+                f"{p}: label {v!r} in column {column!r} is not a whole class id; use integer ids or class names"
+            )
+        ids.append(int(f))
+    else:
+        labels = to_labels(ids, column)
+        return ids, default_classes(labels)
+    names = tuple(sorted(set(values)))
+    lookup = {n: i for i, n in enumerate(names)}
+    return [lookup[v] for v in values], names
+
+
+def _parse_features(rows: list[tuple[int, list[str]]], cols: list[int], header: list[str], p: Path) -> np.ndarray:
+    out = np.empty((len(rows), len(cols)), dtype=np.float32)
+    for r, (line, cells) in enumerate(rows):
+        for j, c in enumerate(cols):
+            try:
+                out[r, j] = float(cells[c])
+            except ValueError:
+                raise ValueError(
+                    f"{p}: column {header[c]!r}, line {line} (data row {r + 1}): {cells[c]!r} is not a number; "
+                    "feature columns must be numeric (encode categories as numbers, or drop the column)"
+                ) from None
+    return out
+
+
+def load_csv(
+    path: str | os.PathLike,
+    label_column: str = "label",
+    split_column: str | None = None,
+    test_size: int | float = 0.2,
+    seed: int = 0,
+) -> DataBundle:
+    """A CSV file with a header row: one numeric column per feature and a label column.
+
+    Labels may be integer class ids (classes ``"0"..``) or names (classes = the sorted unique names).
+    A split column (``split_column``, by default ``split`` when the file has one) assigns rows to
+    ``train``/``val``/``test``; without one, a stratified ``test_size`` share (a fraction, or a count) of
+    the rows, chosen with ``seed``, is the test split. Every other column is a feature.
+    """
+    p = existing_file(path, "csv")
+    header, rows = _read_rows(p)
+    label_at = _column(header, label_column, "label_column", p)
+    split_at = None
+    if split_column is not None:
+        split_at = _column(header, split_column, "split_column", p)
+    elif "split" in header and label_column != "split":
+        split_at = header.index("split")
+    features = [i for i in range(len(header)) if i not in (label_at, split_at)]
+    if not features:
+        raise ValueError(f"{p}: no feature columns besides {header[label_at]!r}")
+    lines = [line for line, _ in rows]
+    y, classes = _parse_labels([cells[label_at].strip() for _, cells in rows], lines, p, header[label_at])
+    x = _parse_features(rows, features, header, p)
+    full = to_tensor_data(x, y, classes=classes, name=p.stem)
+    if split_at is None:
+        n = len(full)
+        count = round(test_size * n) if isinstance(test_size, float) and test_size < 1 else int(test_size)
+        if not 0 < count < n:
+            raise ValueError(f"{p}: test_size must leave both splits non-empty for {n} rows, got {test_size}")
+        train, test = split_validation(full, count, seed=seed)
+        parts = {"train": train, "test": test}
+    else:
+        where = [cells[split_at].strip().lower() for _, cells in rows]
+        for w, line in zip(where, lines):
+            if w not in SPLIT_NAMES:
+                raise ValueError(
+                    f"{p}: column {header[split_at]!r}, line {line}: {w!r} is not one of {list(SPLIT_NAMES)}"
+                )
+        parts = {}
+        for s in SPLIT_NAMES:
+            rows_s = torch.tensor([i for i, w in enumerate(where) if w == s], dtype=torch.long)
+            if len(rows_s):
+                parts[s] = full.subset(rows_s)
+        for s in ("train", "test"):
+            if s not in parts:
+                raise ValueError(f"{p}: column {header[split_at]!r} marks no row as {s!r}; need train and test rows")
+    # Sample ids count within each split, as for every other loader.
+    out = {s: TensorData(d.x, d.y, classes, torch.arange(len(d)), f"{p.stem}-{s}") for s, d in parts.items()}
+    return DataBundle(train=out["train"], test=out["test"], val=out.get("val"))
