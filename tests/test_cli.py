@@ -40,8 +40,11 @@ def test_resume_via_cli(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["train", "--data", "digits", "--model", "mlp:16", "--epochs", "2", "--out", str(out), "--no-progress"]
     assert main(args) == 0
-    assert main(args[:-1] + ["--resume", "--set", "train.epochs=3", "--no-progress"]) == 0
-    assert len((out / "metrics.jsonl").read_text().strip().splitlines()) == 3
+    assert main(args[:-1] + ["--resume", "--no-progress"]) == 0  # a finished run resumes to itself
+    assert len((out / "metrics.jsonl").read_text().strip().splitlines()) == 2
+    # Another schedule would mix two runs into one: refused, naming the field.
+    assert main(args[:-1] + ["--resume", "--set", "train.epochs=3", "--no-progress"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [

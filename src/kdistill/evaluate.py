@@ -33,6 +33,17 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = N
         model.train(was_training)
 
 
+@torch.no_grad()
+def predict_split(model: nn.Module, data, batch_size: int | None = None) -> torch.Tensor:
+    """Logits of ``model`` for every sample of a split, in order: in-memory or streamed from disk."""
+    from .data.dataset import TensorData
+    from .data.stream import iterate
+
+    if isinstance(data, TensorData):
+        return predict_logits(model, data.x, batch_size)
+    return torch.cat([predict_logits(model, x, batch_size) for x, _, _ in iterate(data, batch_size or 512)])
+
+
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE with ``bins`` equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
     probs = F.softmax(logits.float(), dim=1)
@@ -93,4 +104,6 @@ def evaluate_model(
     detailed: bool = True,
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``model`` on ``data``."""
-    return classification_metrics(predict_logits(model, data.x), data.y, teacher_logits, temperature, detailed)
+    from .data.stream import labels_of
+
+    return classification_metrics(predict_split(model, data), labels_of(data), teacher_logits, temperature, detailed)

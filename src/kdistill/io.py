@@ -214,9 +214,15 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
     return model
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Model, optimiser tensors and (as JSON) the loop state, RNG states included, in one safetensors file."""
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Model, optimiser tensors and (as JSON) the loop state, RNG states included, in one safetensors file.
+
+    ``extra``: further named tensors (a method's trainable extras, the keep-best weights) restored by
+    :func:`load_checkpoint` into ``state["extra"]``.
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -248,6 +254,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     state = meta["state"]
     state["rng"] = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    state["extra"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state
 
 

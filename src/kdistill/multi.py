@@ -33,7 +33,6 @@ in ``fit``), except with Adam at per-student rates, whose hand-written update ne
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from .cuda_graph import GraphedStep, graph_safe_teacher
-from .data.augment import jitter_offsets, to_device_async, translate
+from .data.augment import translate
 from .data.dataset import TensorData
 from .distributed import world
 from .evaluate import classification_metrics
@@ -52,7 +51,10 @@ from .io import save_model
 from .losses import stacked_distillation_loss_and_grad
 from .stacked import StackedMLP, StackedOptimizer, mlp_signature
 from .teachers import ModuleTeacher, Teacher
-from .train import FitResult, TrainConfig, fit, lr_factor, prepare_teacher, resolve_device
+from .engine.callbacks import LoopState, MetricsFiles, ProgressBar
+from .engine.loop import run_epochs
+from .engine.sources import make_source
+from .train import FitResult, TrainConfig, fit, prepare_teacher, resolve_device
 
 PER_STUDENT = ("seed", "lr", "momentum", "weight_decay", "temperature", "alpha")
 """TrainConfig fields that may differ between the students of one pass."""
@@ -156,126 +158,151 @@ def fit_grid(
     return fit_many(models, train, configs, **kwargs)
 
 
+class StackedStep:
+    """The stacked backend of :func:`kdistill.engine.loop.run_epochs`: every student of one MLP architecture
+    in one :class:`StackedMLP`, hand-written backward, one optimiser update over the stacked tensors."""
+
+    def __init__(self, models, cfgs, groups, teacher, sources, device) -> None:
+        cfg0 = cfgs[0]
+        self.cfgs, self.cfg0, self.teacher, self.sources, self.device = cfgs, cfg0, teacher, sources, device
+        self.n = len(models)
+        self.net = StackedMLP(models, [len(g) for g in groups], device)
+        self.group_of = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=device)
+        maybe_graph = cfg0.cuda_graph and device.type == "cuda" and graph_safe_teacher(teacher)
+        self.opt = StackedOptimizer(self.net, cfg0.optimizer, [c.lr for c in cfgs], [c.momentum for c in cfgs],
+                                    [c.weight_decay for c in cfgs], cfg0.nesterov and any(c.momentum > 0 for c in cfgs),
+                                    capturable=maybe_graph)
+        self.temps = torch.tensor([c.temperature for c in cfgs], dtype=torch.float64, device=device)
+        self.alphas = torch.tensor([c.alpha for c in cfgs], dtype=torch.float64, device=device)
+        self.need_labels = teacher is None or bool((self.alphas < 1).any())
+        self.loss_sum = torch.zeros(self.n, device=device)
+        self.factor = 1.0
+        self.graphed = None
+        if maybe_graph and self.opt.graph_safe:  # static inputs of the captured step, refilled before every replay
+            bs = cfg0.batch_size
+            self.rows_bufs = [torch.zeros(bs, dtype=torch.long, device=device) for _ in groups]
+            self.offsets_bufs = [torch.zeros(2, bs, dtype=torch.long, device=device) for _ in groups] if cfg0.jitter else None
+            self.factor_buf = torch.ones((), dtype=torch.float64, device=device)
+            self.graphed = GraphedStep(lambda: self._step(self.rows_bufs, self.offsets_bufs, self.factor_buf))
+
+    def _step(self, rows, offsets, factor) -> None:
+        """One update of every student: pure device work, so it can be captured as a CUDA graph."""
+        cfg0, src, net = self.cfg0, self.sources[0], self.net
+        xbs = [src.x.index_select(0, r) for r in rows]
+        if offsets is not None:
+            xbs = [translate(xb, o, cfg0.jitter) for xb, o in zip(xbs, offsets)]
+        logits = net.forward(xbs)
+        losses, grad = _losses(logits, rows, xbs, src.y, src.ids, self.teacher, self.temps, self.alphas,
+                               self.need_labels, self.group_of, cfg0.loss)
+        net.backward(grad)
+        self.opt.step(factor)
+        if cfg0.max_norm:
+            net.apply_max_norm(cfg0.max_norm)
+        if net.max_norm:  # what MLP.constrain does after each of fit's steps
+            net.apply_max_norm(net.max_norm)
+        self.loss_sum.add_(losses.detach())
+
+    def step(self, batches, lr_factor: float, progress: float) -> None:
+        self.factor = lr_factor
+        rows = [b.rows for b in batches]
+        offsets = [b.params.offsets for b in batches] if self.cfg0.jitter else None
+        if self.graphed is None:
+            self._step(rows, offsets, lr_factor)
+            return
+        for buf, r in zip(self.rows_bufs, rows):
+            buf.copy_(r)
+        for buf, o in zip(self.offsets_bufs or [], offsets or []):
+            buf.copy_(o, non_blocking=True)
+        self.factor_buf.fill_(lr_factor)
+        self.graphed()
+
+    def take_losses(self, steps: int) -> list[dict[str, float]]:
+        out = [{"train_loss": v} for v in (self.loss_sum / steps).tolist()]
+        self.loss_sum.zero_()
+        return out
+
+    def lrs(self) -> list[float]:
+        return [c.lr * self.factor for c in self.cfgs]  # the last step's rates, as fit's history reports them
+
+    def predict(self, data) -> list[torch.Tensor]:
+        return list(self.net.predict(data.x))
+
+    def snapshot(self, s: int) -> list[torch.Tensor]:
+        return [self.net.student_view(k, s).clone() for k in range(len(self.net.params))]
+
+    def restore_student(self, s: int, snap: list[torch.Tensor]) -> None:
+        for k, t in enumerate(snap):
+            self.net.student_view(k, s).copy_(t)
+
+
 def _fit_stacked(models, train, configs, teacher, val, test, out, names, progress, device) -> list[FitResult]:
     cfg0 = configs[0]
     n_students = len(models)
     groups = seed_groups(configs)
     order = [i for g in groups for i in g]  # stacked position -> caller's index
     cfgs = [configs[i] for i in order]
-    group_of = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=device)
     gens = [torch.Generator().manual_seed(configs[g[0]].seed) for g in groups]
-
     for m in models:
         m.to(device)
-    net = StackedMLP([models[i] for i in order], [len(g) for g in groups], device)
-    maybe_graph = cfg0.cuda_graph and device.type == "cuda" and graph_safe_teacher(teacher)
-    opt = StackedOptimizer(net, cfg0.optimizer, [c.lr for c in cfgs], [c.momentum for c in cfgs], [c.weight_decay for c in cfgs],
-                           cfg0.nesterov and any(c.momentum > 0 for c in cfgs), capturable=maybe_graph)
-    temps = torch.tensor([c.temperature for c in cfgs], dtype=torch.float64, device=device)
-    alphas = torch.tensor([c.alpha for c in cfgs], dtype=torch.float64, device=device)
-    need_labels = teacher is None or bool((alphas < 1).any())
+    aug = cfg0.augmentation()
+    sources = [make_source(train, device, cfg0.batch_size, aug, 0, 0, 0, 1)] * len(groups)  # one copy of the data
+    backend = StackedStep([models[i] for i in order], cfgs, groups, teacher, sources, device)
     val_teacher = teacher.predict(val) if teacher is not None and val is not None and isinstance(teacher, ModuleTeacher) else None
-
-    x, y, ids = train.x.to(device), train.y.to(device), train.index.to(device)
-    n = len(train)
-    bs = cfg0.batch_size
-    steps_per_epoch = max(1, n // bs)
-    total_steps = steps_per_epoch * cfg0.epochs
-    histories: list[list[dict[str, Any]]] = [[] for _ in range(n_students)]  # stacked order
-    best = [(math.inf, None)] * n_students
-    best_params = [p.clone() for p in net.params] if cfg0.keep_best and val is not None else None
-    if out:
-        for nm in names:
-            (out / nm).mkdir(parents=True, exist_ok=True)
-            (out / nm / "metrics.jsonl").write_text("")
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg0.epochs, desc=f"{n_students} students", leave=False)
-    loss_sum = torch.zeros(n_students, device=device)
-
-    def train_step(rows: list[torch.Tensor], offsets: list[torch.Tensor] | None, factor: float | torch.Tensor) -> None:
-        """One update of every student: pure device work, so it can be captured as a CUDA graph."""
-        xbs = [x.index_select(0, r) for r in rows]
-        if offsets is not None:
-            xbs = [translate(xb, o, cfg0.jitter) for xb, o in zip(xbs, offsets)]
-        logits = net.forward(xbs)
-        losses, grad = _losses(logits, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of, cfg0.loss)
-        net.backward(grad)
-        opt.step(factor)
-        if cfg0.max_norm:
-            net.apply_max_norm(cfg0.max_norm)
-        if net.max_norm:  # what MLP.constrain does after each of fit's steps
-            net.apply_max_norm(net.max_norm)
-        loss_sum.add_(losses.detach())
-
-    graphed = None
-    if maybe_graph and opt.graph_safe:  # static inputs of the captured step, refilled before every replay
-        rows_bufs = [torch.zeros(bs, dtype=torch.long, device=device) for _ in gens]
-        offsets_bufs = [torch.zeros(2, bs, dtype=torch.long, device=device) for _ in gens] if cfg0.jitter else None
-        factor_buf = torch.ones((), dtype=torch.float64, device=device)
-        graphed = GraphedStep(lambda: train_step(rows_bufs, offsets_bufs, factor_buf))
-
-    step = 0
+    state = LoopState(epochs=cfg0.epochs, steps_per_epoch=sources[0].steps_per_epoch,
+                      histories=[[] for _ in range(n_students)], names=[names[i] for i in order])
+    keep = cfg0.keep_best and val is not None
+    best: list[tuple[float, int | None, list | None]] = [(math.inf, None, None)] * n_students
     t0 = time.perf_counter()
-    for epoch in range(cfg0.epochs):
-        perms = [torch.randperm(n, generator=g).to(device) for g in gens]
-        loss_sum.zero_()
-        factor = 1.0
-        for i in range(steps_per_epoch):
-            rows = [p[i * bs : (i + 1) * bs] for p in perms]
-            offsets = [jitter_offsets(len(r), cfg0.jitter, g) for r, g in zip(rows, gens)] if cfg0.jitter else None
-            factor = lr_factor(cfg0.schedule, step, total_steps, cfg0.warmup)
-            if graphed is None:
-                train_step(rows, None if offsets is None else [to_device_async(o, device) for o in offsets], factor)
-            else:
-                for buf, r in zip(rows_bufs, rows):
-                    buf.copy_(r)
-                for buf, o in zip(offsets_bufs or [], offsets or []):
-                    buf.copy_(o.pin_memory(), non_blocking=True)
-                factor_buf.fill_(factor)
-                graphed()
-            step += 1
-        train_loss = (loss_sum / steps_per_epoch).tolist()
-        lrs = [c.lr * factor for c in cfgs]  # the last step's rates, as fit's history reports them
-        val_logits = net.predict(val.x) if val is not None else None
+
+    def evaluate(epoch, losses):
+        val_logits = backend.predict(val) if val is not None else None
         elapsed = round(time.perf_counter() - t0, 3)
+        rows = []
         for s in range(n_students):
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lrs[s], "train_loss": train_loss[s]}
+            row: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": backend.lrs()[s]}
+            if losses is not None:
+                row.update(losses[s])
             if val_logits is not None:
                 m = classification_metrics(val_logits[s], val.y, val_teacher, cfgs[s].temperature, detailed=False)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "count"})
-                if best_params is not None and row["val_errors"] < best[s][0]:
-                    best[s] = (row["val_errors"], epoch + 1)
-                    for k in range(len(net.params)):
-                        _student_slice(net, best_params, k, s).copy_(net.student_view(k, s))
             row["time_s"] = elapsed
-            histories[s].append(row)
-            if out:
-                with open(out / names[order[s]] / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{min(train_loss):.4f}")
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - t0
-    if best_params is not None:
-        for s in range(n_students):
-            if best[s][1] is not None:
-                for k in range(len(net.params)):
-                    net.student_view(k, s).copy_(_student_slice(net, best_params, k, s))
+            rows.append(row)
+        return rows
 
+    def end_of_epoch(rows):
+        for s, row in enumerate(rows):
+            if keep and row["val_errors"] < best[s][0]:
+                best[s] = (row["val_errors"], state.epoch, backend.snapshot(s))
+
+    cbs = []
+    if out:
+        for nm in names:
+            (out / nm).mkdir(parents=True, exist_ok=True)
+        cbs.append(MetricsFiles([out / names[i] for i in order]))
+    if progress:
+        cbs.append(ProgressBar(f"{n_students} students"))
+    for c in cbs:
+        c.on_fit_start(state)
+    try:
+        run_epochs(backend, list(zip(sources, gens)), cfg0, state, evaluate, cbs, end_of_epoch)
+    finally:
+        for c in cbs:
+            c.on_fit_end(state)
+    wall = time.perf_counter() - t0
+    if keep:
+        for s in range(n_students):
+            if best[s][2] is not None:
+                backend.restore_student(s, best[s][2])
+
+    net = backend.net
     net.write_to([models[i] for i in order])
     val_logits = net.predict(val.x) if val is not None else None
     test_logits = net.predict(test.x) if test is not None else None
     results: list[FitResult | None] = [None] * n_students
     for s, idx in enumerate(order):
         model = models[idx].eval()
-        r = FitResult(model=model, history=histories[s], wall_time_s=wall,
-                      best_epoch=best[s][1] if best_params is not None else None)
+        r = FitResult(model=model, history=state.histories[s], wall_time_s=wall,
+                      best_epoch=best[s][1] if keep else None)
         if val_logits is not None:
             r.val = classification_metrics(val_logits[s], val.y, val_teacher, cfgs[s].temperature, detailed=False)
         if test_logits is not None:
@@ -285,14 +312,6 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
                        num_classes=train.num_classes)
         results[idx] = r
     return results  # type: ignore[return-value]
-
-
-def _student_slice(net: StackedMLP, tensors: list[torch.Tensor], k: int, s: int) -> torch.Tensor:
-    """Student ``s``'s slice of ``tensors[k]`` (laid out like ``net.params[k]``)."""
-    if k < 2:
-        w = net.widths[1]
-        return tensors[k][..., s * w : (s + 1) * w]
-    return tensors[k][s]
 
 
 def _losses(z, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of, kind):

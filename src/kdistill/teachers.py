@@ -51,10 +51,33 @@ class ModuleTeacher:
     needs_inputs = True
 
     def __init__(self, module: nn.Module, batch_size: int | None = None) -> None:
+        # What the caller gave, so that :meth:`release` can hand the module back exactly as it was.
+        self._given = (module.training, [p.requires_grad for p in module.parameters()], "train" in vars(module))
         self.module = freeze(module)
         self.module.train = types.MethodType(_stay_in_eval, self.module)  # type: ignore[method-assign]
         self.channels_last = use_channels_last(self.module)
         self.batch_size = batch_size or (256 if self.channels_last else 2048)
+
+    def release(self) -> nn.Module:
+        """Undo the freezing: the module's own ``train()``, training mode and ``requires_grad`` flags come back."""
+        training, flags, had_train = self._given
+        if not had_train and "train" in vars(self.module):
+            del self.module.train
+        for p, flag in zip(self.module.parameters(), flags):
+            p.requires_grad_(flag)
+        self.module.train(training)
+        return self.module
+
+    def weights_hash(self) -> str:
+        """sha256 of the network's state (names, shapes, dtypes, values): what a cache of its outputs is keyed on."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in self.module.state_dict().items():
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     def to(self, device: torch.device | str) -> "ModuleTeacher":
         """Move the network to ``device`` (where the student trains: a live teacher sees its batches)."""
@@ -66,12 +89,12 @@ class ModuleTeacher:
         return self.module(as_layout(x, self.channels_last)).float()
 
     @torch.no_grad()
-    def predict(self, data: TensorData) -> torch.Tensor:
-        """Logits for every sample of ``data``, in order."""
+    def predict(self, data) -> torch.Tensor:
+        """Logits for every sample of ``data`` (in memory or streamed), in order."""
+        from .data.stream import iterate
+
         device = next(self.module.parameters()).device
-        return torch.cat(
-            [self.logits(data.x[i : i + self.batch_size].to(device)).cpu() for i in range(0, len(data), self.batch_size)]
-        )
+        return torch.cat([self.logits(x.to(device)).cpu() for x, _, _ in iterate(data, self.batch_size)])
 
     def cache(self, data: TensorData) -> "CachedTeacher":
         """Run once over ``data`` and return a teacher that looks the logits up by sample id."""
@@ -105,7 +128,7 @@ class CachedTeacher:
         self.row_of = self.row_of.to(device)
         return self
 
-    def check_covers(self, data: TensorData) -> None:
+    def check_covers(self, data) -> None:
         """Raise unless every sample of ``data`` has a cached row."""
         ids = data.index.to(self.row_of.device)
         if len(ids) and (ids.max() >= len(self.row_of) or (self.row_of[ids.clamp_max(len(self.row_of) - 1)] < 0).any()):

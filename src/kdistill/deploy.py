@@ -1,0 +1,364 @@
+"""What a distilled student buys at deployment: size, FLOPs, CPU latency and throughput next to accuracy.
+
+:func:`deployment_table` measures every model the same way (a CPU copy in eval mode, the same test
+split, the same thread count) and states each student relative to the teacher (``x_smaller``,
+``x_fewer_flops``, ``x_faster_b*``, ``accuracy_kept``), so a report answers "how much cheaper, at what
+cost in accuracy". Latency is measured in PyTorch and, when onnxruntime imports, in onnxruntime on a
+model exported with :func:`kdistill.blackbox.export_onnx`. Every measurement is bounded by a time
+budget, so tiny models take milliseconds and big ones cannot stall a run.
+
+:func:`deployment_markdown` renders the table; :func:`write_deployment` adds it to a run's
+``results.json`` (key ``deployment``) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.dataset import TensorData
+from .evaluate import classification_metrics, predict_logits
+from .io import save_model, write_json, write_text
+from .models.counting import count_flops, count_parameters
+from .models.layout import as_layout, use_channels_last
+
+BACKENDS = ("torch", "onnx")
+_MD_BEGIN, _MD_END = "<!-- kdistill:deployment -->", "<!-- /kdistill:deployment -->"
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def median_ms(fn: Callable[[], Any], *, repeats: int, budget_s: float, warmup: int = 2) -> tuple[float, int]:
+    """Median wall time of ``fn()`` in ms over up to ``repeats`` timed calls, and how many were timed.
+
+    ``warmup`` untimed calls come first (allocator, oneDNN primitive caches, lazy init). Warm-up and
+    timing together stop once ``budget_s`` is spent, after at least one warm-up and one timed call,
+    so a slow model is measured fewer times instead of blowing the run's time.
+    """
+    deadline = time.perf_counter() + budget_s
+    for i in range(max(1, warmup)):
+        fn()
+        if i and time.perf_counter() > deadline:
+            break
+    times: list[float] = []
+    while len(times) < max(1, repeats) and (not times or time.perf_counter() < deadline):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000.0, len(times)
+
+
+def _batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` samples of ``x`` (cycled when ``x`` has fewer), contiguous on the CPU."""
+    rows = torch.arange(size) % len(x)
+    return x[rows].float().cpu().contiguous()
+
+
+def torch_latency(net: nn.Module, x: torch.Tensor, batches: Sequence[int], *, repeats: int,
+                  budget_s: float) -> dict[int, float]:
+    """Median ms per forward of the CPU module ``net`` at each batch size, under ``torch.inference_mode``."""
+    nhwc = use_channels_last(net)
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        for b in batches:
+            xb = as_layout(_batch(x, b), nhwc)
+            out[b], _ = median_ms(lambda: net(xb), repeats=repeats, budget_s=budget_s)
+    return out
+
+
+def _onnxruntime() -> Any | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def onnx_measure(net: nn.Module, x: torch.Tensor, in_shape: Sequence[int], batches: Sequence[int], *,
+                 repeats: int, budget_s: float, reference: torch.Tensor | None = None) -> dict[str, Any]:
+    """Export ``net`` to ONNX in a temporary directory and time it in onnxruntime (CPU, torch's threads).
+
+    Returns ``{"latency": {batch: ms}, "max_abs_diff": float}`` (the largest logit difference from
+    ``reference`` on the first batch, a check that the export computes the same function) or
+    ``{"note": why}`` when the export or the session fails; the table then keeps the torch numbers only.
+    """
+    from .blackbox import export_onnx
+
+    ort = _onnxruntime()
+    if ort is None:
+        return {"note": "onnxruntime not installed"}
+    with tempfile.TemporaryDirectory(prefix="kdistill-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            export_onnx(net, path, in_shape)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # the exporter and onnxruntime raise many exception types
+            first = (str(exc).splitlines() or [""])[0][:200]
+            return {"note": f"onnx export failed: {type(exc).__name__}: {first}"}
+        name = session.get_inputs()[0].name
+        result: dict[str, Any] = {"latency": {}}
+        for b in batches:
+            feed = {name: _batch(x, b).numpy()}
+            result["latency"][b], _ = median_ms(lambda: session.run(None, feed), repeats=repeats, budget_s=budget_s)
+        if reference is not None:
+            n = min(len(reference), len(x), max(batches))
+            got = torch.from_numpy(session.run(None, {name: _batch(x, n).numpy()})[0])
+            result["max_abs_diff"] = float((got - reference[:n]).abs().max())
+    return result
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def weights_size(model: nn.Module, path: str | os.PathLike | None = None) -> int:
+    """Bytes on disk of the model's safetensors file: ``path`` when given, else a temporary ``save_model``."""
+    if path is not None:
+        return Path(path).stat().st_size
+    with tempfile.TemporaryDirectory(prefix="kdistill-size-") as tmp:
+        file = Path(tmp) / "model.safetensors"
+        save_model(file, model)
+        return file.stat().st_size
+
+
+def machine_info(onnx_used: bool) -> dict[str, Any]:
+    """Where the latencies were measured: CPU, core and thread counts, library versions."""
+    ort = _onnxruntime() if onnx_used else None
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": getattr(ort, "__version__", None),
+    }
+
+
+def _measure_model(net: nn.Module, test: TensorData, in_shape: Sequence[int], batches: Sequence[int], *,
+                   repeats: int, budget_s: float, onnx: bool, teacher_logits: torch.Tensor | None,
+                   weights_path: str | os.PathLike | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """One row (without the ratios to the teacher) and the model's test logits."""
+    logits = predict_logits(net, test.x)
+    m = classification_metrics(logits, test.y, teacher_logits)
+    row: dict[str, Any] = {
+        "spec": getattr(net, "spec", None) or type(net).__name__,
+        "params": count_parameters(net),
+        "size_bytes": weights_size(net, weights_path),
+        "flops": count_flops(net, in_shape),
+    }
+    n_timings = len(batches) * (2 if onnx else 1)
+    per = budget_s / max(1, n_timings)
+    for b, ms in torch_latency(net, test.x, batches, repeats=repeats, budget_s=per).items():
+        row[f"latency_ms_torch_b{b}"] = ms
+    row["throughput_torch_sps"] = max(batches) / (row[f"latency_ms_torch_b{max(batches)}"] / 1000.0)
+    if onnx:
+        o = onnx_measure(net, test.x, in_shape, batches, repeats=repeats, budget_s=per,
+                         reference=logits[: max(batches)])
+        if "note" in o:
+            row["onnx_note"] = o["note"]
+        else:
+            for b, ms in o["latency"].items():
+                row[f"latency_ms_onnx_b{b}"] = ms
+            row["throughput_onnx_sps"] = max(batches) / (o["latency"][max(batches)] / 1000.0)
+            row["onnx_max_abs_diff"] = o.get("max_abs_diff")
+    row.update({"accuracy": m["accuracy"], "errors": m["errors"], "nll": m["nll"], "ece": m["ece"]})
+    if "teacher_agreement" in m:
+        row["teacher_agreement"] = m["teacher_agreement"]
+    return row, logits
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None when either is missing or the denominator is 0."""
+    if num is None or den is None or den == 0:
+        return None
+    return float(num) / float(den)
+
+
+def add_ratios(rows: dict[str, dict[str, Any]], teacher: str, batches: Iterable[int]) -> None:
+    """Each row relative to the teacher's: larger ``x_*`` is better for the row; ``accuracy_kept`` ~ 1."""
+    t = rows[teacher]
+    for row in rows.values():
+        row["x_smaller"] = _ratio(t["params"], row["params"])
+        row["x_fewer_flops"] = _ratio(t["flops"], row["flops"])
+        for b in batches:
+            key = f"latency_ms_torch_b{b}"
+            row[f"x_faster_b{b}"] = _ratio(t[key], row[key])
+        row["accuracy_kept"] = _ratio(row["accuracy"], t["accuracy"])
+
+
+def deployment_table(
+    models: dict[str, nn.Module],
+    test: TensorData,
+    *,
+    teacher_name: str | None = "teacher",
+    input_shape: Sequence[int] | None = None,
+    latency_batches: Sequence[int] = (1, 256),
+    repeats: int = 15,
+    budget_s: float = 2.0,
+    onnx: bool | None = None,
+    weights_paths: dict[str, str | os.PathLike] | None = None,
+) -> dict[str, Any]:
+    """Measure ``models`` for deployment on ``test`` (a labelled split); a JSON-able dict.
+
+    Per model (a CPU deep copy in eval mode; the originals are not touched): ``params``, ``size_bytes``
+    (its safetensors file from ``weights_paths``, else a temporary :func:`~kdistill.io.save_model`),
+    ``flops`` per sample (:func:`~kdistill.models.count_flops`: 2 per multiply-add), median
+    ``latency_ms_{torch,onnx}_b{B}`` for each batch size B of ``latency_batches`` (at most
+    ``repeats`` timed runs after warm-up; at most ``budget_s`` seconds per model for all its timings),
+    ``throughput_{torch,onnx}_sps`` (samples/s at the largest batch), test ``accuracy``, ``errors``,
+    ``nll``, ``ece``, ``teacher_agreement`` and, relative to the ``teacher_name`` row, ``x_smaller``,
+    ``x_fewer_flops``, ``x_faster_b{B}`` (torch latency) and ``accuracy_kept``.
+
+    ``onnx``: None measures onnxruntime when it imports, True as well (a note says why when it cannot),
+    False never. ``teacher_name=None`` leaves out the agreement and the ratios.
+    """
+    if not models:
+        raise ValueError("deployment: no models to measure")
+    if teacher_name is not None and teacher_name not in models:
+        raise ValueError(f"deployment: teacher {teacher_name!r} is not one of the models {sorted(models)}; "
+                         "pass teacher_name=None for a table without ratios")
+    if len(test) == 0 or test.has_unlabelled:
+        raise ValueError(f"deployment: {test.name} must be a non-empty, fully labelled split")
+    batches = sorted({int(b) for b in latency_batches})
+    if not batches or batches[0] < 1:
+        raise ValueError(f"deployment: latency_batches must be positive batch sizes, got {latency_batches}")
+    in_shape = tuple(input_shape or test.input_shape)
+    use_onnx = onnx is not False
+    weights_paths = weights_paths or {}
+    order = ([teacher_name] if teacher_name else []) + [n for n in models if n != teacher_name]
+    rows: dict[str, dict[str, Any]] = {}
+    teacher_logits = None
+    for name in order:
+        net = copy.deepcopy(models[name]).cpu().eval()
+        rows[name], logits = _measure_model(
+            net, test, in_shape, batches, repeats=repeats, budget_s=budget_s, onnx=use_onnx,
+            teacher_logits=teacher_logits, weights_path=weights_paths.get(name))
+        if name == teacher_name:
+            teacher_logits = logits
+            rows[name]["teacher_agreement"] = 1.0
+    rows = {n: rows[n] for n in models}  # the caller's order
+    if teacher_name is not None:
+        add_ratios(rows, teacher_name, batches)
+    return {
+        "rows": rows,
+        "teacher": teacher_name,
+        "machine": machine_info(use_onnx),
+        "settings": {"latency_batches": batches, "repeats": repeats, "budget_s": budget_s,
+                     "input_shape": list(in_shape), "test": test.name, "test_count": len(test),
+                     "onnx": use_onnx},
+    }
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def human(n: float | None, unit: str = "") -> str:
+    """``1.28M``-style numbers (k, M, G) for parameter, FLOP and byte counts."""
+    if n is None:
+        return "–"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
+
+
+def _num(digits: int) -> Callable[[Any], str]:
+    return lambda v: "–" if v is None else f"{v:.{digits}f}"
+
+
+def _times(v: Any) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def deployment_columns(table: dict[str, Any]) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """``(header, row key, formatter)`` of the columns present in ``table``; shared with the HTML report."""
+    rows = table["rows"].values()
+    present = {k for r in rows for k in r}
+    batches = table.get("settings", {}).get("latency_batches") or sorted(
+        int(k.rsplit("_b", 1)[1]) for k in present if k.startswith("latency_ms_torch_b"))
+    cols: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("params", "params", human), ("size", "size_bytes", lambda v: human(v, "B")), ("FLOPs", "flops", human)]
+    for backend in BACKENDS:
+        cols += [(f"{backend} b{b} ms", f"latency_ms_{backend}_b{b}", _num(3)) for b in batches]
+        cols.append((f"{backend} samples/s", f"throughput_{backend}_sps", lambda v: human(v)))
+    cols += [("accuracy", "accuracy", _num(4)), ("NLL", "nll", _num(4)), ("ECE", "ece", _num(4)),
+             ("agreement", "teacher_agreement", _num(4)), ("× smaller", "x_smaller", _times),
+             ("× fewer FLOPs", "x_fewer_flops", _times)]
+    cols += [(f"× faster b{b}", f"x_faster_b{b}", _times) for b in batches]
+    cols.append(("accuracy kept", "accuracy_kept", _num(4)))
+    return [c for c in cols if c[1] in present]
+
+
+def deployment_notes(table: dict[str, Any]) -> list[str]:
+    """One line on where and how it was measured, plus the ONNX notes of rows without ONNX numbers."""
+    m, s = table.get("machine", {}), table.get("settings", {})
+    lines = [f"Measured on {m.get('processor', '?')} ({m.get('cpu_count', '?')} cores, "
+             f"{m.get('torch_threads', '?')} torch threads), torch {m.get('torch', '?')}"
+             + (f", onnxruntime {m['onnxruntime']}" if m.get("onnxruntime") else "")
+             + f"; median of up to {s.get('repeats', '?')} runs after warm-up, at most "
+             f"{s.get('budget_s', '?')} s per model; {s.get('test_count', '?')} test samples."]
+    if table.get("teacher"):
+        lines.append(f"Ratios are relative to `{table['teacher']}` (× faster: torch latency).")
+    lines += [f"`{n}`: {r['onnx_note']}" for n, r in table["rows"].items() if r.get("onnx_note")]
+    return lines
+
+
+def deployment_markdown(table: dict[str, Any]) -> str:
+    """The table in Markdown: one row per model, one column per measured quantity, notes below."""
+    cols = deployment_columns(table)
+    lines = ["## Deployment (CPU)", "", "| model | " + " | ".join(h for h, _, _ in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for name, row in table["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f(row.get(k)) for _, k, f in cols) + " |")
+    lines += [""] + [f"- {n}" for n in deployment_notes(table)]
+    return "\n".join(lines) + "\n"
+
+
+def _replace_section(text: str, section: str) -> str:
+    """``text`` with its deployment section (between the markers) replaced by ``section``, or appended."""
+    block = f"{_MD_BEGIN}\n{section.rstrip()}\n{_MD_END}\n"
+    start, end = text.find(_MD_BEGIN), text.find(_MD_END)
+    if start != -1 and end > start:
+        return text[:start] + block + text[end + len(_MD_END):].lstrip("\n")
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+
+
+def write_deployment(out_dir: str | os.PathLike, table: dict[str, Any]) -> None:
+    """Store ``table`` under ``deployment`` in ``results.json`` and its Markdown in ``results.md``.
+
+    Both files are rewritten atomically; running it again replaces the earlier table instead of
+    adding a second one. Missing files are created.
+    """
+    out = Path(out_dir)
+    results_path, md_path = out / "results.json", out / "results.md"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["deployment"] = _jsonable(table)
+    write_json(results_path, results)
+    old = md_path.read_text() if md_path.is_file() else ""
+    write_text(md_path, _replace_section(old, deployment_markdown(table)))
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` with int dict keys as strings and non-finite floats as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

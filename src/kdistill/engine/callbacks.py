@@ -1,0 +1,131 @@
+"""Callbacks: code that runs at points of the loop without being part of it.
+
+The built-in logging (``metrics.jsonl`` and ``metrics.csv``), the progress bar and early stopping are
+callbacks too. A callback implements any of :meth:`Callback.on_step` (every ``every_steps`` steps),
+:meth:`Callback.on_eval` (each evaluation row, also mid-epoch ones) and :meth:`Callback.on_epoch_end`;
+setting ``state.stop = True`` ends training after the current epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LoopState:
+    """What the loop knows between steps, as callbacks see it (one history per student)."""
+
+    epochs: int
+    steps_per_epoch: int
+    epoch: int = 0
+    step: int = 0
+    histories: list[list[dict[str, Any]]] = field(default_factory=list)
+    stop: bool = False
+    names: list[str] = field(default_factory=lambda: ["model"])
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    every_steps: int = 0
+
+    def on_fit_start(self, state: LoopState) -> None: ...
+
+    def on_step(self, state: LoopState) -> None: ...
+
+    def on_eval(self, state: LoopState, student: int, row: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, state: LoopState, rows: list[dict[str, Any]]) -> None: ...
+
+    def on_fit_end(self, state: LoopState) -> None: ...
+
+
+class MetricsFiles(Callback):
+    """``metrics.jsonl`` and ``metrics.csv`` in each student's directory, rewritten from the history each epoch
+    (atomically, so a killed run never leaves a half row or a duplicated epoch)."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.dirs = dirs
+
+    def on_fit_start(self, state: LoopState) -> None:
+        self._write(state)
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        self._write(state)
+
+    def _write(self, state: LoopState) -> None:
+        from ..io import write_text
+
+        for d, history in zip(self.dirs, state.histories):
+            write_text(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            keys: list[str] = []
+            for r in history:
+                keys += [k for k in r if k not in keys]
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+            write_text(d / "metrics.csv", buf.getvalue() if history else "")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over epochs with the latest loss and validation errors."""
+
+    def __init__(self, desc: str, start_epoch: int = 0) -> None:
+        self.desc, self.start = desc, start_epoch
+        self.bar = None
+
+    def on_fit_start(self, state: LoopState) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.epochs, initial=self.start, desc=self.desc, leave=False)
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        self.bar.update(1)
+        best = min(rows, key=lambda r: r.get("train_loss", math.inf))
+        self.bar.set_postfix(loss=f"{best['train_loss']:.4f}", val_err=best.get("val_errors", "-"))
+
+    def on_fit_end(self, state: LoopState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` (a validation metric in the epoch rows) has not improved for ``patience`` epochs.
+
+    ``mode``: ``min`` (errors, loss) or ``max`` (accuracy). With several students, it watches the first.
+    """
+
+    def __init__(self, monitor: str = "val_errors", patience: int = 5, mode: str = "min", min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"early stopping: mode must be 'min' or 'max', got {mode!r}")
+        if patience < 1:
+            raise ValueError(f"early stopping: patience must be >= 1, got {patience}")
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
+        self.best: float | None = None
+        self.bad = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        if self.monitor not in rows[0]:
+            raise ValueError(f"early stopping: no {self.monitor!r} in the epoch row (give val data); "
+                             f"it has {sorted(rows[0])}")
+        value = float(rows[0][self.monitor])
+        better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
+                                       else value > self.best + self.min_delta)
+        if better:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                state.stop, self.stopped_epoch = True, state.epoch

@@ -1,0 +1,109 @@
+"""What decides a training run (:class:`TrainConfig`) and what it returns (:class:`FitResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+from ..losses import LOSS_KINDS
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; validated before any work starts."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"
+    warmup: float = 0.1
+    max_norm: float | None = None
+    jitter: int = 0
+    seed: int = 0
+    # Distillation (ignored without a teacher).
+    temperature: float = 1.0
+    alpha: float = 1.0
+    loss: str = "kl"
+    cache_teacher: bool = True
+    # Evaluation and bookkeeping.
+    eval_every_steps: int = 0
+    keep_best: bool = False
+    checkpoint: bool = True
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    cuda_graph: bool = True  # on CUDA, replay each step as one captured graph (no effect elsewhere)
+    # Augmentation and cached teaching (see kdistill.data.augment and kdistill.engine.views).
+    augment: str = ""  # batched ops on the device, e.g. "crop4,flip"; `jitter: N` is the same as "cropN"
+    teacher_views: int = 0  # > 0: run the teacher once on this many fixed augmented views per sample, cache them
+    teacher_topk: int = 0  # store only the top-k logits of each cached view (0: all classes)
+    teacher_cache: str | None = None  # file of cached views (default: OUT/teacher_views.safetensors)
+    workers: int = 0  # DataLoader workers for streamed (on-disk) data
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(0 <= self.warmup < 1, "warmup", "is a fraction of the steps in [0, 1)")
+        need(self.max_norm is None or self.max_norm > 0, "max_norm", "must be > 0 or null")
+        need(isinstance(self.jitter, int) and self.jitter >= 0, "jitter", "is a pixel count >= 0")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(0 <= self.alpha <= 1, "alpha", "is the soft-target weight, in [0, 1]")
+        need(self.loss in LOSS_KINDS, "loss", f"must be one of {LOSS_KINDS}")
+        need(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
+        need(isinstance(self.teacher_views, int) and self.teacher_views >= 0, "teacher_views", "is a view count >= 0")
+        need(isinstance(self.teacher_topk, int) and self.teacher_topk >= 0, "teacher_topk", "is a class count >= 0 (0: all)")
+        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "is a process count >= 0")
+        from ..data.augment import parse_augment
+
+        aug = parse_augment(self.augment or None)
+        need(not (self.jitter and aug.pixels), "jitter", "and a crop in train.augment both translate; give one of them")
+        need(not (self.teacher_views and aug.is_identity and not self.jitter), "teacher_views",
+             "caches augmented views; set train.augment (e.g. crop4,flip) or leave teacher_views at 0")
+
+    def augmentation(self):
+        """The batched augmentation this config asks for (``jitter: N`` is ``cropN``)."""
+        from dataclasses import replace as _replace
+
+        from ..data.augment import parse_augment
+
+        aug = parse_augment(self.augment or None)
+        return _replace(aug, crop=self.jitter) if self.jitter else aug
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"train: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
+    wall_time_s: float = 0.0
+    best_epoch: int | None = None

@@ -1,0 +1,53 @@
+"""``kd``: Hinton, Vinyals & Dean (2015), soft targets at temperature T mixed with the hard labels.
+
+``alpha`` is the soft-target weight: ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(labels)``. ``kind``
+picks the soft term (``kl``, ``soft_ce``, ``logit_mse``, ``prob_mse``; see :mod:`kdistill.losses`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import LOSS_KINDS, soft_loss
+from .base import Method, StepIO, register
+
+
+def check_temperature(value: float, field: str = "method.temperature") -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1e4):
+        raise ValueError(f"{field}: must be a finite number in (0, 1e4], got {value!r}")
+
+
+def check_weight(value: float, field: str, upper: float | None = None) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 and (upper is None or value <= upper)):
+        bound = f"[0, {upper}]" if upper is not None else ">= 0 and finite"
+        raise ValueError(f"{field}: must be {bound}, got {value!r}")
+
+
+@register("kd")
+class KD(Method):
+    """Soft targets (``alpha``) plus hard labels (``1 - alpha``); the terms are logged as ``kd`` and ``ce``."""
+
+    stackable = True
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, kind: str = "kl") -> None:
+        super().__init__()
+        check_temperature(temperature)
+        check_weight(alpha, "method.alpha", 1.0)
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"method.kind: must be one of {LOSS_KINDS}, got {kind!r}")
+        self.temperature, self.alpha, self.kind = float(temperature), float(alpha), kind
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.alpha < 1
+
+    def losses(self, io: StepIO) -> dict[str, torch.Tensor]:
+        logits = io.student_logits.float()
+        soft = soft_loss(logits, io.teacher_logits, temperature=self.temperature, kind=self.kind)
+        if self.alpha == 1.0:
+            return {"kd": soft}
+        hard = F.cross_entropy(logits, io.labels).to(soft.dtype)
+        return {"kd": self.alpha * soft, "ce": (1.0 - self.alpha) * hard}

@@ -1,0 +1,22 @@
+"""``ce``: plain supervised training on the hard labels (a student's baseline, or a teacher's training)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, StepIO, register
+
+
+@register("ce")
+class CrossEntropy(Method):
+    """Cross-entropy with the hard labels; no teacher."""
+
+    needs_teacher = False
+    stackable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def losses(self, io: StepIO) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(io.student_logits.float(), io.labels)}

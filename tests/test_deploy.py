@@ -1,0 +1,148 @@
+"""Deployment table: sizes, FLOPs, bounded latency timing, metrics, ratios to the teacher, result files."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from kdistill import deploy
+from kdistill.data.dataset import TensorData
+from kdistill.deploy import deployment_markdown, deployment_table, median_ms, write_deployment
+from kdistill.io import save_model
+from kdistill.models import build_model, count_flops
+
+SHAPE = (1, 4, 4)  # 16 inputs
+CLASSES = 3
+FAST = {"repeats": 3, "budget_s": 0.2}
+
+
+def _has_ort() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, *SHAPE, generator=g)
+    y = torch.randint(0, CLASSES, (40,), generator=g)
+    test = TensorData(x, y, tuple("abc"), name="tiny-test")
+    models = {"teacher": build_model("mlp:32,32", SHAPE, CLASSES, seed=0),
+              "student": build_model("mlp:8", SHAPE, CLASSES, seed=1)}
+    return test, models
+
+
+@pytest.fixture(scope="module")
+def table(tiny):
+    test, models = tiny
+    return deployment_table(models, test, **FAST)
+
+
+def test_flops_keep_the_two_per_multiply_add_convention():
+    m = build_model("mlp:8", SHAPE, CLASSES)
+    m.train()
+    assert count_flops(m, SHAPE) == 2 * (16 * 8 + 8 * CLASSES)  # biases, activations not counted
+    assert m.training  # mode restored
+
+
+def test_every_field_and_the_counts(tiny, table):
+    test, models = tiny
+    assert table["teacher"] == "teacher" and list(table["rows"]) == ["teacher", "student"]
+    assert {"cpu_count", "torch_threads", "torch", "processor"} <= set(table["machine"])
+    want = {"params", "size_bytes", "flops", "latency_ms_torch_b1", "latency_ms_torch_b256", "throughput_torch_sps",
+            "accuracy", "errors", "nll", "ece", "teacher_agreement", "x_smaller", "x_fewer_flops",
+            "x_faster_b1", "x_faster_b256", "accuracy_kept"}
+    if _has_ort():
+        want |= {"latency_ms_onnx_b1", "latency_ms_onnx_b256", "throughput_onnx_sps"}
+    hand_flops = {"teacher": 2 * (16 * 32 + 32 * 32 + 32 * CLASSES), "student": 2 * (16 * 8 + 8 * CLASSES)}
+    for name, row in table["rows"].items():
+        assert want <= set(row), (name, want - set(row))
+        assert row["params"] == sum(p.numel() for p in models[name].parameters())
+        assert row["flops"] == hand_flops[name]
+        assert all(row[k] > 0 for k in row if k.startswith(("latency_ms_", "throughput_")))
+        assert row["throughput_torch_sps"] == pytest.approx(256 / (row["latency_ms_torch_b256"] / 1000))
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and row["errors"] == round((1 - row["accuracy"]) * 40)
+        if _has_ort():
+            assert row["onnx_max_abs_diff"] < 1e-4 and "onnx_note" not in row
+    json.dumps(table, allow_nan=False)  # strict JSON
+
+
+def test_sizes_are_the_safetensors_files(tiny, table, tmp_path):
+    test, models = tiny
+    path = tmp_path / "s.safetensors"
+    save_model(path, models["student"])
+    assert table["rows"]["student"]["size_bytes"] == path.stat().st_size
+    given = deployment_table({"student": models["student"]}, test, teacher_name=None, onnx=False,
+                             weights_paths={"student": path}, **FAST)
+    assert given["rows"]["student"]["size_bytes"] == path.stat().st_size
+
+
+def test_ratios_follow_the_rows(tiny, table):
+    test, models = tiny
+    t, s = table["rows"]["teacher"], table["rows"]["student"]
+    assert t["x_smaller"] == t["x_fewer_flops"] == t["x_faster_b1"] == t["accuracy_kept"] == 1.0
+    assert t["teacher_agreement"] == 1.0
+    assert s["x_smaller"] == pytest.approx(t["params"] / s["params"])
+    assert s["x_fewer_flops"] == pytest.approx(t["flops"] / s["flops"])
+    for b in (1, 256):
+        assert s[f"x_faster_b{b}"] == pytest.approx(t[f"latency_ms_torch_b{b}"] / s[f"latency_ms_torch_b{b}"])
+    assert s["accuracy_kept"] == pytest.approx(s["accuracy"] / t["accuracy"])
+    with torch.no_grad():
+        pred = {n: models[n].eval()(test.x).argmax(1) for n in ("student", "teacher")}
+    agree = (pred["student"] == pred["teacher"]).float().mean()
+    assert s["teacher_agreement"] == pytest.approx(float(agree))
+
+
+def test_models_are_left_alone_and_options(tiny):
+    test, models = tiny
+    models["student"].train()
+    out = deployment_table(models, test, teacher_name=None, onnx=False, latency_batches=(2,), **FAST)
+    assert models["student"].training
+    row = out["rows"]["student"]
+    assert "latency_ms_torch_b2" in row and not any("onnx" in k for k in row)
+    assert "x_smaller" not in row and "teacher_agreement" not in row and out["teacher"] is None
+    with pytest.raises(ValueError, match="teacher 'boss'"):
+        deployment_table(models, test, teacher_name="boss")
+
+
+def test_failed_onnx_export_is_a_note(tiny, monkeypatch):
+    if not _has_ort():
+        pytest.skip("onnxruntime not installed")
+    import kdistill.blackbox
+
+    def broken(*_a, **_k):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(kdistill.blackbox, "export_onnx", broken)
+    test, models = tiny
+    out = deployment_table({"student": models["student"]}, test, teacher_name=None, **FAST)
+    row = out["rows"]["student"]
+    assert "unsupported operator" in row["onnx_note"] and "latency_ms_onnx_b1" not in row
+    assert "unsupported operator" in deployment_markdown(out)
+
+
+def test_timing_stays_within_budget():
+    t0 = time.perf_counter()
+    ms, runs = median_ms(lambda: time.sleep(0.02), repeats=1000, budget_s=0.1)
+    assert time.perf_counter() - t0 < 0.5 and 1 <= runs <= 6 and ms >= 15
+
+
+def test_markdown_and_result_files(table, tmp_path):
+    md = deployment_markdown(table)
+    assert "| teacher |" in md and "| student |" in md and "× smaller" in md and "torch b256 ms" in md
+    (tmp_path / "results.json").write_text(json.dumps({"experiment": "x", "models": {"a": {"test_errors": 1}}}))
+    (tmp_path / "results.md").write_text("# x\n\nbody\n")
+    write_deployment(tmp_path, table)
+    write_deployment(tmp_path, table)  # a rerun replaces the section instead of adding one
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["models"] == {"a": {"test_errors": 1}}
+    assert set(results["deployment"]["rows"]) == {"teacher", "student"}
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# x\n\nbody\n") and text.count("## Deployment") == 1 and "| student |" in text
+    fresh = tmp_path / "new"
+    write_deployment(fresh, table)
+    assert (fresh / "results.json").is_file() and "| teacher |" in (fresh / "results.md").read_text()
