@@ -21,17 +21,23 @@ DEFAULTS: dict[str, Any] = {
     "data": {"name": "mnist", "path": None, "val_size": None, "seed": 0},
     "train": {},
 }
+DATA_HELP = ("data set: mnist, fashion-mnist, cifar10, cifar100, digits, synthetic, or a file/folder: npz:FILE.npz "
+             "(x_train, y_train, x_test, y_test[, x_val, y_val, classes]), csv:FILE.csv (feature columns + label), "
+             "folder:DIR (DIR/train/CLASS/*.png, DIR/test/..., optional DIR/val/...)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with data/model/teacher/train sections")
-    p.add_argument("--data", help="data set name (mnist, fashion-mnist, digits, synthetic)")
+    p.add_argument("--data", help=DATA_HELP + " (default: mnist)")
     p.add_argument("--data-path", help="directory holding the data set's files (tried before any download)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=["sgd", "adam"])
     p.add_argument("--jitter", type=int, help="random translation of up to this many pixels")
+    p.add_argument("--augment", help="batched augmentation on the device, e.g. crop4,flip (teacher and student see the same view)")
+    p.add_argument("--method", help="training method: ce (hard labels), kd, dkd, fitnet, at (default: ce for train, kd for "
+                   "distill); its options with -T, --alpha or --set method.NAME=VALUE")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.weight_decay=5e-4")
@@ -44,7 +50,8 @@ def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     cfg = config_mod.merge(DEFAULTS, config_mod.load_yaml(args.config) if args.config else {})
     flags = {"data": {"name": args.data, "path": args.data_path}, "train": {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer,
-        "jitter": args.jitter, "seed": args.seed, "device": args.device}}
+        "jitter": args.jitter, "augment": args.augment, "seed": args.seed, "device": args.device},
+        "method": {"name": args.method}}
     flags = {sec: {k: v for k, v in vals.items() if v is not None} for sec, vals in flags.items()}
     cfg = config_mod.merge(cfg, flags)
     cfg = config_mod.merge(cfg, {k: v for k, v in extra.items() if v is not None})
@@ -61,6 +68,34 @@ def _load_data(cfg: dict[str, Any]):
     return data.load(name, val_size=val_size, seed=seed, **d)
 
 
+def _method_section(cfg: dict[str, Any], distill: bool) -> dict[str, Any]:
+    """The ``method`` section with its name defaulted; KD reads ``train.temperature/alpha/loss`` where the
+    method section does not set them (configs written before methods were modules)."""
+    m = cfg.get("method") or {}
+    if isinstance(m, str):
+        m = {"name": m}
+    if not isinstance(m, dict):
+        raise ValueError(f"method: a name or a mapping with name and options, not {type(m).__name__}")
+    m = dict(m)
+    m["name"] = m.get("name") or ("kd" if distill else "ce")
+    if m["name"] == "kd":
+        for tk, mk in (("temperature", "temperature"), ("alpha", "alpha"), ("loss", "kind")):
+            if mk not in m and tk in cfg.get("train", {}):
+                m[mk] = cfg["train"][tk]
+    return m
+
+
+def _teacher_model(cfg: dict[str, Any], bundle):
+    """``--teacher-model SPEC --teacher-weights FILE``: any registry/adapter model with weights from a file."""
+    from .io import load_model
+
+    spec, weights = cfg.get("teacher_model"), cfg.get("teacher_weights")
+    if bool(spec) != bool(weights):
+        raise ValueError("--teacher-model and --teacher-weights go together: the spec builds the network, the file "
+                         "fills it (kdistill or plain safetensors, or a torch.save state dict read with weights_only)")
+    return load_model(weights, spec=spec, in_shape=bundle.input_shape, num_classes=bundle.train.num_classes)
+
+
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
     from .distributed import init_from_env
     from .report import write_run_files
@@ -70,20 +105,30 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
     extra: dict[str, Any] = {"model": args.model}
     if distill:
         extra.update({"teacher": args.teacher, "teacher_logits": args.teacher_logits, "teacher_onnx": args.teacher_onnx,
+                      "teacher_model": args.teacher_model, "teacher_weights": args.teacher_weights,
                       "ensemble_mean": args.ensemble_mean, "unlabelled": args.unlabelled or None,
-                      "fraction": args.fraction, "train": {k: v for k, v in {
-                          "temperature": args.temperature, "alpha": args.alpha, "loss": args.loss}.items() if v is not None}})
+                      "fraction": args.fraction, "method": {k: v for k, v in {
+                          "temperature": args.temperature, "alpha": args.alpha, "kind": args.loss}.items() if v is not None}})
     cfg = _resolve(args, extra)
+    from .methods import build_method
+
+    cfg["method"] = _method_section(cfg, distill)
+    method_opts = {k: v for k, v in cfg["method"].items() if k != "name"}
+    method = build_method(cfg["method"]["name"], method_opts)  # validates its options before any work
     if not cfg.get("model"):
         raise ValueError("model: give a model spec, e.g. --model mlp:800,800 (or `model:` in the config)")
-    if distill and not any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx")):
+    if distill and not any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx", "teacher_model")):
         raise ValueError("teacher: give --teacher WEIGHTS.safetensors (a model saved by `kdistill train`), "
-                         "--teacher-logits FILE or --teacher-onnx FILE; several make an ensemble")
+                         "--teacher-model SPEC --teacher-weights FILE, --teacher-logits FILE or --teacher-onnx FILE; "
+                         "several make an ensemble")
+    if method.needs_teacher and not distill:
+        raise ValueError(f"method: {method.name} distils from a teacher; use `kdistill distill` (train uses --method ce)")
     tcfg = TrainConfig.from_dict(cfg.get("train", {}))  # validates before any work
     # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
     rank = init_from_env(cuda=resolve_device(tcfg.device).type == "cuda")
-    if distill and cfg.get("unlabelled") and tcfg.alpha < 1:
-        raise ValueError(f"alpha: --unlabelled drops the labels, so alpha must be 1 (soft targets only), got {tcfg.alpha}")
+    if distill and cfg.get("unlabelled") and method.needs_labels:
+        raise ValueError(f"method.alpha: --unlabelled drops the labels, so {method.name} must train on soft targets only "
+                         f"(kd with alpha 1), got {method.extra_repr()}")
     if distill and cfg.get("fraction") is not None and not 0 < cfg["fraction"] <= 1:
         raise ValueError(f"fraction: the share of the transfer set to keep must be in (0, 1], got {cfg['fraction']}")
     out = Path(args.out)
@@ -100,14 +145,32 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
             from .data import stratified_fraction
 
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
-        teacher = resolve_teacher(cfg, train, tcfg.jitter, tcfg.temperature)  # files checked against the data here
+        augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
+        if cfg.get("teacher_model"):
+            teacher = _teacher_model(cfg, bundle)
+            if any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx")):
+                raise ValueError("--teacher-model: give one teacher network this way, or several with --teacher")
+        else:
+            teacher = resolve_teacher(cfg, train, augmented, getattr(method, "temperature", 1.0))  # checked against the data
         train = drop_labels(train) if cfg.get("unlabelled") else train
     model = build_model(cfg["model"], bundle.input_shape, bundle.train.num_classes, seed=tcfg.seed)
+    from dataclasses import asdict
+
+    cfg["train"] = asdict(tcfg)  # the resolved config: every default written out
+    cfg["method"] = {"name": method.name, **method.options()}
+    fresh = not out.exists()
     if rank == 0:
         write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
     t0 = time.perf_counter()
-    result = fit(model, train, tcfg, teacher=teacher, val=bundle.val, test=bundle.test, out_dir=out,
-                 resume=args.resume, progress=not args.no_progress)
+    try:
+        result = fit(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test, out_dir=out,
+                     resume=args.resume, progress=not args.no_progress)
+    except ValueError:
+        if fresh and rank == 0 and not (out / "checkpoint.safetensors").exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # refused before training: leave nothing half written
+        raise
     from .report import write_results
 
     if rank != 0:
@@ -115,25 +178,75 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
     role = "distilled" if distill else "model"
     write_results(out, "distill" if distill else "train", "cli", time.perf_counter() - t0,
                   {role: {"test_errors": result.test["errors"], "test_accuracy": result.test["accuracy"],
-                          "test_nll": result.test["nll"], "spec": cfg["model"]}})
+                          "test_nll": result.test["nll"], "spec": cfg["model"], "method": method.name}})
+    if distill:
+        _deployment(out, teacher, model, bundle.test)
     print(json.dumps({"test_errors": result.test["errors"], "test_accuracy": result.test["accuracy"], "out": str(out)}))
     return 0
 
 
+def _deployment(out: Path, teacher, student, test) -> None:
+    """Teacher and student side by side (size, FLOPs, latency, accuracy kept) in results.json / results.md."""
+    from torch import nn
+
+    from .data.dataset import TensorData
+    from .deploy import deployment_table, write_deployment
+    from .teachers import ModuleTeacher
+
+    net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
+    if not isinstance(test, TensorData):  # streamed: the table reads the test split once, into memory
+        import torch
+
+        from .data.stream import iterate
+
+        parts = list(iterate(test, 512))
+        test = TensorData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test.classes,
+                          torch.cat([p[2] for p in parts]), name=test.name)
+    models = {"teacher": net, "student": student} if isinstance(net, nn.Module) else {"student": student}
+    table = deployment_table(models, test, teacher_name="teacher" if "teacher" in models else None, budget_s=1.0)
+    write_deployment(out, table)
+    from .deploy import deployment_markdown
+
+    print(deployment_markdown(table))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from . import data
-    from .evaluate import evaluate_model, predict_logits
+    from .evaluate import evaluate_model, predict_split
     from .io import load_model
 
-    bundle = data.load(args.data, val_size=args.val_size, seed=args.seed, **({"path": args.data_path} if args.data_path else {}))
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"--model: no file {args.model}")
+    d = _run_data(args)
+    options = {k: v for k, v in d.items() if k not in ("name", "val_size", "seed") and v is not None}
+    bundle = data.load(d["name"], val_size=d.get("val_size"), seed=d.get("seed") or 0, **options)
     split = {"test": bundle.test, "val": bundle.val, "train": bundle.train}[args.split]
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split")
     model = load_model(args.model)
-    teacher_logits = predict_logits(load_model(args.teacher), split.x) if args.teacher else None
+    teacher_logits = predict_split(load_model(args.teacher), split) if args.teacher else None
     metrics = evaluate_model(model, split, teacher_logits, args.temperature)
     print(json.dumps(metrics if args.full else {k: v for k, v in metrics.items() if k != "confusion"}, indent=2))
     return 0
+
+
+def _run_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The data section ``evaluate`` uses: the flags, else the run's own (``config.yaml`` beside the model)."""
+    run_cfg = Path(args.model).parent / "config.yaml"
+    d: dict[str, Any] = {}
+    if run_cfg.is_file():
+        d = dict((config_mod.load_yaml(run_cfg).get("data") or {}))
+    if args.data:
+        d = {"name": args.data}
+    elif not d:
+        raise ValueError(f"--data: {args.model} has no config.yaml beside it to say its data; give --data NAME")
+    if args.data_path:
+        d["path"] = args.data_path
+    if args.val_size is not None:
+        d["val_size"] = args.val_size
+    if args.seed is not None:
+        d["seed"] = args.seed
+    return d
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -166,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", help="teacher weights (.safetensors written by `kdistill train`)")
     p.add_argument("--teacher-logits", action="append", help="black-box teacher: logits file from `kdistill predict`")
     p.add_argument("--teacher-onnx", action="append", help="black-box teacher: an ONNX model run with onnxruntime")
+    p.add_argument("--teacher-model", help="teacher network spec (cnn:32,64, resnet56, tv:resnet18, timm:NAME, "
+                   "py:FILE.py:FACTORY), filled from --teacher-weights")
+    p.add_argument("--teacher-weights", help="weights for --teacher-model: kdistill or plain safetensors, or a torch.save "
+                   "state dict (read with weights_only=True)")
     p.add_argument("--ensemble-mean", choices=["arithmetic", "geometric"],
                    help="with several teachers (any of the three flags, repeated): how to average their distributions")
     p.add_argument("--unlabelled", action="store_true", help="drop the transfer set's labels (needs alpha = 1)")
@@ -177,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _train_like(a, distill=True))
 
     p = sub.add_parser("evaluate", help="metrics of a saved model on a split")
-    p.add_argument("--model", required=True, help="weights (.safetensors)")
-    p.add_argument("--data", default="mnist")
+    p.add_argument("--model", required=True, help="weights (.safetensors) saved by train/distill or the API")
+    p.add_argument("--data", help=DATA_HELP + " (default: the data of the run that wrote --model, from its config.yaml)")
     p.add_argument("--data-path")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--val-size", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the validation split (default: the run's, else 0)")
     p.add_argument("--teacher", help="teacher weights, for KL and agreement")
     p.add_argument("--temperature", "-T", type=float, default=1.0)
     p.add_argument("--full", action="store_true", help="include the confusion matrix")
@@ -214,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"kdistill: error: {exc}", file=sys.stderr)
         return 2
 

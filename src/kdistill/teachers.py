@@ -76,7 +76,7 @@ class ModuleTeacher:
         for k, v in self.module.state_dict().items():
             t = v.detach().cpu().contiguous()
             h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def to(self, device: torch.device | str) -> "ModuleTeacher":

@@ -19,7 +19,7 @@ from pathlib import Path
 def _predict(args: argparse.Namespace) -> int:
     from .. import data
     from ..blackbox import OnnxTeacher, save_logits
-    from ..evaluate import classification_metrics, predict_logits
+    from ..evaluate import classification_metrics, predict_logits, predict_split
     from ..io import load_model
 
     if bool(args.model) == bool(args.onnx):
@@ -33,7 +33,7 @@ def _predict(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
     if args.model:
-        logits = predict_logits(load_model(args.model), split.x)
+        logits = predict_split(load_model(args.model), split)
         source = str(args.model)
     else:
         teacher = OnnxTeacher(args.onnx)
@@ -45,7 +45,9 @@ def _predict(args: argparse.Namespace) -> int:
     save_logits(out, logits, split.index, data=split.name, source=source)
     report = {"file": str(out), "count": len(split), "num_classes": split.num_classes, "data": split.name}
     if not split.has_unlabelled:
-        report["accuracy"] = classification_metrics(logits, split.y, detailed=False)["accuracy"]
+        from ..data.stream import labels_of
+
+        report["accuracy"] = classification_metrics(logits, labels_of(split), detailed=False)["accuracy"]
     print(json.dumps(report))
     return 0
 
@@ -70,7 +72,7 @@ def _specialists(args: argparse.Namespace) -> int:
 
     from .. import data
     from ..blackbox import save_logits
-    from ..evaluate import classification_metrics, predict_logits
+    from ..evaluate import classification_metrics, predict_logits, predict_split
     from ..io import load_model, save_model, write_json
     from ..report import write_results
     from ..specialists import SpecialistSystem, confusable_clusters, train_specialist

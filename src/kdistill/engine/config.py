@@ -9,7 +9,7 @@ from torch import nn
 
 from ..losses import LOSS_KINDS
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
 
 
@@ -27,6 +27,8 @@ class TrainConfig:
     schedule: str = "onecycle"
     warmup: float = 0.1
     max_norm: float | None = None
+    clip_grad_norm: float | None = None  # clip the gradients' global L2 norm before each update
+    accumulate: int = 1  # split each batch into this many micro-batches, one update per batch
     jitter: int = 0
     seed: int = 0
     # Distillation (ignored without a teacher).
@@ -66,6 +68,9 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(0 <= self.warmup < 1, "warmup", "is a fraction of the steps in [0, 1)")
         need(self.max_norm is None or self.max_norm > 0, "max_norm", "must be > 0 or null")
+        need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0 or null")
+        need(isinstance(self.accumulate, int) and self.accumulate >= 1 and self.batch_size % self.accumulate == 0,
+             "accumulate", f"must be an integer >= 1 that divides batch_size ({self.batch_size})")
         need(isinstance(self.jitter, int) and self.jitter >= 0, "jitter", "is a pixel count >= 0")
         need(self.temperature > 0, "temperature", "must be > 0")
         need(0 <= self.alpha <= 1, "alpha", "is the soft-target weight, in [0, 1]")

@@ -9,6 +9,7 @@ step, checkpoints and keep-best, and the result.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -238,7 +239,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
            progress, on_eval, callbacks, rank) -> FitResult:
     state = LoopState(epochs=cfg.epochs, steps_per_epoch=source.steps_per_epoch, histories=[[]])
     best: dict[str, Any] = {"errors": math.inf, "epoch": None, "state": None}
-    method_opts = {"name": method.name, **method.options()}
+    method_opts = json.loads(json.dumps({"name": method.name, **method.options()}, default=str))  # as stored
     val_y = labels_of(val) if val is not None else None
     if resume:
         saved = load_checkpoint(ckpt, model, backend.optimizer)

@@ -43,6 +43,7 @@ class StudentStep:
             self._setup_method()
         extras = list(method.parameters())
         params = list(model.parameters()) + extras
+        self.params = params
         self.use_graph = (cfg.cuda_graph and device.type == "cuda" and not cfg.compile and graph_safe_teacher(self.teacher)
                           and n_proc == 1 and not source.streamed)  # gradient all-reduces stay outside graphs
         self.optimizer = make_optimizer(params, cfg, device, capturable=self.use_graph)
@@ -92,23 +93,21 @@ class StudentStep:
         if batch.params is not None:
             xb = self.aug.apply(xb, batch.params)
         xb = as_layout(xb, self.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.use_graph):
-            logits = self.forward(xb)
-            t_logits = None
-            if self.teacher is not None:
-                t_logits = self.teacher.logits(xb, ib, batch.views) if self.uses_views else self.teacher.logits(xb, ib)
-            io = StepIO(logits, yb, t_logits, self.s_tap.out if self.s_tap else {}, self.t_tap.out if self.t_tap else {},
-                        progress)
-            terms = self.method.losses(io)
-        loss = None
-        for t in terms.values():
-            loss = t if loss is None else loss + t
+        k = self.cfg.accumulate
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if k == 1:
+            loss, terms = self._forward_backward(xb, yb, ib, batch.views, progress, 1.0)
+        else:  # micro-batches, each loss weighted 1/k: the summed gradient is the whole batch's mean gradient
+            parts = [self._forward_backward(*chunk, progress, 1.0 / k) for chunk in zip(
+                xb.chunk(k), yb.chunk(k), ib.chunk(k), batch.views.chunk(k) if batch.views is not None else [None] * k)]
+            loss = sum(p[0] for p in parts) / k
+            terms = {name: sum(p[1][name] for p in parts) / k for name in parts[0][1]}
         if self.n_proc > 1:
             for p in self.extras:
                 if p.grad is not None:
                     mean_over_processes(p.grad, self.n_proc)
+        if self.cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)  # device work only: no host sync
         self.optimizer.step()
         if self.cfg.max_norm:
             apply_max_norm(self.model, self.cfg.max_norm)
@@ -119,6 +118,22 @@ class StudentStep:
             if name not in self.sums:
                 self.sums[name] = torch.zeros((), device=self.device)
             self.sums[name].add_(t.detach().float())
+
+    def _forward_backward(self, xb, yb, ib, views, progress, weight: float):
+        """Forward, the method's terms and backward of one (micro-)batch; returns the loss and its terms."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.use_graph):
+            logits = self.forward(xb)
+            t_logits = None
+            if self.teacher is not None:
+                t_logits = self.teacher.logits(xb, ib, views) if self.uses_views else self.teacher.logits(xb, ib)
+            io = StepIO(logits, yb, t_logits, self.s_tap.out if self.s_tap else {}, self.t_tap.out if self.t_tap else {},
+                        progress)
+            terms = self.method.losses(io)
+        loss = None
+        for t in terms.values():
+            loss = t if loss is None else loss + t
+        (loss if weight == 1.0 else loss * weight).backward()
+        return loss.detach(), {n: t.detach() for n, t in terms.items()}
 
     def step(self, batches: list[Batch], lr_factor: float, progress: float) -> None:
         (batch,) = batches

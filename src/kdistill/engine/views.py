@@ -37,7 +37,7 @@ def data_fingerprint(data) -> str:
     h.update(labels_of(data).cpu().contiguous().numpy().tobytes())
     if isinstance(data, TensorData):
         h.update(str(tuple(data.x.shape)).encode())
-        h.update(data.x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(data.x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     else:
         h.update(f"{type(data.dataset).__name__}:{len(data)}:{data.input_shape}".encode())
     return h.hexdigest()

@@ -28,11 +28,15 @@ def check_weight(value: float, field: str, upper: float | None = None) -> None:
 
 @register("kd")
 class KD(Method):
-    """Soft targets (``alpha``) plus hard labels (``1 - alpha``); the terms are logged as ``kd`` and ``ce``."""
+    """Soft targets (``alpha``) plus hard labels (``1 - alpha``); the terms are logged as ``kd`` and ``ce``.
+
+    The defaults (T = 1, alpha = 1: soft targets only) are :class:`~kdistill.train.TrainConfig`'s, so a run
+    that names no option trains as before methods were modules; CIFAR recipes use T = 4, alpha = 0.9.
+    """
 
     stackable = True
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, kind: str = "kl") -> None:
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, kind: str = "kl") -> None:
         super().__init__()
         check_temperature(temperature)
         check_weight(alpha, "method.alpha", 1.0)

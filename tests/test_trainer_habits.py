@@ -1,0 +1,85 @@
+"""Habits people bring from Keras, Lightning and Hugging Face: callbacks, early stopping, clipping,
+accumulation, AdamW, and a Distiller object."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdistill import TrainConfig, fit
+from kdistill.distiller import Distiller
+from kdistill.engine import Callback, EarlyStopping
+from kdistill.models import build_model
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_accumulating_4_x_32_equals_one_batch_of_128(digits):
+    cfg = TrainConfig(epochs=2, batch_size=128, lr=0.1, seed=1)
+    a = build_model("mlp:32", digits.input_shape, 10, seed=0)
+    b = copy.deepcopy(a)
+    fit(a, digits.train, cfg, progress=False)
+    fit(b, digits.train, TrainConfig(**{**cfg.__dict__, "accumulate": 4}), progress=False)
+    assert torch.allclose(_params(a), _params(b), atol=1e-5)
+    with pytest.raises(ValueError, match="train.accumulate"):
+        TrainConfig(batch_size=128, accumulate=3)
+
+
+def test_gradient_clipping_bounds_the_update(digits):
+    # With plain SGD (no momentum) one step moves the weights by lr * clipped gradient.
+    cfg = dict(epochs=1, batch_size=len(digits.train), lr=1.0, momentum=0.0, schedule="constant")
+    a = build_model("mlp:16", digits.input_shape, 10, seed=0)
+    start = _params(a).clone()
+    fit(a, digits.train, TrainConfig(**cfg, clip_grad_norm=1e-3), progress=False)
+    assert (_params(a) - start).norm() <= 1e-3 * 1.0001
+
+
+def test_adamw_trains_and_differs_from_adam_with_weight_decay(digits):
+    res = {}
+    for opt in ("adam", "adamw"):
+        m = build_model("mlp:16", digits.input_shape, 10, seed=0)
+        fit(m, digits.train, TrainConfig(epochs=2, optimizer=opt, lr=1e-2, weight_decay=0.1), progress=False)
+        res[opt] = _params(m)
+    assert not torch.allclose(res["adam"], res["adamw"])
+
+
+def test_callbacks_and_early_stopping(digits):
+    seen = {"steps": 0, "epochs": 0}
+
+    class Count(Callback):
+        every_steps = 2
+
+        def on_step(self, state):
+            seen["steps"] += 1
+
+        def on_epoch_end(self, state, rows):
+            seen["epochs"] += 1
+
+    stop = EarlyStopping(monitor="val_accuracy", mode="max", patience=1, min_delta=1.0)  # nothing improves by 1.0
+    r = fit(build_model("mlp:16", digits.input_shape, 10, seed=0), digits.train, TrainConfig(epochs=10, batch_size=128),
+            val=digits.val, callbacks=[Count(), stop], progress=False)
+    assert len(r.history) == 2 and stop.stopped_epoch == 2 and seen["epochs"] == 2
+    assert seen["steps"] == (len(digits.train) // 128) * 2 // 2
+    with pytest.raises(ValueError, match="val_loss"):
+        fit(build_model("mlp:16", digits.input_shape, 10), digits.train, TrainConfig(epochs=1),
+            callbacks=[EarlyStopping(monitor="val_loss")], progress=False)
+
+
+def test_distiller_fit_evaluate_save_export(digits, tmp_path):
+    from kdistill.io import load_model
+
+    teacher = build_model("mlp:64", digits.input_shape, 10, seed=0)
+    fit(teacher, digits.train, TrainConfig(epochs=3), progress=False)
+    d = Distiller(teacher, build_model("mlp:16", digits.input_shape, 10, seed=1), method="kd", temperature=4.0, alpha=0.9)
+    result = d.fit(digits.train, epochs=3, lr=0.1, val=digits.val, progress=False)
+    metrics = d.evaluate(digits.test)
+    assert metrics["count"] == len(digits.test) and "teacher_agreement" in metrics
+    assert result.history[-1]["loss_kd"] > 0
+    back = load_model(d.save(tmp_path / "s.safetensors"))
+    assert torch.equal(_params(back), _params(d.student))
+    pytest.importorskip("onnx")
+    assert d.export_onnx(tmp_path / "s.onnx").is_file()
