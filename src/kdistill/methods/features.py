@@ -43,7 +43,7 @@ def resolve_pairs(student: nn.Module, teacher: nn.Module | None, student_layers,
             if not stages:
                 raise ValueError(f"method.{role}_layers: the {role} ({type(model).__name__}) declares no feature_layers; "
                                  f"name the module paths, e.g. --set method.{role}_layers=layer2")
-            chosen = stages if default == "all" else (stages[(len(stages) - 1) // 2 + (len(stages) > 2)],)
+            chosen = stages if default == "all" else (stages[len(stages) // 2],)  # 3 stages: the 2nd (mdistiller)
             if role == "student":
                 s_paths = chosen
             else:
