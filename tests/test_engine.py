@@ -273,3 +273,27 @@ def test_wrong_output_count_is_refused_before_training():
         fit(SmallNet(8, classes=5), (x, y), TrainConfig(epochs=1), progress=False)
     with pytest.raises(ValueError, match="augment"):
         parse_augment("crp2")
+
+
+def test_streamed_run_resumes_exactly_after_an_interruption(tmp_path):
+    from kdistill.engine import Callback
+
+    x, y = _images(64)
+
+    class Stop(Callback):
+        def on_epoch_end(self, state, rows):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.1, augment="crop1,flip", workers=1)
+    teacher = SmallNet(16)
+    torch.manual_seed(0)
+    init = SmallNet(8)
+    full = fit(copy.deepcopy(init), PairData(x, y), cfg, teacher=teacher, out_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(copy.deepcopy(init), PairData(x, y), cfg, teacher=teacher, out_dir=tmp_path / "b", progress=False,
+            callbacks=[Stop()])
+    resumed = fit(copy.deepcopy(init), PairData(x, y), cfg, teacher=teacher, out_dir=tmp_path / "b", resume=True,
+                  progress=False)
+    assert torch.equal(_params(resumed.model), _params(full.model))
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") == 3

@@ -40,11 +40,15 @@ _META_KEY = "kdistill_logits"
 
 @dataclass
 class SavedLogits:
-    """The contents of a logits file: ``logits`` (N x C float32), ``ids`` (N, or None for ``.npy``), metadata."""
+    """The contents of a logits file: ``logits`` (N x C float32), ``ids`` (N, or None for ``.npy``), metadata,
+    and, for files written with the data at hand, each row's ``labels`` and input ``checksums``: the
+    fingerprint of the samples the file was made for, checked against the data it is used with."""
 
     logits: torch.Tensor
     ids: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    checksums: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -69,13 +73,27 @@ def run_teacher(teacher: Teacher, data: TensorData, batch_size: int = 2048) -> t
     return torch.cat(out) if out else torch.zeros(0, data.num_classes)
 
 
+def row_checksums(data) -> torch.Tensor | None:
+    """One float64 checksum per sample of an in-memory split (a position-weighted sum of its inputs), or None
+    for a streamed one: what tells a logits file's samples from other samples with the same ids and labels."""
+    x = getattr(data, "x", None)
+    if x is None:
+        return None
+    flat = x.reshape(len(x), -1)
+    weights = 1.0 + (torch.arange(flat.shape[1], dtype=torch.float64) % 13) / 13.0
+    parts = [flat[i : i + 4096].detach().cpu().double() @ weights for i in range(0, len(flat), 4096)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
 def save_logits(
-    path: str | os.PathLike, logits: torch.Tensor, ids: torch.Tensor | None = None, **meta: Any
+    path: str | os.PathLike, logits: torch.Tensor, ids: torch.Tensor | None = None, *, split=None, **meta: Any
 ) -> Path:
     """Write ``logits`` (one row per sample) atomically; ``ids`` are stored in ``.safetensors`` files.
 
     ``meta`` (e.g. ``data="mnist-train"``) goes into the safetensors metadata and is checked on reading.
-    A ``.npy`` file stores only the array, so its rows must follow the data set's order.
+    ``split``: the data the logits were computed on (rows in its order); its labels, per-row input checksums
+    and :func:`~kdistill.io.data_fingerprint` are stored too, so a file used with other data of the same
+    name is refused. A ``.npy`` file stores only the array, so its rows must follow the data set's order.
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -98,7 +116,21 @@ def save_logits(
             from safetensors.torch import save_file
 
             info = {"count": len(logits), "num_classes": int(logits.shape[1]), **meta}
-            save_file({"logits": logits, "ids": ids}, str(tmp), metadata={_META_KEY: json.dumps(info, default=str)})
+            tensors = {"logits": logits, "ids": ids}
+            if split is not None:
+                from .data.stream import labels_of
+                from .io import data_fingerprint
+
+                if len(split) != len(logits):
+                    raise ValueError(f"split: {len(split)} samples for {len(logits)} rows of logits")
+                labels = labels_of(split)
+                if labels is not None:
+                    tensors["labels"] = torch.as_tensor(labels).long().cpu().contiguous()
+                sums = row_checksums(split)
+                if sums is not None:
+                    tensors["checksums"] = sums.contiguous()
+                info["fingerprint"] = data_fingerprint(split)
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(info, default=str)})
     return path
 
 
@@ -123,13 +155,34 @@ def load_logits(path: str | os.PathLike) -> SavedLogits:
     else:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            if "logits" not in keys:
-                raise ValueError(f"teacher logits: {path} has no 'logits' tensor (found {sorted(keys)})")
-            logits = f.get_tensor("logits")
-            ids = f.get_tensor("ids") if "ids" in keys else None
-            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+        from .io import safetensors_header
+
+        declared, raw = safetensors_header(path, "teacher logits")  # refuses empty/truncated/crafted files
+        if "logits" not in declared:
+            raise ValueError(f"teacher logits: {path} has no 'logits' tensor (found {sorted(declared)})")
+        try:
+            meta = json.loads(raw.get(_META_KEY, "{}"))
+        except json.JSONDecodeError:
+            raise ValueError(f"teacher logits: {path}: its metadata is not valid JSON (corrupt file)") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"teacher logits: {path}: its metadata is not a mapping (corrupt file)")
+        rows = declared["logits"]["shape"][0] if declared["logits"]["shape"] else None
+        for name in ("ids", "labels", "checksums"):
+            shape = declared.get(name, {}).get("shape")
+            if shape is not None and (len(shape) != 1 or shape[0] != rows):
+                raise ValueError(f"teacher logits: '{name}' in {path} has shape {list(shape)}; expected one entry per "
+                                 f"row ({rows})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                logits = f.get_tensor("logits")
+                ids = f.get_tensor("ids") if "ids" in declared else None
+                labels = f.get_tensor("labels") if "labels" in declared else None
+                checksums = f.get_tensor("checksums") if "checksums" in declared else None
+        except Exception as exc:  # noqa: BLE001 - SafetensorError: named for the user
+            raise ValueError(f"teacher logits: {path} is not a readable safetensors file "
+                             f"({type(exc).__name__})") from None
+        if labels is not None and (labels.is_floating_point() or labels.dim() != 1):
+            raise ValueError(f"teacher logits: 'labels' in {path} must be a 1-D integer tensor, got {labels.dtype}")
         if not logits.is_floating_point():
             raise ValueError(f"teacher logits: dtype {logits.dtype} in {path}; expected floating point logits")
         if ids is not None and (ids.is_floating_point() or ids.dim() != 1):
@@ -142,7 +195,10 @@ def load_logits(path: str | os.PathLike) -> SavedLogits:
         ids = ids.long()
         if len(ids) != len(logits):
             raise ValueError(f"teacher logits: {path} has {len(ids)} ids for {len(logits)} rows")
-    return SavedLogits(logits=logits.float(), ids=ids, meta=meta)
+    if suffix == ".npy":
+        labels = checksums = None
+    return SavedLogits(logits=logits.float(), ids=ids, meta=meta, labels=None if labels is None else labels.long(),
+                       checksums=None if checksums is None else checksums.double())
 
 
 def logits_teacher(source: str | os.PathLike | SavedLogits, data: TensorData) -> CachedTeacher:
@@ -179,7 +235,41 @@ def logits_teacher(source: str | os.PathLike | SavedLogits, data: TensorData) ->
             f"teacher logits: {int(missing.sum())} of the {len(data)} samples of {data.name} have no row{where} "
             f"(file count {len(saved.logits)}); e.g. ids {ids[missing][:5].tolist()}. Write the file for this data."
         )
+    _check_fingerprint(saved, teacher, data, where)
     return teacher
+
+
+def _check_fingerprint(saved: SavedLogits, teacher: CachedTeacher, data, where: str) -> None:
+    """Refuse a file whose recorded labels or input checksums differ from ``data``'s for the same ids."""
+    from .io import data_fingerprint
+
+    if saved.meta.get("fingerprint") is not None and saved.meta["fingerprint"] == data_fingerprint(data):
+        if saved.checksums is None or getattr(data, "x", None) is None:
+            return
+    rows = teacher.rows(data.index.cpu())
+    fix = "it was made for other data of the same name; write the logits for this data (kdistill predict)"
+    labels = data.y if hasattr(data, "y") else getattr(data, "labels", None)
+    if saved.labels is not None and labels is not None:
+        file_labels = saved.labels[rows]
+        differ = file_labels != torch.as_tensor(labels).long().cpu()
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0])
+            raise ValueError(
+                f"teacher logits: file{where} records other labels than {data.name} for {int(differ.sum())} of "
+                f"{len(data)} samples (e.g. id {int(data.index[i])}: file {int(file_labels[i])}, data "
+                f"{int(labels[i])}); {fix}"
+            )
+    if saved.checksums is not None:
+        sums = row_checksums(data)
+        if sums is not None:
+            recorded = saved.checksums[rows]
+            differ = ~torch.isclose(recorded, sums, rtol=1e-6, atol=1e-6)
+            if bool(differ.any()):
+                first = int(data.index[int(differ.nonzero()[0])])
+                raise ValueError(
+                    f"teacher logits: file{where} was computed on other inputs than {data.name} for "
+                    f"{int(differ.sum())} of {len(data)} samples (e.g. id {first}); {fix}"
+                )
 
 
 class OnnxTeacher:
@@ -266,6 +356,25 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
+def _weights_teacher(path: str, train) -> nn.Module:
+    """A teacher network from a kdistill weights file, refused when it was made for other inputs or classes."""
+    from .io import load_model, read_model_meta
+
+    shape = classes = None
+    if Path(path).suffix.lower() == ".safetensors" and Path(path).is_file():
+        meta = read_model_meta(path)
+        shape, classes = meta.get("in_shape"), meta.get("num_classes")
+        if isinstance(shape, (list, tuple)) and tuple(shape) != tuple(train.input_shape):
+            raise ValueError(f"teacher: {path} was trained on inputs shaped {list(shape)}, but {train.name} has "
+                             f"{list(train.input_shape)}; give a teacher trained on this data")
+        if isinstance(classes, int) and classes != train.num_classes:
+            raise ValueError(f"teacher: {path} predicts {classes} classes, but {train.name} has {train.num_classes}; "
+                             "give a teacher trained on this data")
+    # A checkpoint records its spec but not the data's shape: the transfer set's is the only one it can fit.
+    return load_model(path, in_shape=None if shape else list(train.input_shape),
+                      num_classes=None if classes else train.num_classes)
+
+
 def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, temperature: float = 1.0) -> Any:
     """The teacher named by a distill config, its files read and checked against ``train`` before training.
 
@@ -280,8 +389,10 @@ def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, tem
     if not (weights or logits or onnx):
         raise ValueError("teacher: give --teacher WEIGHTS.safetensors, --teacher-logits FILE or --teacher-onnx FILE")
     if logits and jitter:
-        raise ValueError("train.jitter: saved teacher logits cannot follow augmented inputs; set jitter to 0")
-    members: list[Any] = [load_model(w) for w in weights]
+        raise ValueError("train.augment: saved teacher logits were computed on un-augmented inputs and cannot "
+                         "follow augmented ones; drop train.augment / train.jitter / train.teacher_views, or give a "
+                         "teacher network")
+    members: list[Any] = [_weights_teacher(w, train) for w in weights]
     members += [logits_teacher(f, train) for f in logits]
     for f in onnx:
         teacher = OnnxTeacher(f)

@@ -1,8 +1,12 @@
 """The ``kdistill`` command: train, distill, evaluate and run experiments.
 
 ``train`` and ``distill`` read an optional YAML config (sections ``data``, ``model``/``student``,
-``teacher``, ``train``), then command-line flags, then ``--set section.key=value`` overrides; the
-resolved config is written to ``--out`` before any work starts.
+``teacher``, ``method``, ``train``), then command-line flags, then ``--set section.key=value`` overrides.
+Every section is typed by :mod:`kdistill.schema` (values coerced or refused by type, unknown keys refused
+naming the closest); the data, the model, the teacher and any checkpoint to resume are checked against each
+other (:func:`kdistill.engine.loop.preflight`) before the resolved config is written to ``--out``, so a
+refused run leaves nothing there. A new run refuses the directory of another run unless ``--overwrite``.
+Every refusal is one line, ``kdistill: error: ...``, with exit code 2.
 """
 
 from __future__ import annotations
@@ -43,19 +47,91 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.weight_decay=5e-4")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    cfg = config_mod.merge(DEFAULTS, config_mod.load_yaml(args.config) if args.config else {})
+    from .schema import normalize_sections
+
+    loaded = normalize_sections(config_mod.load_yaml(args.config)) if args.config else {}
+    for key in ("data", "method", "train"):  # a section that is not a mapping would be replaced by the flags'
+        if loaded.get(key) is not None and not isinstance(loaded[key], dict):
+            raise ValueError(f"{key}: must be a mapping of settings in {args.config}, got "
+                             f"{type(loaded[key]).__name__} {loaded[key]!r}")
+    cfg = config_mod.merge(DEFAULTS, loaded)
     flags = {"data": {"name": args.data, "path": args.data_path}, "train": {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer,
         "jitter": args.jitter, "augment": args.augment, "seed": args.seed, "device": args.device},
         "method": {"name": args.method}}
     flags = {sec: {k: v for k, v in vals.items() if v is not None} for sec, vals in flags.items()}
-    cfg = config_mod.merge(cfg, flags)
-    cfg = config_mod.merge(cfg, {k: v for k, v in extra.items() if v is not None})
+    cfg = config_mod.merge(cfg, {sec: vals for sec, vals in flags.items() if vals})
+    cfg = config_mod.merge(cfg, {k: v for k, v in extra.items() if v is not None and v != {}})
     return config_mod.apply_overrides(cfg, args.set)
+
+
+RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "metrics.csv", "checkpoint.safetensors",
+             "model.safetensors", "results.json", "results.md", "teacher_views.safetensors")
+"""The files a train/distill run writes into ``--out``."""
+_RESTARTABLE = {"config.yaml", "environment.json", "metrics.jsonl", "metrics.csv", "teacher_views.safetensors"}
+
+
+def _is_tmp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot hold this run, before any work: a file, a place we cannot write, or the
+    directory of a finished, unfinished or foreign run (unless ``--resume`` or ``--overwrite``)."""
+    import os
+
+    if resume and overwrite:
+        raise ValueError("--overwrite: --resume continues the run in --out, --overwrite replaces it; give one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory; give a directory for the run's files")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out: {base} is a file, so {out} cannot be made a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: cannot write to {base} (permission denied)")
+    if resume:
+        if not (out / "checkpoint.safetensors").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        return
+    if not out.exists() or overwrite:
+        return
+    names = sorted(p.name for p in out.iterdir() if not _is_tmp(p))
+    if not names or set(names) <= _RESTARTABLE:
+        return  # empty, or a run killed before its first checkpoint: nothing would be lost
+    if "model.safetensors" in names or "results.json" in names:
+        raise ValueError(f"--out: {out} holds a finished run (model.safetensors, results.json); choose another "
+                         "directory, or --overwrite to replace it")
+    if "checkpoint.safetensors" in names:
+        raise ValueError(f"--out: {out} holds an unfinished run (checkpoint.safetensors); --resume to continue it, "
+                         "or --overwrite to start over")
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(f"--out: {out} is not empty (holds {shown}); choose a new or empty directory, or --overwrite "
+                     "to write the run there")
+
+
+def _clear_run(out: Path) -> None:
+    """Delete a previous run's files (``--overwrite``); anything else in the directory stays."""
+    if out.is_dir():
+        for p in out.iterdir():
+            if (p.name in RUN_FILES or _is_tmp(p)) and p.is_file():
+                p.unlink()
+
+
+def _discard(out: Path, existed: bool) -> None:
+    """Undo a refused run: the directory if this run made it, else the files it wrote."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        _clear_run(out)
 
 
 def _load_data(cfg: dict[str, Any]):
@@ -66,6 +142,26 @@ def _load_data(cfg: dict[str, Any]):
     if path is not None:
         d["path"] = path
     return data.load(name, val_size=val_size, seed=seed, **d)
+
+
+def _check_size(spec: str, in_shape, num_classes: int) -> None:
+    """Refuse a model this machine's memory cannot train (weights, gradients, optimiser state), counted on the
+    meta device before anything is allocated."""
+    import os
+
+    from .models.registry import build_on_meta
+
+    skeleton = build_on_meta(spec, in_shape, num_classes)
+    if skeleton is None:
+        return
+    n = sum(p.numel() for p in skeleton.parameters())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return
+    if 3 * 4 * n > ram:
+        raise ValueError(f"model: {spec!r} has {n:,} parameters ({4 * n / 1e9:.1f} GB of float32 weights); training it "
+                         f"needs about three times that, more than this machine's {ram / 1e9:.0f} GB of memory")
 
 
 def _method_section(cfg: dict[str, Any], distill: bool) -> dict[str, Any]:
@@ -97,10 +193,15 @@ def _teacher_model(cfg: dict[str, Any], bundle):
 
 
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
+    from dataclasses import asdict
+
+    from . import schema
     from .distributed import init_from_env
-    from .report import write_run_files
-    from .train import TrainConfig, fit, resolve_device
+    from .engine.config import check_device
+    from .engine.loop import preflight, remove_stale_tmp
     from .models import build_model
+    from .report import write_run_files
+    from .train import fit, resolve_device
 
     extra: dict[str, Any] = {"model": args.model}
     if distill:
@@ -109,12 +210,11 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
                       "ensemble_mean": args.ensemble_mean, "unlabelled": args.unlabelled or None,
                       "fraction": args.fraction, "method": {k: v for k, v in {
                           "temperature": args.temperature, "alpha": args.alpha, "kind": args.loss}.items() if v is not None}})
-    cfg = _resolve(args, extra)
-    from .methods import build_method
-
-    cfg["method"] = _method_section(cfg, distill)
-    method_opts = {k: v for k, v in cfg["method"].items() if k != "name"}
-    method = build_method(cfg["method"]["name"], method_opts)  # validates its options before any work
+    # Every section typed by its schema (kdistill.schema) before any work: unknown keys, wrong types and
+    # non-finite numbers are refused naming the field.
+    cfg = schema.check_config(_resolve(args, extra), distill)
+    cfg["method"] = schema.method_section(_method_section(cfg, distill))
+    method = schema.build_method(cfg["method"])  # validates its options before any work
     if not cfg.get("model"):
         raise ValueError("model: give a model spec, e.g. --model mlp:800,800 (or `model:` in the config)")
     if distill and not any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx", "teacher_model")):
@@ -123,17 +223,16 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
                          "several make an ensemble")
     if method.needs_teacher and not distill:
         raise ValueError(f"method: {method.name} distils from a teacher; use `kdistill distill` (train uses --method ce)")
-    tcfg = TrainConfig.from_dict(cfg.get("train", {}))  # validates before any work
-    # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
-    rank = init_from_env(cuda=resolve_device(tcfg.device).type == "cuda")
+    tcfg = schema.train_section(cfg.get("train", {}))  # validates before any work
+    device = resolve_device(tcfg.device)
+    check_device(device)
     if distill and cfg.get("unlabelled") and method.needs_labels:
         raise ValueError(f"method.alpha: --unlabelled drops the labels, so {method.name} must train on soft targets only "
                          f"(kd with alpha 1), got {method.extra_repr()}")
-    if distill and cfg.get("fraction") is not None and not 0 < cfg["fraction"] <= 1:
-        raise ValueError(f"fraction: the share of the transfer set to keep must be in (0, 1], got {cfg['fraction']}")
     out = Path(args.out)
-    if args.resume and not (out / "checkpoint.safetensors").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    _check_out(out, args.resume, args.overwrite)
+    # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
+    rank = init_from_env(cuda=device.type == "cuda")
     bundle = _load_data(cfg)
     train = bundle.train
     teacher = None
@@ -147,29 +246,37 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
         augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
         if cfg.get("teacher_model"):
-            teacher = _teacher_model(cfg, bundle)
             if any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx")):
                 raise ValueError("--teacher-model: give one teacher network this way, or several with --teacher")
+            teacher = _teacher_model(cfg, bundle)
         else:
             teacher = resolve_teacher(cfg, train, augmented, getattr(method, "temperature", 1.0))  # checked against the data
         train = drop_labels(train) if cfg.get("unlabelled") else train
+    _check_size(cfg["model"], bundle.input_shape, bundle.train.num_classes)
     model = build_model(cfg["model"], bundle.input_shape, bundle.train.num_classes, seed=tcfg.seed)
-    from dataclasses import asdict
+    # Data, student, teacher and (with --resume) the checkpoint checked against each other: nothing is written
+    # for a run that cannot start.
+    preflight(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test,
+              resume_from=out / "checkpoint.safetensors" if args.resume else None)
 
     cfg["train"] = asdict(tcfg)  # the resolved config: every default written out
     cfg["method"] = {"name": method.name, **method.options()}
-    fresh = not out.exists()
-    if rank == 0:
-        write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
+    existed = out.exists()
     t0 = time.perf_counter()
     try:
+        if rank == 0:
+            if args.overwrite:
+                _clear_run(out)
+            remove_stale_tmp(out)
+            try:
+                write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
+            except OSError as exc:
+                raise ValueError(f"--out: cannot write the run's files to {out} ({exc.strerror or exc})") from None
         result = fit(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test, out_dir=out,
                      resume=args.resume, progress=not args.no_progress)
-    except ValueError:
-        if fresh and rank == 0 and not (out / "checkpoint.safetensors").exists():
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)  # refused before training: leave nothing half written
+    except Exception:
+        if rank == 0 and not args.resume and not (out / "checkpoint.safetensors").exists():
+            _discard(out, existed)  # refused before training: leave nothing half written
         raise
     from .report import write_results
 
@@ -223,8 +330,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = {"test": bundle.test, "val": bundle.val, "train": bundle.train}[args.split]
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split")
+    import torch
+
+    from .engine.loop import _check_outputs, check_inputs, check_teacher
+    from .schema import check_number
+
+    if not 0 < check_number(args.temperature, "--temperature") <= 1e4:
+        raise ValueError(f"--temperature: must be in (0, 1e4], got {args.temperature}")
+    check_inputs(split, args.split)
     model = load_model(args.model)
-    teacher_logits = predict_split(load_model(args.teacher), split) if args.teacher else None
+    _check_outputs(model, split, next(iter(model.parameters()), torch.empty(0)).device)
+    teacher = None
+    if args.teacher:
+        if not Path(args.teacher).is_file():
+            raise FileNotFoundError(f"--teacher: no file {args.teacher}")
+        teacher = load_model(args.teacher)
+        check_teacher(teacher, split)
+    teacher_logits = predict_split(teacher, split) if teacher is not None else None
     metrics = evaluate_model(model, split, teacher_logits, args.temperature)
     print(json.dumps(metrics if args.full else {k: v for k, v in metrics.items() if k != "confusion"}, indent=2))
     return 0
@@ -265,7 +387,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation for PyTorch.")
+    parser = _Parser(prog="kdistill", description="Knowledge distillation for PyTorch.")
     parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -327,12 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other refusal: ``kdistill: error: ...``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"kdistill: error: {message} (see {self.prog} --help)\n")
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as the one line the CLI prints (multi-line messages joined)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"kdistill: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as exc:
+        if os.environ.get("KDISTILL_DEBUG"):
+            raise
+        print(f"kdistill: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -37,6 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results should read like any other file
     try:
         yield Path(tmp)
+        if os.path.exists(tmp):  # writers that replace the file (safetensors) make it 0600 again: set it last
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -84,9 +86,126 @@ def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
 
 
 def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("kdistill", "{}"))
+    """The kdistill metadata of a model file (``{}`` for a plain safetensors file), read from its header."""
+    _, raw = safetensors_header(path, "weights")
+    return _json_meta(raw, "kdistill", Path(path), "weights")
+
+
+# ------------------------------------------------------------------------------------ safetensors headers
+
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                   "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def safetensors_header(path: str | os.PathLike, what: str = "weights",
+                       fix: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``(tensors, metadata)`` declared by a safetensors file's header, checked against the file's size.
+
+    Nothing but the header is read, so a file that is empty, truncated, a pickle, a ``torch.save`` archive or
+    crafted (offsets past its end, shapes that do not match their bytes) is refused with one ValueError
+    naming it, before any tensor is allocated. ``tensors`` maps names to ``{"dtype", "shape"}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file {path}")
+    size = path.stat().st_size
+    fix = fix or "expected a safetensors file (written by kdistill or safetensors.torch.save_file)"
+    if size == 0:
+        raise ValueError(f"{what}: {path} is empty (0 bytes); {fix}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+        n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        if not (2 <= n <= _ST_MAX_HEADER and 8 + n <= size and head[8:9] == b"{"):
+            if head[:4] == b"PK\x03\x04":
+                raise ValueError(f"{what}: {path} is a torch.save (zip) archive, not a readable safetensors file; give "
+                                 f"it a .pt suffix to read it as a state dict (weights_only); {fix}")
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                raise ValueError(f"{what}: {path} is a Python pickle, not a readable safetensors file; pickles are "
+                                 f"never loaded (they can run code); {fix}")
+            if len(head) < 8:
+                raise ValueError(f"{what}: {path} has {size} bytes, too short for a safetensors header "
+                                 f"(truncated?); {fix}")
+            if 2 <= n <= _ST_MAX_HEADER and head[8:9] == b"{":
+                raise ValueError(f"{what}: {path} is truncated: its header declares {n} bytes but the file has {size}")
+            raise ValueError(f"{what}: {path} is not a readable safetensors file (its first bytes are no safetensors "
+                             f"header: truncated, or another format); {fix}")
+        fh.seek(8)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{what}: {path} is not a readable safetensors file (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what}: {path} is not a readable safetensors file (its header is not a mapping); {fix}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{what}: {path}: the safetensors metadata must map names to strings")
+    body = size - 8 - n
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, info in header.items():
+        bad = f"{what}: {path}: tensor {name!r} has a malformed header entry"
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPE_BYTES:
+            raise ValueError(f"{bad} (dtype {info.get('dtype') if isinstance(info, dict) else info!r})")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape)
+        if not sizes_ok:
+            raise ValueError(f"{bad} (shape {shape!r})")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= body):
+            raise ValueError(f"{what}: {path}: tensor {name!r} lies outside the file (offsets {offsets!r}, "
+                             f"{body} data bytes): truncated or corrupt")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _ST_DTYPE_BYTES[info["dtype"]] != offsets[1] - offsets[0]:
+            raise ValueError(f"{what}: {path}: tensor {name!r} declares shape {shape} ({info['dtype']}) but holds "
+                             f"{offsets[1] - offsets[0]} bytes: corrupt")
+        tensors[name] = {"dtype": info["dtype"], "shape": tuple(shape)}
+    return tensors, metadata
+
+
+def _json_meta(raw: dict[str, str], key: str, path: Path, what: str) -> dict[str, Any]:
+    if key not in raw:
+        return {}
+    try:
+        meta = json.loads(raw[key])
+    except json.JSONDecodeError:
+        raise ValueError(f"{what}: {path}: its {key!r} metadata is not valid JSON (corrupt file)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}: {path}: its {key!r} metadata is not a mapping (corrupt file)")
+    return meta
+
+
+def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file whose header :func:`safetensors_header` accepted."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: one message naming the file
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"{what}: {path} is not a readable safetensors file "
+                         f"({type(err).__name__}: {reason})") from None
+
+
+def data_fingerprint(split) -> str:
+    """sha256 (32 hex digits) of what identifies a split's samples: input shape, class count, sample ids,
+    labels (when known) and the inputs of up to 256 evenly spaced samples (in-memory splits). Checkpoints and
+    logits files record it, so data of the same name but other samples is told apart."""
+    import hashlib
+
+    h = hashlib.sha256(f"{tuple(split.input_shape)}:{split.num_classes};".encode())
+    h.update(torch.as_tensor(split.index).detach().cpu().long().contiguous().numpy().tobytes())
+    labels = split.y if hasattr(split, "y") else getattr(split, "labels", None)
+    if labels is not None:
+        h.update(b";y:")
+        h.update(torch.as_tensor(labels).detach().cpu().long().contiguous().numpy().tobytes())
+    x = getattr(split, "x", None)
+    if x is not None and len(x):  # up to 256 evenly spaced samples' inputs: other pixels, same ids and labels
+        rows = torch.linspace(0, len(x) - 1, min(256, len(x))).long().to(x.device)
+        h.update(b";x:")
+        h.update(x[rows].detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 WEIGHT_FORMATS = (
@@ -106,15 +225,14 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _safetensors_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    tensors = load_file(str(path))
+    _, raw = safetensors_header(path, "weights", f"Accepted: {WEIGHT_FORMATS}")
     if "kdistill_checkpoint" in raw:
-        ckpt = json.loads(raw["kdistill_checkpoint"])
+        ckpt = _json_meta(raw, "kdistill_checkpoint", path, "weights")
+        tensors = _load_tensors(path, "weights")
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         return state, ({"spec": ckpt["spec"]} if ckpt.get("spec") else {})
-    meta = json.loads(raw["kdistill"]) if "kdistill" in raw else {}
-    return tensors, meta
+    meta = _json_meta(raw, "kdistill", path, "weights")
+    return _load_tensors(path, "weights"), meta
 
 
 def _torch_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -162,10 +280,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise FileNotFoundError(f"weights: no file {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            state, meta = _safetensors_weights(path)
-        except Exception as err:  # safetensors raises its own SafetensorError on a bad header
-            raise ValueError(f"weights: {path} is not a readable safetensors file ({err}). Accepted: {WEIGHT_FORMATS}") from err
+        state, meta = _safetensors_weights(path)
     elif suffix in _TORCH_SUFFIXES:
         state, meta = _torch_weights(path), {}
     else:
@@ -207,9 +322,25 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
         )
     if not (spec and in_shape and num_classes):
         missing = [n for n, v in (("spec", spec), ("in_shape", in_shape), ("num_classes", num_classes)) if not v]
-        raise ValueError(f"{path}: no model {'/'.join(missing)} stored; pass them explicitly")
+        raise ValueError(f"weights: {path}: no model {'/'.join(missing)} stored; pass them explicitly")
+    if not isinstance(spec, str):
+        raise ValueError(f"weights: {path}: the stored model spec {spec!r} is not a string (corrupt metadata)")
+    if not (isinstance(in_shape, (list, tuple)) and 1 <= len(in_shape) <= 5
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1_000_000 for d in in_shape)):
+        raise ValueError(f"weights: {path}: in_shape {in_shape!r} is not a sample shape (1 to 5 positive sizes)")
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10_000_000):
+        raise ValueError(f"weights: {path}: num_classes {num_classes!r} is not a positive class count")
+    from .models.registry import build_on_meta
+
+    skeleton = build_on_meta(spec, in_shape, num_classes)  # shapes first: nothing allocated for a file that
+    if skeleton is not None:  # does not fit (a small file whose metadata claims a huge model, say)
+        _check_state(path, skeleton, state, spec)
     model = build_model(spec, in_shape, num_classes)
     _check_state(path, model, state, spec)
+    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if bad:
+        raise ValueError(f"weights: {path} holds NaN values (in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                         "it was saved from a run that diverged")
     model.load_state_dict(state)
     return model
 
@@ -238,11 +369,51 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         save_file(tensors, str(tmp), metadata={"kdistill_checkpoint": json.dumps(meta, default=_jsonable)})
 
 
+def _checkpoint_meta(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    tensors, raw = safetensors_header(path, "checkpoint")
+    if "kdistill_checkpoint" not in raw:
+        raise ValueError(f"checkpoint: {path} is a safetensors file but not a kdistill checkpoint "
+                         "(no training state in it); start a new run without --resume")
+    meta = _json_meta(raw, "kdistill_checkpoint", path, "checkpoint")
+    for key in ("state", "param_groups", "opt_scalars"):
+        if key not in meta:
+            raise ValueError(f"checkpoint: {path} lacks its {key!r} record (corrupt); start a new run")
+    return tensors, meta
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The loop state a checkpoint records (epoch, history, config, method, data, model), from its header only."""
+    _, meta = _checkpoint_meta(Path(path))
+    return {**meta["state"], "spec": meta.get("spec")}
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimiser buffer its parameter's memory layout.
+
+    Checkpoints store contiguous (NCHW) tensors; a channels_last parameter's momentum buffer loaded as NCHW
+    has other strides, and the fused update kernels pair elements by memory position, so the resumed
+    run diverged from the uninterrupted one. Copying into ``empty_like(param)`` restores the layout.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore ``model`` and ``optimizer`` in place; return the loop state (with ``rng`` tensors)."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["kdistill_checkpoint"])
+    path = Path(path)
+    declared, meta = _checkpoint_meta(path)
+    want = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: v["shape"] for k, v in declared.items() if k.startswith("model.")}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        name = getattr(model, "spec", type(model).__name__)
+        raise ValueError(f"checkpoint: {path} holds another model than {name!r} "
+                         f"(first difference: {diff[0]}); resume with the same --model")
+    tensors = _load_tensors(path, "checkpoint")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
@@ -251,7 +422,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             opt_state.setdefault(int(pid), {})[name] = v
     for pid, scalars in meta["opt_scalars"].items():
         opt_state.setdefault(int(pid), {}).update(scalars)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint: {path}: its optimiser state does not fit this run's optimiser "
+                         f"({type(exc).__name__}: {str(exc)[:160]}); resume with the same train.optimizer "
+                         "and model") from None
+    _match_param_layouts(optimizer)
     state = meta["state"]
     state["rng"] = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     state["extra"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -102,7 +102,12 @@ class ModuleTeacher:
 
 
 class CachedTeacher:
-    """Teacher logits computed once (or loaded from a file), keyed by sample id."""
+    """Teacher logits computed once (or loaded from a file), keyed by sample id.
+
+    Ids that are dense (at most about twice as many slots as rows) are looked up through a direct table;
+    sparse ones (a file whose ids run to 10**12, say) through the sorted ids and ``searchsorted``, so memory
+    follows the number of rows, never the largest id.
+    """
 
     needs_inputs = False
 
@@ -114,10 +119,20 @@ class CachedTeacher:
             raise ValueError("cached logits: sample ids must be >= 0")
         if len(torch.unique(ids)) != len(ids):
             raise ValueError("cached logits: sample ids must be unique")
+        finite = torch.isfinite(logits).all(dim=1) if len(logits) else torch.ones(0, dtype=torch.bool)
+        if not bool(finite.all()):
+            bad = ids[~finite.cpu()]
+            raise ValueError(f"teacher: its logits are NaN or infinite for {len(bad)} of {len(ids)} samples "
+                             f"(e.g. ids {bad[:5].tolist()}); the teacher diverged or its weights are broken")
         self.logits_table = logits.float()
         size = int(ids.max()) + 1 if len(ids) else 0
-        self.row_of = torch.full((size,), -1, dtype=torch.long)
-        self.row_of[ids] = torch.arange(len(ids))
+        if size <= 2 * len(ids) + 1024:
+            self.row_of: torch.Tensor | None = torch.full((size,), -1, dtype=torch.long)
+            self.row_of[ids] = torch.arange(len(ids))
+            self.sorted_ids = self.sorted_rows = None
+        else:
+            self.row_of = None
+            self.sorted_ids, self.sorted_rows = torch.sort(ids)
 
     @property
     def num_classes(self) -> int:
@@ -125,16 +140,35 @@ class CachedTeacher:
 
     def to(self, device: torch.device | str) -> "CachedTeacher":
         self.logits_table = self.logits_table.to(device)
-        self.row_of = self.row_of.to(device)
+        if self.row_of is not None:
+            self.row_of = self.row_of.to(device)
+        else:
+            self.sorted_ids, self.sorted_rows = self.sorted_ids.to(device), self.sorted_rows.to(device)
         return self
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Table rows of ``ids`` (-1 where an id has none)."""
+        if self.row_of is not None:
+            if not len(self.row_of):
+                return torch.full_like(ids, -1)
+            inside = ids < len(self.row_of)
+            return torch.where(inside, self.row_of[ids.clamp(0, len(self.row_of) - 1)], -1)
+        if not len(self.sorted_ids):
+            return torch.full_like(ids, -1)
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp_max(len(self.sorted_ids) - 1)
+        return torch.where(self.sorted_ids[pos] == ids, self.sorted_rows[pos], -1)
 
     def check_covers(self, data) -> None:
         """Raise unless every sample of ``data`` has a cached row."""
-        ids = data.index.to(self.row_of.device)
-        if len(ids) and (ids.max() >= len(self.row_of) or (self.row_of[ids.clamp_max(len(self.row_of) - 1)] < 0).any()):
+        device = self.logits_table.device
+        ids = data.index.to(device)
+        if len(ids) and bool((self.rows(ids) < 0).any()):
             raise ValueError(f"cached teacher logits do not cover every sample of {data.name}: ids missing")
         if data.num_classes != self.num_classes:
             raise ValueError(f"cached teacher logits have {self.num_classes} classes, {data.name} has {data.num_classes}")
 
     def logits(self, x: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-        return self.logits_table[self.row_of[ids]]
+        if self.row_of is not None:
+            return self.logits_table[self.row_of[ids]]
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp_max(len(self.sorted_ids) - 1)
+        return self.logits_table[self.sorted_rows[pos]]

@@ -42,7 +42,7 @@ def _predict(args: argparse.Namespace) -> int:
         source = str(args.onnx)
     if logits.shape[1] != split.num_classes:
         raise ValueError(f"--model: predicts {logits.shape[1]} classes, {split.name} has {split.num_classes}")
-    save_logits(out, logits, split.index, data=split.name, source=source)
+    save_logits(out, logits, split.index, data=split.name, source=source, split=split)
     report = {"file": str(out), "count": len(split), "num_classes": split.num_classes, "data": split.name}
     if not split.has_unlabelled:
         from ..data.stream import labels_of
@@ -117,7 +117,7 @@ def _specialists(args: argparse.Namespace) -> int:
     write_results(out, "specialists", "cli", time.perf_counter() - t0, models)
     if args.save_logits:
         save_logits(args.save_logits, system.predict(bundle.train), bundle.train.index, data=bundle.train.name,
-                    source=f"specialists:{args.generalist}")
+                    source=f"specialists:{args.generalist}", split=bundle.train)
     print(json.dumps({"clusters": [list(c) for c in clusters], **models}))
     return 0
 

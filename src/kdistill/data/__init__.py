@@ -75,10 +75,27 @@ def _check_options(what: str, loader: Callable[..., Any], options: dict[str, Any
         return
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
+        from ..schema import closest
+
         shown = [a for a in accepted if a != "seed"]  # load() owns seed
         raise ValueError(
-            f"data: {what} has no option {', '.join(map(repr, unknown))}; it accepts {shown or 'no options'}"
+            f"data.{unknown[0]}: {what} has no option {', '.join(map(repr, unknown))}{closest(unknown[0], shown)}; "
+            f"it accepts {shown or 'no options'}"
         )
+
+
+def _typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The loader's options coerced to the types of its signature (see :mod:`kdistill.schema`); a ``path``
+    that does not exist is an error rather than a silent fall-back to the cache or a download."""
+    from pathlib import Path
+
+    from ..schema import coerce_loader_options
+
+    typed = coerce_loader_options(name, options)
+    path = typed.get("path")
+    if path is not None and name in LOADERS and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"data.path: no such file or directory {str(path)!r} (for data set {name!r})")
+    return typed
 
 
 def _split_spec(name: str, options: dict[str, Any]) -> tuple[str, str] | None:
@@ -107,7 +124,20 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **opt
     listing those it does. ``val_size=0`` keeps all training data and no validation split; a data set that
     brings its own validation split keeps it and nothing is carved.
     """
+    from ..schema import coerce, signature_fields
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"data.name: give a data set name or file spec, got {name!r}")
+    load_fields = signature_fields(load, 1, named_only=True)
+    val_size = coerce(val_size, load_fields["val_size"].hint, "data.val_size")
+    seed = coerce(seed, load_fields["seed"].hint, "data.seed")
+    if val_size is not None and val_size < 0:
+        raise ValueError(f"data.val_size: a count or a fraction >= 0, got {val_size!r}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"data.seed: must be in [0, 2**31), got {seed!r}")
     options = dict(options)
+    if name in LOADERS or _split_spec(name, dict(options)) is not None:
+        options = _typed_options(name, options)
     spec = _split_spec(name, options)
     if spec is not None:
         prefix, path = spec
@@ -129,7 +159,12 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **opt
     if bundle.val is not None:
         return bundle
     size = default if val_size is None else val_size
-    return with_validation(bundle, size, seed) if size else bundle
+    try:
+        return with_validation(bundle, size, seed) if size else bundle
+    except ValueError as exc:
+        if str(exc).startswith("val_size"):
+            raise ValueError(f"data.{exc}") from None
+        raise
 
 
 from .cifar import load_cifar10  # noqa: E402

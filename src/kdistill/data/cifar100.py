@@ -18,6 +18,7 @@ from .dataset import DataBundle
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
 CIFAR100_MD5 = "03b5dce01913d631647c71ecec9e9cb8"  # of the official archive at CIFAR100_URL
+# md5 as published with the data set; no sha256 is pinned: none could be verified against the official archive here.
 ARCHIVE_NAME = "cifar-100-binary.tar.gz"
 FOLDER = "cifar-100-binary"
 TRAIN_FILE, TEST_FILE = "train.bin", "test.bin"

@@ -52,11 +52,13 @@ def user_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class IdxFile:
-    """One file of an IDX data set: its name, expected decoded shape and, when pinned, raw md5."""
+    """One file of an IDX data set: its name, expected decoded shape and, when pinned, the raw (decompressed)
+    file's md5 and sha256."""
 
     name: str
     shape: tuple[int, ...]
     raw_md5: str | None = None
+    raw_sha256: str | None = None
 
 
 def find_local(directory: Path, file: IdxFile) -> Path | None:
@@ -68,13 +70,16 @@ def find_local(directory: Path, file: IdxFile) -> Path | None:
 
 
 def load_checked(path: Path, file: IdxFile) -> tuple[np.ndarray, bytes]:
-    """Read and validate one file: shape and, where pinned, content md5."""
+    """Read and validate one file: shape and, where pinned, content md5 and sha256."""
     raw = read_maybe_gz(path)
     arr = parse_idx(raw, str(path))
     if tuple(arr.shape) != file.shape:
         raise ValueError(f"{path}: expected shape {file.shape}, found {tuple(arr.shape)}")
     if file.raw_md5 and md5(raw) != file.raw_md5:
         raise ValueError(f"{path}: md5 {md5(raw)} does not match the pinned {file.raw_md5}")
+    if file.raw_sha256 and hashlib.sha256(raw).hexdigest() != file.raw_sha256:
+        digest = hashlib.sha256(raw).hexdigest()
+        raise ValueError(f"{path}: sha256 {digest} does not match the pinned {file.raw_sha256}")
     return arr, raw
 
 

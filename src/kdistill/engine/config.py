@@ -55,6 +55,12 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Coerce every field to its declared type (``lr="1e-3"`` becomes 0.001; a bool is not an integer; NaN,
+        infinity and magnitudes beyond :data:`kdistill.schema.FLOAT_LIMIT` are refused), then check the values."""
+        from ..schema import coerce_object
+
+        coerce_object(self, "train")
+
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ValueError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
@@ -72,13 +78,15 @@ class TrainConfig:
         need(isinstance(self.accumulate, int) and self.accumulate >= 1 and self.batch_size % self.accumulate == 0,
              "accumulate", f"must be an integer >= 1 that divides batch_size ({self.batch_size})")
         need(isinstance(self.jitter, int) and self.jitter >= 0, "jitter", "is a pixel count >= 0")
-        need(self.temperature > 0, "temperature", "must be > 0")
+        need(0 < self.temperature <= 1e4, "temperature", "must be in (0, 1e4]")
         need(0 <= self.alpha <= 1, "alpha", "is the soft-target weight, in [0, 1]")
         need(self.loss in LOSS_KINDS, "loss", f"must be one of {LOSS_KINDS}")
         need(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
         need(isinstance(self.teacher_views, int) and self.teacher_views >= 0, "teacher_views", "is a view count >= 0")
         need(isinstance(self.teacher_topk, int) and self.teacher_topk >= 0, "teacher_topk", "is a class count >= 0 (0: all)")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", "is a process count >= 0")
+        need(device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
+        need(-(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits")
         from ..data.augment import parse_augment
 
         aug = parse_augment(self.augment or None)
@@ -97,11 +105,57 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"train: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        """A config from a mapping (a YAML ``train:`` section): unknown keys are refused naming the closest field."""
+        from ..schema import closest
+
+        if not isinstance(values, dict):
+            raise ValueError(f"train: must be a mapping of settings (epochs, lr, ...), got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ValueError(f"train.{key}: unknown option {key!r}{closest(key, known)}; "
+                                 f"train takes {sorted(known)}")
         return cls(**values)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def device_syntax_ok(name: str) -> bool:
+    """Whether ``name`` is ``auto`` or a device torch can parse, of a type kdistill trains on."""
+    import torch
+
+    if name == "auto":
+        return True
+    try:
+        return torch.device(name).type in DEVICE_TYPES
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+def check_device(device, field: str = "train.device") -> None:
+    """Raise a ValueError naming ``field`` when ``device`` cannot be used on this machine."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    origin = " (from $KDISTILL_DEVICE)" if os.environ.get("KDISTILL_DEVICE") == str(device) else ""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"{field}: {device}{origin} asked for, but {why}; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{field}: {device}{origin} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"{field}: {device}{origin} asked for, but MPS is not available; use cpu or auto")
+    elif device.type == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise ValueError(f"{field}: {device}{origin} asked for, but no XPU is available; use cpu or auto")
+    elif device.type != "cpu":
+        raise ValueError(f"{field}: kdistill trains on cpu, cuda, mps or xpu devices, not {device}{origin}")
 
 
 @dataclass

@@ -24,9 +24,9 @@ from ..data.convert import as_split
 from ..data.stream import labels_of
 from ..distributed import process_device, world
 from ..evaluate import classification_metrics, predict_split
-from ..io import load_checkpoint, save_checkpoint, save_model
+from ..io import data_fingerprint, load_checkpoint, save_checkpoint, save_model
 from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
-from .config import FitResult, TrainConfig
+from .config import FitResult, TrainConfig, check_device
 from .optim import lr_factor, resolve_device
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
@@ -94,26 +94,154 @@ def resolve_method(method, teacher, cfg: TrainConfig):
     if isinstance(method, str):
         return build_method(method)
     if isinstance(method, dict):
-        opts = dict(method)
-        name = opts.pop("name", None)
-        if not name:
+        from ..schema import build_method as build_typed
+
+        if not method.get("name"):
             raise ValueError("method.name: say which method, e.g. {'name': 'kd', 'temperature': 4}")
-        return build_method(name, opts)
+        return build_typed(method)  # options typed by the method's schema (kdistill.schema)
     raise ValueError(f"method: give a name, a dict with 'name' and options, or a Method, not {type(method).__name__}")
 
 
-def check_data(train, name: str = "train") -> None:
-    """Labels in range and at least two classes, before anything is trained (in-memory splits; streamed ones
-    when their labels are listed)."""
+INPUT_LIMIT = 1e10
+"""Largest input magnitude accepted: beyond it products and squares overflow float32 within a few layers."""
+
+
+def check_data(train, name: str = "train", num_classes: int | None = None) -> None:
+    """At least two classes, labels in range, and finite inputs of sane magnitude, before anything is trained
+    (in-memory splits fully; streamed ones by their listed labels)."""
     labels = train.y if hasattr(train, "y") else train.labels
+    classes = train.num_classes if num_classes is None else num_classes
     if train.num_classes < 2:
         raise ValueError(f"data: {train.name} has {train.num_classes} class(es); classification needs at least 2")
-    if labels is None or not len(labels):
+    if labels is not None and len(labels):
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < -1 or hi >= classes:
+            raise ValueError(f"data: {name} labels must be in 0..{classes - 1} (or -1 for unlabelled), "
+                             f"found {lo if lo < -1 else hi}")
+    check_inputs(train, name)
+
+
+def check_inputs(split, name: str = "train") -> None:
+    """Refuse NaN, infinite or absurdly large inputs (in-memory splits; one pass, no temporary copies)."""
+    x = getattr(split, "x", None)
+    if x is None or not x.numel() or not x.is_floating_point():
         return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < -1 or hi >= train.num_classes:
-        raise ValueError(f"data: {name} labels must be in 0..{train.num_classes - 1} (or -1 for unlabelled), "
-                         f"found {lo if lo < -1 else hi}")
+    lo, hi = torch.aminmax(x)  # NaN propagates into both
+    lo, hi = float(lo), float(hi)
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= INPUT_LIMIT:
+        return
+    flat = x.reshape(len(x), -1)
+    bad = (~torch.isfinite(flat)).any(1)
+    what = "NaN or infinite values"
+    if not bool(bad.any()):
+        bad, what = (flat.abs() > INPUT_LIMIT).any(1), f"values beyond {INPUT_LIMIT:g} in magnitude"
+    rows = bad.nonzero().flatten()
+    ids = split.index[rows.to(split.index.device)][:5].tolist()
+    raise ValueError(f"data: {name} inputs (x) of {split.name} hold {what} in {len(rows)} of {len(x)} samples "
+                     f"(e.g. ids {ids}); clean or standardise the data")
+
+
+def check_teacher(teacher, train, dry_run: bool = True) -> None:
+    """A dry forward of a teacher network on one training sample: one logit per class, finite, or a
+    ValueError naming the teacher, before any file is written (files and ONNX models are checked on reading).
+    ``dry_run=False`` checks only what is known without running it (its declared class count)."""
+    from ..teachers import ModuleTeacher
+
+    if teacher is None:
+        return
+    members = getattr(teacher, "members", None)
+    if members is not None:
+        for m in members:
+            check_teacher(m, train, dry_run)
+        return
+    net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
+    if not isinstance(net, nn.Module) or not dry_run:
+        n = getattr(teacher, "num_classes", None)
+        if isinstance(n, int) and n != train.num_classes:
+            raise ValueError(f"teacher: outputs {n} classes but {train.name} has {train.num_classes}")
+        return
+    from ..engine.step import _first_inputs
+    from ..models.layout import as_layout, use_channels_last
+
+    x = _first_inputs(type("S", (), {"data": train})(), 1)
+    try:
+        param = next(net.parameters())
+        x = x.to(param.device)
+    except StopIteration:
+        pass
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(as_layout(x, use_channels_last(net)))
+    except Exception as exc:  # noqa: BLE001 - the teacher's failure, named for the user
+        raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} cannot run on {train.name}'s inputs "
+                         f"shaped {tuple(x.shape[1:])}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        net.train(was)
+    if isinstance(out, dict) or isinstance(out, (tuple, list)):
+        out = out.get("logits") if isinstance(out, dict) else out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != train.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs {shape} for one sample, but "
+                         f"{train.name} has {train.num_classes} classes; give a teacher trained on this data")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs NaN or infinite logits; "
+                         "its weights are broken (a diverged run?)")
+
+
+def check_augmentation(cfg: TrainConfig, train) -> None:
+    """Crops and flips need images, and a crop cannot translate by a whole image."""
+    aug = cfg.augmentation()
+    if aug.is_identity:
+        return
+    field = "train.jitter" if cfg.jitter else "train.augment"
+    shape = tuple(train.input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"{field}: {cfg.augment or f'jitter {cfg.jitter}'} needs images (C, H, W), but {train.name} "
+                         f"has samples shaped {shape}; leave augmentation out for this data")
+    pixels = int(getattr(aug, "crop", 0) or 0)
+    if pixels and pixels >= min(shape[1:]):
+        raise ValueError(f"{field}: a crop translating by up to {pixels} pixels would move {train.name}'s "
+                         f"{shape[1]}x{shape[2]} images out of view; use fewer pixels than the image side")
+
+
+def method_record(method) -> dict[str, Any]:
+    """The method's name and options as a checkpoint stores them (JSON round trip)."""
+    return json.loads(json.dumps({"name": method.name, **method.options()}, default=str))
+
+
+def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method=None, val=None, test=None,
+              resume_from: Path | None = None) -> None:
+    """Everything checkable before any work or file: the device, every split's labels and inputs, a dry
+    forward of the student and the teacher, and (``resume_from``) that the checkpoint is this run's.
+    :func:`fit` runs it; the CLI runs it before it writes the run's files."""
+    device = resolve_device(cfg.device)
+    check_device(device)
+    check_data(train)
+    for split, name in ((val, "val"), (test, "test")):
+        if split is not None:
+            check_data(split, name, num_classes=train.num_classes)
+    check_augmentation(cfg, train)
+    _check_outputs(model, train, next(iter(model.parameters()), torch.empty(0)).device)
+    check_teacher(teacher, train)
+    if resume_from is not None:
+        check_resume(resume_from, cfg, method_record(method) if method is not None else None,
+                     getattr(model, "spec", None), data_fingerprint(train))
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Delete ``.NAME.XXXX.tmp`` files a killed run left behind (see :func:`kdistill.io.atomic_path`)."""
+    removed = []
+    if out.is_dir():
+        for p in out.glob(".*.tmp"):
+            if p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
@@ -146,18 +274,35 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str, Any], ckpt: Path) -> None:
+def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str, Any] | None, ckpt: Path,
+                  spec: str | None = None, fingerprint: str | None = None) -> None:
+    """Refuse to resume a checkpoint made with another config, method, model or data, naming what differs."""
     now = asdict(cfg)
-    diff = [k for k in now if k not in RESUME_IGNORED and k in saved.get("config", {}) and saved["config"][k] != now[k]]
-    if "method" in saved and saved["method"] != method_opts:
-        diff.append("method")
-    if diff:
-        k = diff[0]
-        was = saved["config"].get(k) if k != "method" else saved["method"]
-        got = now.get(k) if k != "method" else method_opts
-        raise ValueError(f"--resume: {ckpt} was trained with another {'method' if k == 'method' else 'train.' + k} "
-                         f"({was!r}, now {got!r}); resume with the same settings or start a new run"
-                         + (f" (also differs: {diff[1:]})" if len(diff) > 1 else ""))
+    was_cfg = saved.get("config", {})
+    diffs: list[tuple[str, Any, Any]] = [(f"train.{k}", was_cfg[k], now[k]) for k in now
+                                         if k not in RESUME_IGNORED and k in was_cfg and was_cfg[k] != now[k]]
+    if method_opts is not None and "method" in saved and saved["method"] != method_opts:
+        diffs.append(("method", saved["method"], method_opts))
+    saved_spec = saved.get("model") or saved.get("spec")
+    if spec is not None and saved_spec is not None and saved_spec != spec:
+        diffs.append(("model", saved_spec, spec))
+    if fingerprint is not None and saved.get("data") is not None and saved["data"] != fingerprint:
+        diffs.append(("data", f"fingerprint {saved['data']}", f"fingerprint {fingerprint} (other samples or labels)"))
+    if diffs:
+        what, was, got = diffs[0]
+        more = f" (also differs: {[d[0] for d in diffs[1:]]})" if len(diffs) > 1 else ""
+        raise ValueError(f"--resume: {ckpt} was trained with another {what} ({was!r}, now {got!r}); resume with "
+                         f"the same settings or start a new run{more}")
+
+
+def check_resume(ckpt: Path, cfg: TrainConfig, method_opts: dict[str, Any] | None, spec: str | None,
+                 fingerprint: str | None) -> None:
+    """:func:`_check_resume` against the state recorded in ``ckpt``'s header (no tensor is read)."""
+    from ..io import read_checkpoint_state
+
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
+    _check_resume(read_checkpoint_state(ckpt), cfg, method_opts, Path(ckpt), spec, fingerprint)
 
 
 def fit(
@@ -186,12 +331,21 @@ def fit(
     The teacher module passed in is handed back as it was given (mode and ``requires_grad``).
     """
     cfg = config or TrainConfig()
+    if isinstance(cfg, dict):  # a mapping of train settings, typed and checked like a YAML `train:` section
+        cfg = TrainConfig.from_dict(cfg)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"config: give a TrainConfig, a mapping of its fields, or None, not {type(cfg).__name__}")
     cfg.validate()
     train = as_split(train, name="train")
     val = None if val is None else as_split(val, classes=train.classes, name="val")
     test = None if test is None else as_split(test, classes=train.classes, name="test")
     method = resolve_method(method, teacher, cfg)
+    check_device(resolve_device(cfg.device))
     check_data(train)
+    for split, split_name in ((val, "val"), (test, "test")):
+        if split is not None:
+            check_data(split, split_name, num_classes=train.num_classes)
+    check_augmentation(cfg, train)
     rank, n_proc = world()
     if cfg.batch_size % n_proc:
         raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly between {n_proc} processes; "
@@ -203,14 +357,23 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
     _check_outputs(model, train, device)
+    check_teacher(teacher, train, dry_run=False)  # not run here: callers may count its calls
     aug = cfg.augmentation()
     out = Path(out_dir) if out_dir else None
     write = out is not None and rank == 0  # every process reads a checkpoint; only rank 0 writes
     ckpt = out / "checkpoint.safetensors" if out else None
     if resume and not (ckpt and ckpt.is_file()):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}; run without --resume first")
+    if resume:  # before any work: the checkpoint must be this run's (config, method, model, data)
+        check_resume(ckpt, cfg, method_record(method), getattr(model, "spec", None), data_fingerprint(train))
+    if write:
+        remove_stale_tmp(out)
     cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
-    teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
+    try:
+        teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
+    except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
+        raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
     backend = None
     try:
         method.validate(num_classes=train.num_classes, teacher_classes=teacher_classes(teaching.teacher),
@@ -229,6 +392,32 @@ def fit(
         teaching.release()
 
 
+def _diverged(state, what: str, ckpt: Path | None) -> ValueError:
+    steps = state.steps_per_epoch
+    epoch = state.epoch
+    first, last = (epoch - 1) * steps + 1, epoch * steps
+    if ckpt is None or not ckpt.is_file():
+        kept = "no checkpoint was written"
+    else:
+        kept = f"{ckpt} keeps epoch {epoch - 1}" if epoch > 1 else f"{ckpt} keeps the last good epoch"
+    return ValueError(f"train: {what} in epoch {epoch} (steps {first}-{last}); training stopped and {kept}. Lower "
+                      "train.lr, set train.clip_grad_norm, or check the data and the teacher")
+
+
+def _check_finite_losses(losses: dict[str, float], state, ckpt: Path | None) -> None:
+    """The epoch's loss sums (read once per epoch anyway) must be finite: a NaN/inf step makes them so."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise _diverged(state, f"the loss became {value} ({name})", ckpt)
+
+
+def _check_finite_weights(model: nn.Module, method, state, ckpt: Path | None) -> None:
+    params = [p for p in list(model.parameters()) + list(method.parameters()) if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise _diverged(state, "the weights became NaN or infinite", ckpt)
+
+
 def _single_backend(model, method, teaching, source, aug, cfg, device, n_proc):
     from .step import StudentStep
 
@@ -239,11 +428,13 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
            progress, on_eval, callbacks, rank) -> FitResult:
     state = LoopState(epochs=cfg.epochs, steps_per_epoch=source.steps_per_epoch, histories=[[]])
     best: dict[str, Any] = {"errors": math.inf, "epoch": None, "state": None}
-    method_opts = json.loads(json.dumps({"name": method.name, **method.options()}, default=str))  # as stored
+    method_opts = method_record(method)  # as stored
+    fingerprint = data_fingerprint(train)
+    spec = getattr(model, "spec", None)
     val_y = labels_of(val) if val is not None else None
     if resume:
         saved = load_checkpoint(ckpt, model, backend.optimizer)
-        _check_resume(saved, cfg, method_opts, ckpt)
+        _check_resume(saved, cfg, method_opts, ckpt, spec, fingerprint)
         method_state = {k[len("method."):]: v for k, v in saved["extra"].items() if k.startswith("method.")}
         if method_state:
             method.load_state_dict(method_state)
@@ -263,6 +454,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     def evaluate(epoch: float, losses) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": backend.lrs()[0]}
         if losses is not None:
+            _check_finite_losses(losses[0], state, ckpt if write and cfg.checkpoint else None)
             row.update(losses[0])
         if val is not None:
             logits = backend.predict(val)[0]
@@ -276,13 +468,15 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
         row = rows[0]
         if cfg.keep_best and val is not None and row["val_errors"] < best["errors"]:
             best.update(errors=row["val_errors"], epoch=state.epoch, state=backend.snapshot()[0])
+        if out is not None and cfg.checkpoint:  # every process (replicas are identical): none waits for another
+            _check_finite_weights(model, method, state, ckpt)  # never checkpoint a diverged state
         if write and cfg.checkpoint:
             extra = {f"method.{k}": v for k, v in method.state_dict().items()}
             if best["state"] is not None:
                 extra.update({f"best.{k}": v for k, v in best["state"].items()})
             meta = {"epoch": state.epoch, "step": state.step, "history": state.histories[0], "config": asdict(cfg),
                     "method": method_opts, "rng": _rng_state(gen), "best_errors": best["errors"] if best["epoch"] else None,
-                    "best_epoch": best["epoch"]}
+                    "best_epoch": best["epoch"], "data": fingerprint, "model": spec}
             save_checkpoint(ckpt, model, backend.optimizer, meta, extra)
 
     cbs: list[Callback] = []

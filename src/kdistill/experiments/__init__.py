@@ -62,10 +62,37 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(EXPERIMENTS[name])
 
 
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "results"
+"""The repository's committed records (absent in an installed wheel): where measured wall times come from."""
+
+
+def measured_time(name: str, profile: str) -> str:
+    """The wall time of the committed record ``results/NAME-PROFILE`` (or of a GPU run of it), if any."""
+    import json
+
+    for suffix in ("", "-h100"):
+        path = RESULTS_DIR / f"{name}-{profile}{suffix}" / "results.json"
+        if path.is_file():
+            try:
+                wall = json.loads(path.read_text()).get("wall_time_s")
+            except ValueError:
+                continue
+            if isinstance(wall, (int, float)):
+                where = "H100" if suffix else "2-core CPU"
+                return f"{wall / 60:.1f} min ({where})" if wall >= 90 else f"{wall:.0f} s ({where})"
+    return "not run yet"
+
+
 def describe() -> list[tuple[str, str]]:
+    """(name, description with each profile and its measured wall time on the reference machine)."""
     if not EXPERIMENTS:
         EXPERIMENTS.update(_discover())
-    return [(name, get(name).DESCRIPTION) for name in EXPERIMENTS]
+    out = []
+    for name in EXPERIMENTS:
+        module = get(name)
+        profiles = ", ".join(f"{p}: {measured_time(name, p)}" for p in module.PROFILES)
+        out.append((name, f"{module.DESCRIPTION}\n{'':19s}profiles: {profiles}"))
+    return out
 
 
 def run_experiment(
@@ -87,4 +114,8 @@ def run_experiment(
     out_dir = Path(out or f"runs/{name}-{profile}")
     ctx = RunContext(out=out_dir, profile=profile, data_path=data_path, progress=progress)
     write_run_files(out_dir, {"experiment": name, "profile": profile, "settings": settings}, settings.get("seed"))
-    return module.run(settings, ctx)
+    results = module.run(settings, ctx)
+    from ..html_report import write_report
+
+    write_report([out_dir])  # report.html beside results.json: tables, curves, plots, config, environment
+    return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,11 @@ class ModelSpec:
                 options[key.strip()] = _value(val.strip())
             return cls(name, (), options, target)
         if name not in _REGISTRY:
+            from ..schema import closest
+
             raise ValueError(
-                f"model: unknown model {name!r} in spec {spec!r}; choose one of {available()}, "
+                f"model: unknown model {name!r} in spec {spec!r}{closest(name, _REGISTRY)}; "
+                f"choose one of {available()}, "
                 f"or tv:NAME (torchvision), timm:NAME, py:FILE.py:FACTORY"
             )
         ints: list[int] = []
@@ -111,16 +115,67 @@ def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int 
     if parsed.is_adapter:
         return _build_adapter(spec, parsed, in_shape, num_classes, seed)
     builder = _REGISTRY[parsed.name]
-    accepted = set(inspect.signature(builder).parameters)
-    unknown = set(parsed.options) - accepted
-    if unknown:
-        allowed = sorted(accepted - {"in_shape", "num_classes", "ints"})
-        raise ValueError(f"model: {spec!r} has unknown option(s) {sorted(unknown)}; {parsed.name} takes {allowed}")
+    options = _typed_options(spec, parsed, builder)
     if seed is not None:
         torch.manual_seed(seed)
-    model = builder(tuple(in_shape), num_classes, parsed.ints, **parsed.options)
+    model = _built(spec, in_shape, num_classes, lambda: builder(tuple(in_shape), num_classes, parsed.ints, **options))
     model.spec = spec  # type: ignore[attr-defined]
     return model
+
+
+def _typed_options(spec: str, parsed: ModelSpec, builder: Builder) -> dict[str, Any]:
+    """The spec's ``key=value`` options coerced to the builder's types (its defaults' or annotations');
+    unknown ones refused naming the closest (see :mod:`kdistill.schema`)."""
+    from ..schema import closest, coerce, signature_fields
+
+    fields = signature_fields(builder, 3)  # after in_shape, num_classes, ints
+    if fields is None:
+        return dict(parsed.options)
+    unknown = [k for k in parsed.options if k not in fields]
+    if unknown:
+        raise ValueError(f"model: {spec!r} has unknown option(s) {sorted(unknown)}{closest(unknown[0], fields)}; "
+                         f"{parsed.name} takes {sorted(fields) or 'no options'}")
+    return {k: coerce(v, fields[k].hint, f"model: {spec!r} option {k}") for k, v in parsed.options.items()}
+
+
+def _built(spec: str, in_shape, num_classes: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``, with any failure turned into one ValueError naming the spec and the input it was for."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = build()
+    except ImportError:
+        raise
+    except ValueError as exc:
+        if str(exc).startswith("model"):
+            raise
+        raise ValueError(f"model: {spec!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a builder's RuntimeError/TypeError is the spec's, named for the user
+        raise ValueError(f"model: cannot build {spec!r} for inputs shaped {tuple(in_shape)} with {num_classes} "
+                         f"classes: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: {spec!r} built a {type(model).__name__}, not a torch.nn.Module")
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(f"model: {spec!r} builds layers without weights ({', '.join(empty[:3])}) for inputs shaped "
+                         f"{tuple(in_shape)}: a width, channel count or kernel of 0, or more downsampling than the "
+                         "input's size allows")
+    return model
+
+
+def build_on_meta(spec: str, in_shape: Sequence[int], num_classes: int) -> nn.Module | None:
+    """The model ``spec`` with its parameters on the meta device (nothing allocated), to compare shapes
+    with a weights file before building it for real; None when the builder cannot build on meta (user code
+    that computes with real tensors) or for adapter specs (their libraries may fetch weights)."""
+    if ModelSpec.parse(spec).is_adapter:
+        return None
+    try:
+        with torch.device("meta"):
+            return build_model(spec, in_shape, num_classes)
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _build_adapter(spec: str, parsed: ModelSpec, in_shape: Sequence[int], num_classes: int,
@@ -132,16 +187,19 @@ def _build_adapter(spec: str, parsed: ModelSpec, in_shape: Sequence[int], num_cl
         raise ValueError(f"model: {spec!r}: logits_key must be a name, got {logits_key!r}")
     if seed is not None:
         torch.manual_seed(seed)
-    model = adapters.build_adapter(spec, in_shape, num_classes, options)
+    model = _built(spec, in_shape, num_classes, lambda: adapters.build_adapter(spec, in_shape, num_classes, options))
     ensure_logits(model, logits_key)
     model.spec = adapters.canonical_spec(spec)  # type: ignore[attr-defined]
     return model
 
 
 @register("mlp")
-def _mlp(in_shape, num_classes, ints, activation="relu", dropout=0.0, input_dropout=0.0, max_norm=None):
+def _mlp(in_shape, num_classes, ints, activation: str = "relu", dropout: float = 0.0, input_dropout: float = 0.0,
+         max_norm: float | None = None):
     if not ints:
         raise ValueError("model: mlp needs hidden widths, e.g. mlp:800,800 (or mlp:0 for a linear model)")
+    if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"model: mlp option max_norm must be > 0 (or left out), got {max_norm!r}")
     hidden = [w for w in ints if w > 0]
     return MLP(math.prod(in_shape), num_classes, hidden, activation, dropout, input_dropout, max_norm)
 
