@@ -83,3 +83,36 @@ def test_distiller_fit_evaluate_save_export(digits, tmp_path):
     assert torch.equal(_params(back), _params(d.student))
     pytest.importorskip("onnx")
     assert d.export_onnx(tmp_path / "s.onnx").is_file()
+
+
+def test_api_run_writes_the_cli_files_and_tensorboard(digits, tmp_path):
+    import json
+
+    out = tmp_path / "api"
+    fit(build_model("mlp:16", digits.input_shape, 10), digits.train, TrainConfig(epochs=2), test=digits.test,
+        out_dir=out, progress=False)
+    for f in ("config.yaml", "environment.json", "results.json", "results.md", "metrics.jsonl", "metrics.csv",
+              "model.safetensors", "checkpoint.safetensors"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "results.json").read_text())["models"]["model"]["test_errors"] >= 0
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (pip install 'kdistill[tensorboard]')")
+    from kdistill.cli import main
+
+    assert main(["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--tensorboard", "--out",
+                 str(tmp_path / "tb"), "--no-progress"]) == 0
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_every_flag_shows_a_default_and_every_command_an_example():
+    from kdistill.cli import build_parser
+
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and "default" in action.help, (name, action.dest)
+    for name in ("train", "distill", "evaluate", "run"):
+        assert sub.choices[name].description and "example: kdistill" in sub.choices[name].epilog

@@ -37,7 +37,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     p.add_argument("--jitter", type=int, help="random translation of up to this many pixels")
     p.add_argument("--augment", help="batched augmentation on the device, e.g. crop4,flip (teacher and student see the same view)")
     p.add_argument("--method", help="training method: ce (hard labels), kd, dkd, fitnet, at (default: ce for train, kd for "
@@ -48,6 +48,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard (pip install 'kdistill[tensorboard]')")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -272,8 +274,13 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
                 write_run_files(out, cfg, tcfg.seed)  # only once every input has been validated
             except OSError as exc:
                 raise ValueError(f"--out: cannot write the run's files to {out} ({exc.strerror or exc})") from None
+        callbacks = []
+        if args.tensorboard and rank == 0:
+            from .engine.callbacks import TensorBoard
+
+            callbacks.append(TensorBoard([out]))
         result = fit(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test, out_dir=out,
-                     resume=args.resume, progress=not args.no_progress)
+                     resume=args.resume, progress=not args.no_progress, callbacks=callbacks)
     except Exception:
         if rank == 0 and not args.resume and not (out / "checkpoint.safetensors").exists():
             _discard(out, existed)  # refused before training: leave nothing half written
@@ -446,7 +453,68 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    _document(sub)
     return parser
+
+
+# Help for flags whose meaning is a config field: (text, where the default lives).
+FLAG_HELP: dict[str, str] = {
+    "epochs": "training epochs", "lr": "base learning rate (the schedule multiplies it)",
+    "batch_size": "global batch size (split across torchrun processes)", "optimizer": "optimiser",
+    "seed": "seed of initialisation, batch order and augmentation", "temperature": "softmax temperature T of the method",
+    "loss": "KD's soft term (method.kind)", "data_path": "directory holding the data set's files (tried before any download)",
+    "split": "which split to use", "val_size": "validation split carved from train (count, or fraction below 1)",
+    "profile": "the experiment's profile (see run --list)", "out": "output directory",
+    "set": "override, e.g. train.weight_decay=5e-4 or method.beta=8 (repeatable)", "experiment": "experiment name (see --list)",
+    "data_seed": "seed of the validation split, as distill's data.seed", "momentum": "SGD momentum",
+    "schedule": "learning-rate schedule", "data": "data set name or npz:/csv:/folder: source",
+    "no_progress": "no progress bar",
+}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("Train a model on the hard labels (a teacher, or a baseline student).",
+              "kdistill train --data folder:my_images --model resnet20 --augment crop4,flip --epochs 30 --out runs/teacher"),
+    "distill": ("Train a student from a teacher: KD, DKD, FitNets or AT, on any data; writes the deployment table.",
+                "kdistill distill --data folder:my_images --teacher runs/teacher/model.safetensors --student resnet8 "
+                "--method kd -T 4 --alpha 0.9 --augment crop4,flip --epochs 30 --out runs/student"),
+    "evaluate": ("Metrics of a saved model on a split (its run's data by default).",
+                 "kdistill evaluate --model runs/student/model.safetensors --teacher runs/teacher/model.safetensors"),
+    "run": ("Run one of the paper experiments with a profile; writes results.json, results.md and report.html.",
+            "kdistill run hinton-mnist --profile quick --out runs/hinton-mnist-quick"),
+}
+
+
+def _train_default(dest: str):
+    from .engine.config import TrainConfig
+
+    return getattr(TrainConfig(), dest, None)
+
+
+def _document(sub: argparse._SubParsersAction) -> None:
+    """Every flag gets a help text that shows its default; every subcommand a description and an example."""
+    for name, p in sub.choices.items():
+        desc, example = SUBCOMMANDS.get(name, (None, None))
+        if desc:
+            p.description = desc
+        if example:
+            p.epilog = f"example: {example}"
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            text = action.help or FLAG_HELP.get(action.dest) or action.dest.replace("_", " ")
+            if "default" not in text:
+                if isinstance(action, argparse._StoreTrueAction):
+                    default = "off"
+                elif action.required:
+                    default = "required"
+                elif action.default not in (None, [], argparse.SUPPRESS):
+                    default = action.default
+                elif name in ("train", "distill") and _train_default(action.dest) is not None:
+                    default = _train_default(action.dest)
+                else:
+                    default = "none"
+                text = f"{text} (default: {default})"
+            action.help = text.replace("%", "%%") if "%(" not in text else text
 
 
 class _Parser(argparse.ArgumentParser):

@@ -156,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (initialisation and data order) to sweep")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["constant", "cosine", "onecycle", "step"])
     p.add_argument("--jitter", type=int, help="random translation of up to this many pixels (shared per seed)")

@@ -448,6 +448,11 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
             best.update(errors=saved["best_errors"], epoch=saved["best_epoch"], state=best_state)
     elif write:
         out.mkdir(parents=True, exist_ok=True)
+    if write and not (out / "config.yaml").exists():  # an API run records what the CLI records
+        from ..report import write_run_files
+
+        write_run_files(out, {"model": getattr(model, "spec", None) or type(model).__name__, "train": asdict(cfg),
+                              "method": method_opts}, cfg.seed)
 
     t0 = time.perf_counter()
 
@@ -507,6 +512,11 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     if test is not None:
         result.test = classification_metrics(predict_split(model, test), labels_of(test))
     if write:
+        from ..report import write_results
+
         save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes)
+        metrics = {f"test_{k}": result.test[k] for k in ("errors", "accuracy", "nll")} if result.test else {}
+        write_results(out, "fit", "api", wall, {"model": {**metrics, "spec": getattr(model, "spec", None),
+                                                          "method": method.name, "best_epoch": best_epoch}})
     return result
 
