@@ -496,3 +496,20 @@ def experiment(recipe: Recipe) -> Callable[[dict[str, Any], RunContext], dict[st
         return run(recipe, s, ctx)
 
     return run_it
+
+
+MDISTILLER_PAIRS = [
+    {"teacher": "resnet32x4", "student": "resnet8x4"},  # DKD beta 8 (configs/cifar100/dkd/res32x4_res8x4.yaml)
+    {"teacher": "resnet56", "student": "resnet20", "methods": {"dkd": {"beta": 2.0}}},
+    {"teacher": "wrn:40,2", "student": "wrn:16,2", "methods": {"dkd": {"beta": 6.0}}},
+]
+"""mdistiller's CIFAR-100 pairs with its DKD beta per pair (configs/cifar100/dkd/*.yaml)."""
+
+
+def paper_profile() -> dict[str, Any]:
+    """mdistiller's protocol (for a GPU): 240 epochs, batch 64, SGD 0.05 with step decay, weight decay 5e-4,
+    3 seeds, its pairs. kdistill's ``step`` schedule decays x0.1 at 50% and 75% of training (epochs 120 and
+    180), not at 150/180/210; 5,000 training images are held out as a validation split."""
+    return {**COMMON, "pairs": [dict(p) for p in MDISTILLER_PAIRS], "val_size": 5000, "train_size": None,
+            "test_size": None, "teacher_epochs": 240, "student_epochs": 240, "seeds": 3, "schedule": "step",
+            "threads": None}

@@ -63,22 +63,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # mdistiller's protocol (for a GPU): 240 epochs for teachers and students, batch 64, SGD 0.05 with step
     # decay (kdistill's `step`: x0.1 at epochs 120 and 180, not 150/180/210), weight decay 5e-4, 3 seeds;
     # 5,000 training images held out as a validation split (mdistiller trains on all 50,000).
-    "paper": {
-        **kd.COMMON,
-        "pairs": [
-            {"teacher": "resnet32x4", "student": "resnet8x4"},  # DKD beta 8 (configs/cifar100/dkd/res32x4_res8x4.yaml)
-            {"teacher": "resnet56", "student": "resnet20", "methods": {"dkd": {"beta": 2.0}}},
-            {"teacher": "wrn:40,2", "student": "wrn:16,2", "methods": {"dkd": {"beta": 6.0}}},
-        ],
-        "val_size": 5000,
-        "train_size": None,
-        "test_size": None,
-        "teacher_epochs": 240,
-        "student_epochs": 240,
-        "seeds": 3,
-        "schedule": "step",
-        "threads": None,
-    },
+    "paper": kd.paper_profile(),
 }
 
 run = kd.experiment(RECIPE)

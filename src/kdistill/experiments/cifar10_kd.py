@@ -79,22 +79,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # mdistiller's protocol (for a GPU): 240 epochs, batch 64, SGD 0.05 with step decay, weight decay 5e-4,
     # 3 seeds, its CIFAR-100 pairs with its DKD beta per pair (configs/cifar100/dkd/*.yaml). kdistill's `step`
     # decays x0.1 at 50% and 75% of training (epochs 120, 180), not at 150/180/210.
-    "paper": {
-        **kd.COMMON,
-        "pairs": [
-            {"teacher": "resnet56", "student": "resnet20", "methods": {"dkd": {"beta": 2.0}}},
-            {"teacher": "wrn:40,2", "student": "wrn:16,2", "methods": {"dkd": {"beta": 6.0}}},
-            {"teacher": "resnet32x4", "student": "resnet8x4"},  # DKD beta 8 (the default)
-        ],
-        "val_size": 5000,
-        "train_size": None,
-        "test_size": None,
-        "teacher_epochs": 240,
-        "student_epochs": 240,
-        "seeds": 3,
-        "schedule": "step",
-        "threads": None,
-    },
+    "paper": kd.paper_profile(),
 }
 
 run = kd.experiment(RECIPE)
