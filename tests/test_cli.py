@@ -89,3 +89,6 @@ def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copi
     assert res["chosen_alpha"] in (1.0, 0.5)
     assert (out / "results.md").read_text().startswith("# hinton-mnist")
     assert (out / "config.yaml").is_file() and (out / "environment.json").is_file()
+    rows = res["deployment"]["rows"]  # the point of distilling: student vs teacher, size, speed, accuracy kept
+    assert set(rows) == {"teacher", "distilled"} and rows["distilled"]["x_smaller"] > 1
+    assert "Deployment" in (out / "results.md").read_text() and (out / "report.html").is_file()

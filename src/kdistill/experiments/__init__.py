@@ -53,6 +53,15 @@ class RunContext:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def deployment(self, models: dict[str, Any], test, results: dict[str, Any], budget_s: float = 2.0) -> dict[str, Any]:
+        """Add the deployment table (teacher first: size, FLOPs, CPU latency, accuracy kept) to the run's
+        results.json and results.md; return the updated results."""
+        from ..deploy import deployment_table, write_deployment
+
+        table = deployment_table(models, test, teacher_name=next(iter(models)), budget_s=budget_s)
+        write_deployment(self.out, table)
+        return {**results, "deployment": table}
+
 
 def get(name: str) -> ModuleType:
     if not EXPERIMENTS:

@@ -258,6 +258,7 @@ def _run(recipe: Recipe, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     teachers: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     alone: dict[tuple[str, int], dict[str, Any]] = {}  # (student, seed) -> the ce record: it needs no teacher
+    deploy: dict[str, Any] = {}  # the first pair's teacher and its first KD student, for the deployment table
     for pair in s["pairs"]:
         pname = pair_name(pair)
         t_seed = s["seed"] + TEACHER_SEED_OFFSET  # no student starts from the teacher's initial weights
@@ -289,13 +290,18 @@ def _run(recipe: Recipe, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                     "val_accuracy": r.val["accuracy"], "epochs": len(r.history),
                     "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(r),
                 }
+                if not deploy or (len(deploy) == 1 and m == "kd"):
+                    deploy.setdefault(f"teacher {pair['teacher']}", teacher)
+                    if m == "kd":
+                        deploy[f"student {pair['student']} (kd)"] = student
                 if m == "ce":
                     rec["params"] = count_parameters(student)
                     alone[(pair["student"], seed)] = rec
                 records.append(rec)
                 ctx.log(f"{pname}/{m} seed {seed}: {100 * r.test['accuracy']:.2f}% test (last epoch), "
                         f"{100 * r.val['accuracy']:.2f}% validation ({rec['wall_time_s']:.0f} s)")
-    return _write(recipe, s, ctx, teachers, records, seeds, (len(train), len(val), len(test)))
+    results = _write(recipe, s, ctx, teachers, records, seeds, (len(train), len(val), len(test)))
+    return ctx.deployment(deploy, test, results) if len(deploy) == 2 else results
 
 
 # ---------------------------------------------------------------------------------------------- outputs
