@@ -223,13 +223,7 @@ def write_pngs(images: torch.Tensor, labels: torch.Tensor, root: Path, test: int
 
 
 # ----- measurement ------------------------------------------------------------------------------------
-def interleaved(methods: dict[str, Any], repeats: int, log) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for r in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(fn())
-            log(f"  {name} rep {r + 1}: {times[name][-1]:.3f} s")
-    return times
+from throughput import interleaved  # noqa: E402  the MLP benchmark's round-robin timing, beside this script
 
 
 def row(workload: str, method: str, samples: int, seconds: list[float], **extra: Any) -> dict[str, Any]:
