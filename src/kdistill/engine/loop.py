@@ -212,10 +212,11 @@ def method_record(method) -> dict[str, Any]:
 
 
 def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method=None, val=None, test=None,
-              resume_from: Path | None = None) -> None:
+              resume_from: Path | None = None, dry_run_teacher: bool = True) -> None:
     """Everything checkable before any work or file: the device, every split's labels and inputs, a dry
     forward of the student and the teacher, and (``resume_from``) that the checkpoint is this run's.
-    :func:`fit` runs it; the CLI runs it before it writes the run's files."""
+    :func:`fit` runs it (without the teacher's dry forward: callers may count its calls); the CLI runs it
+    before it writes the run's files."""
     device = resolve_device(cfg.device)
     check_device(device)
     check_data(train)
@@ -224,7 +225,7 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
             check_data(split, name, num_classes=train.num_classes)
     check_augmentation(cfg, train)
     _check_outputs(model, train, next(iter(model.parameters()), torch.empty(0)).device)
-    check_teacher(teacher, train)
+    check_teacher(teacher, train, dry_run=dry_run_teacher)
     if resume_from is not None:
         check_resume(resume_from, cfg, method_record(method) if method is not None else None,
                      getattr(model, "spec", None), data_fingerprint(train))
@@ -341,11 +342,6 @@ def fit(
     test = None if test is None else as_split(test, classes=train.classes, name="test")
     method = resolve_method(method, teacher, cfg)
     check_device(resolve_device(cfg.device))
-    check_data(train)
-    for split, split_name in ((val, "val"), (test, "test")):
-        if split is not None:
-            check_data(split, split_name, num_classes=train.num_classes)
-    check_augmentation(cfg, train)
     rank, n_proc = world()
     if cfg.batch_size % n_proc:
         raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly between {n_proc} processes; "
@@ -356,16 +352,15 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
-    _check_outputs(model, train, device)
-    check_teacher(teacher, train, dry_run=False)  # not run here: callers may count its calls
     aug = cfg.augmentation()
     out = Path(out_dir) if out_dir else None
     write = out is not None and rank == 0  # every process reads a checkpoint; only rank 0 writes
     ckpt = out / "checkpoint.safetensors" if out else None
     if resume and not (ckpt and ckpt.is_file()):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}; run without --resume first")
-    if resume:  # before any work: the checkpoint must be this run's (config, method, model, data)
-        check_resume(ckpt, cfg, method_record(method), getattr(model, "spec", None), data_fingerprint(train))
+    # Before any work: data, model, teacher and (on resume) that the checkpoint is this run's.
+    preflight(model, train, cfg, teacher=teacher, method=method, val=val, test=test,
+              resume_from=ckpt if resume else None, dry_run_teacher=False)
     if write:
         remove_stale_tmp(out)
     cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
