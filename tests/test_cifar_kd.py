@@ -200,3 +200,64 @@ def test_settings_are_checked(tmp_path):
         run("pairs=[{teacher: resnet8, student: resnet8, methods: {crd: {}}}]")
     with pytest.raises(ValueError, match="'cifar'.*'fake'"):
         experiments.run_experiment("cifar10-kd", "quick", tmp_path / "bad", ["data=mnist"], progress=False)
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+RESUME = ["data=fake", "val_size=64", "seeds=1", *TINY, "pairs=[{teacher: resnet8, student: resnet8}]",
+          "methods={ce: {}, kd: {temperature: 4.0, alpha: 0.9}, at: {beta: 1000.0, p: 2.0, ce_weight: 1.0, stages: all}}"]
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_numbers(tmp_path, fits, monkeypatch):
+    _, whole = _run(tmp_path / "a", "cifar10-kd", *RESUME)
+    assert len(fits) == 4  # teacher, ce, kd, at
+
+    real = _cifar_kd.fit
+    calls, crash = [], [True]
+
+    def crash_on_third(*a, **kw):  # the session ends while the third model (kd) trains
+        calls.append(kw.get("method"))
+        if len(calls) == 3 and crash and crash.pop():
+            raise _SessionEnded
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_cifar_kd, "fit", crash_on_third)
+    out = tmp_path / "b" / "cifar10-kd"
+    with pytest.raises(_SessionEnded):
+        _run(tmp_path / "b", "cifar10-kd", *RESUME)
+    assert sorted(p.name for p in (out / "progress").glob("*.json")) == [
+        "_elapsed.json", "resnet8-_resnet8_ce_seed0.json", "resnet8-_resnet8_teacher.json"]
+
+    calls.clear()
+    argv = ["run", "cifar10-kd", "--profile", "quick", "--out", str(out), "--no-progress", "--resume"]
+    assert main(argv + [a for s in RESUME for a in ("--set", s)]) == 0
+    assert [c["name"] for c in calls] == ["kd", "at"]  # the teacher and the CE student are not trained again
+    res = json.loads((out / "results.json").read_text())
+    assert res["resumed_units"] == ["resnet8->resnet8/teacher", "resnet8->resnet8/ce/seed0"]
+    key = ("pair", "method", "seed", "test_accuracy", "val_accuracy", "test_errors")
+    assert [[r[k] for k in key] for r in res["records"]] == [[r[k] for k in key] for r in whole["records"]]
+    assert res["teachers"]["resnet8->resnet8"]["test_accuracy"] == whole["teachers"]["resnet8->resnet8"]["test_accuracy"]
+    acc = {n: r["accuracy"] for n, r in res["deployment"]["rows"].items()}
+    assert acc == {n: r["accuracy"] for n, r in whole["deployment"]["rows"].items()}
+    assert "Resumed (`--resume`): 2 finished model(s)" in (out / "results.md").read_text()
+
+    # A second resume of the finished run trains nothing; a rerun without --resume starts afresh.
+    calls.clear()
+    assert main(argv + [a for s in RESUME for a in ("--set", s)]) == 0
+    assert calls == []
+    assert main(argv[:-1] + [a for s in RESUME for a in ("--set", s)]) == 0
+    assert [c and c["name"] for c in calls] == [None, "ce", "kd", "at"]
+
+
+def test_resume_refuses_other_settings_or_an_empty_folder(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["run", "cifar10-kd", "--profile", "quick", "--out", str(out), "--no-progress", "--resume"]
+    assert main(argv) == 2
+    assert "holds no run to continue" in capsys.readouterr().err
+    out.mkdir()
+    (out / "config.yaml").write_text("experiment: cifar10-kd\nprofile: quick\nsettings: {seeds: 7}\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "seeds" in err

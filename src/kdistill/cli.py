@@ -386,7 +386,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:18s} {desc}")
         return 0
     results = experiments.run_experiment(args.experiment, args.profile, args.out, args.set, args.data_path,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, resume=args.resume)
     out = Path(args.out or f"runs/{args.experiment}-{args.profile}")
     print((out / "results.md").read_text())
     print(f"wall time: {results['wall_time_s']:.1f} s; results in {out}/results.json")
@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out that stopped part-way (same profile and --set values); models "
+                        "it finished are kept (cifar10-kd, cifar100-kd, cifar10-mini)")
     p.set_defaults(func=_run)
 
     # Further commands live in kdistill/commands/*.py, each with `register(subparsers)`.

@@ -15,8 +15,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import yaml
+
 from .. import config as config_mod
 from ..report import write_run_files
+from ._progress import Progress
 
 
 
@@ -44,6 +47,19 @@ class RunContext:
     data_path: str | None = None
     progress: bool = True
     started: float = field(default_factory=time.perf_counter)
+    resume: bool = False  # take units an earlier attempt in ``out`` finished (see :mod:`._progress`)
+    _store: Progress | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> Progress:
+        """Finished units of this run under ``out/progress`` (emptied at first use unless resuming)."""
+        if self._store is None:
+            self._store = Progress(self.out / "progress", resume=self.resume)
+        return self._store
+
+    def unit(self, key: str, record: dict[str, Any], model=None) -> None:
+        """Keep one finished unit (its record, and ``model``'s weights when a later step needs them)."""
+        self.store.save(key, record, model, elapsed_s=self.elapsed)
 
     def log(self, msg: str) -> None:
         elapsed = time.perf_counter() - self.started
@@ -111,8 +127,12 @@ def run_experiment(
     overrides: list[str] | None = None,
     data_path: str | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Resolve ``name``'s profile with ``overrides``, record it, run it and return its results."""
+    """Resolve ``name``'s profile with ``overrides``, record it, run it and return its results.
+
+    ``resume``: continue the run in ``out`` that stopped part-way, with the same settings; the units it
+    finished are taken from ``out/progress`` (experiments that store units: see :mod:`._progress`)."""
     module = get(name)
     if profile not in module.PROFILES:
         raise ValueError(f"profile: {name} has profiles {sorted(module.PROFILES)}, not {profile!r}")
@@ -121,10 +141,29 @@ def run_experiment(
     if unknown:
         raise ValueError(f"--set: {name} has no setting(s) {sorted(unknown)}; it has {sorted(module.PROFILES[profile])}")
     out_dir = Path(out or f"runs/{name}-{profile}")
-    ctx = RunContext(out=out_dir, profile=profile, data_path=data_path, progress=progress)
-    write_run_files(out_dir, {"experiment": name, "profile": profile, "settings": settings}, settings.get("seed"))
+    resolved = {"experiment": name, "profile": profile, "settings": settings}
+    if resume:
+        check_resumable(out_dir, resolved)
+    ctx = RunContext(out=out_dir, profile=profile, data_path=data_path, progress=progress, resume=resume)
+    if resume:
+        ctx.started -= ctx.store.prior_s  # wall time counts the earlier attempt up to its last finished unit
+    write_run_files(out_dir, resolved, settings.get("seed"))
     results = module.run(settings, ctx)
     from ..html_report import write_report
 
     write_report([out_dir])  # report.html beside results.json: tables, curves, plots, config, environment
     return results
+
+
+def check_resumable(out_dir: Path, resolved: dict[str, Any]) -> None:
+    """ValueError unless ``out_dir`` holds a run of the same experiment, profile and settings."""
+    path = out_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"--resume: {out_dir} holds no run to continue (no config.yaml); run without --resume")
+    before = config_mod.load_yaml(path)
+    if before != yaml.safe_load(config_mod.dump(resolved)):
+        old, new = before.get("settings", {}), resolved["settings"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        what = f"settings {keys}" if keys else "experiment/profile"
+        raise ValueError(f"--resume: the run in {out_dir} has different {what}; resume with the same --profile and "
+                         "--set values, or choose a new --out")

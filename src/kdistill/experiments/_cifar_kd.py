@@ -263,43 +263,55 @@ def _run(recipe: Recipe, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         pname = pair_name(pair)
         t_seed = s["seed"] + TEACHER_SEED_OFFSET  # no student starts from the teacher's initial weights
         teacher = build_model(pair["teacher"], shape, k, seed=t_seed)
-        t0 = time.perf_counter()
-        t_fit = fit(teacher, train, train_config(s, s["teacher_epochs"], t_seed), val=val, test=test,
-                    progress=ctx.progress)
-        teachers[pname] = {
-            "spec": pair["teacher"], "epochs": s["teacher_epochs"], "seed": t_seed,
-            "params": count_parameters(teacher), "test_accuracy": t_fit.test["accuracy"],
-            "test_errors": t_fit.test["errors"], "val_accuracy": t_fit.val["accuracy"],
-            "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(t_fit),
-        }
-        ctx.log(f"{pname}: teacher {100 * t_fit.test['accuracy']:.2f}% test, {100 * t_fit.val['accuracy']:.2f}% "
-                f"validation ({teachers[pname]['wall_time_s']:.0f} s)")
+        stored = ctx.store.record(f"{pname}/teacher")
+        if stored is not None and ctx.store.load_into(f"{pname}/teacher", teacher):
+            teachers[pname] = stored
+        else:
+            t0 = time.perf_counter()
+            t_fit = fit(teacher, train, train_config(s, s["teacher_epochs"], t_seed), val=val, test=test,
+                        progress=ctx.progress)
+            teachers[pname] = {
+                "spec": pair["teacher"], "epochs": s["teacher_epochs"], "seed": t_seed,
+                "params": count_parameters(teacher), "test_accuracy": t_fit.test["accuracy"],
+                "test_errors": t_fit.test["errors"], "val_accuracy": t_fit.val["accuracy"],
+                "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(t_fit),
+            }
+            ctx.unit(f"{pname}/teacher", teachers[pname], teacher)
+        t_rec = teachers[pname]
+        ctx.log(f"{pname}: teacher {100 * t_rec['test_accuracy']:.2f}% test, {100 * t_rec['val_accuracy']:.2f}% "
+                f"validation ({t_rec['wall_time_s']:.0f} s{', from an earlier attempt' if stored else ''})")
         for seed in seeds:
             for m, opts in _pair_methods(s, pair).items():
                 if m == "ce" and (pair["student"], seed) in alone:
                     records.append({**alone[(pair["student"], seed)], "pair": pname, "shared": True})
                     continue
                 student = build_model(pair["student"], shape, k, seed=seed)
-                spec = method_spec(m, opts, teacher, student, pname, s["student_epochs"])
-                t0 = time.perf_counter()
-                r = fit(student, train, train_config(s, s["student_epochs"], seed), method=spec,
-                        teacher=None if m == "ce" else teacher, val=val, test=test, progress=ctx.progress)
-                rec = {
-                    "pair": pname, "method": m, "seed": seed, "student": pair["student"], "options": spec,
-                    "test_accuracy": r.test["accuracy"], "test_errors": r.test["errors"],
-                    "val_accuracy": r.val["accuracy"], "epochs": len(r.history),
-                    "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(r),
-                }
-                if not deploy or (len(deploy) == 1 and m == "kd"):
+                shown = not deploy or (len(deploy) == 1 and m == "kd")  # in the deployment table
+                key = f"{pname}/{m}/seed{seed}"
+                rec = ctx.store.record(key)
+                if rec is None or (shown and m == "kd" and not ctx.store.load_into(key, student)):
+                    spec = method_spec(m, opts, teacher, student, pname, s["student_epochs"])
+                    t0 = time.perf_counter()
+                    r = fit(student, train, train_config(s, s["student_epochs"], seed), method=spec,
+                            teacher=None if m == "ce" else teacher, val=val, test=test, progress=ctx.progress)
+                    rec = {
+                        "pair": pname, "method": m, "seed": seed, "student": pair["student"], "options": spec,
+                        "test_accuracy": r.test["accuracy"], "test_errors": r.test["errors"],
+                        "val_accuracy": r.val["accuracy"], "epochs": len(r.history),
+                        "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(r),
+                    }
+                    if m == "ce":
+                        rec["params"] = count_parameters(student)
+                    ctx.unit(key, rec, student if shown and m == "kd" else None)
+                if shown:
                     deploy.setdefault(f"teacher {pair['teacher']}", teacher)
                     if m == "kd":
                         deploy[f"student {pair['student']} (kd)"] = student
                 if m == "ce":
-                    rec["params"] = count_parameters(student)
                     alone[(pair["student"], seed)] = rec
                 records.append(rec)
-                ctx.log(f"{pname}/{m} seed {seed}: {100 * r.test['accuracy']:.2f}% test (last epoch), "
-                        f"{100 * r.val['accuracy']:.2f}% validation ({rec['wall_time_s']:.0f} s)")
+                ctx.log(f"{pname}/{m} seed {seed}: {100 * rec['test_accuracy']:.2f}% test (last epoch), "
+                        f"{100 * rec['val_accuracy']:.2f}% validation ({rec['wall_time_s']:.0f} s)")
     results = _write(recipe, s, ctx, teachers, records, seeds, (len(train), len(val), len(test)))
     return ctx.deployment(deploy, test, results) if len(deploy) == 2 else results
 
@@ -461,6 +473,10 @@ def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
     if ctx.profile == "quick" or s["data"] == "fake":
         check = ("\n\n**A pipeline check** (subsets, a few epochs, few seeds): these numbers say nothing about the "
                  "methods; the `full` and `paper` profiles are the experiment.")
+    resumed = ""
+    if ctx.store.resumed:
+        resumed = (f" Resumed (`--resume`): {len(ctx.store.resumed)} finished model(s) were taken from an earlier "
+                   "attempt; the wall time counts that attempt up to its last finished model.")
     md = f"""
 {recipe.intro}
 
@@ -468,7 +484,7 @@ Test accuracy (%) at the **last epoch**, mean ± std over seeds {seeds}; the tea
 Students {s['student_epochs']} epoch(s), teachers {s['teacher_epochs']}; {sizes[0]} training, {sizes[1]} validation,
 {sizes[2]} test images. Hyper-parameters come from the papers (as mdistiller sets them), none were tuned here:
 {m_opts}.{(' Per pair: ' + overrides + '.') if overrides else ''} The validation split is reported, never used to
-choose anything. Wall time {elapsed:.0f} s on {torch.get_num_threads()} thread(s).{check}
+choose anything. Wall time {elapsed:.0f} s on {torch.get_num_threads()} thread(s).{resumed}{check}
 
 {chr(10).join(lines)}
 {chr(10).join(detail)}
@@ -482,6 +498,7 @@ Plot: `{recipe.plot}`.
     _plot(s, table, teachers, ctx.out / recipe.plot)
     extra = {
         "torch_threads": torch.get_num_threads(),
+        "resumed_units": list(ctx.store.resumed),
         "seeds": seeds,
         "sizes": {"train": sizes[0], "val": sizes[1], "test": sizes[2]},
         "teachers": teachers,
