@@ -92,3 +92,23 @@ def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copi
     rows = res["deployment"]["rows"]  # the point of distilling: student vs teacher, size, speed, accuracy kept
     assert set(rows) == {"teacher", "distilled"} and rows["distilled"]["x_smaller"] > 1
     assert "Deployment" in (out / "results.md").read_text() and (out / "report.html").is_file()
+
+
+def test_runs_record_the_source_revision_they_ran_from():
+    """A record names its code: the commit (and whether src/ had uncommitted changes) of a git checkout."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kdistill.io import environment
+
+    here = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(here), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout (an unpacked source tree): no revision to record")
+    import kdistill
+
+    if Path(kdistill.__file__).resolve().parents[2] != here:
+        pytest.skip("kdistill is imported from an installed copy, not this checkout")
+    env = environment()
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)

@@ -451,5 +451,25 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **source_revision(),
     }
     return info
+
+
+def source_revision() -> dict[str, Any]:
+    """``git_commit`` (and ``git_dirty``: uncommitted changes) of the checkout kdistill runs from, so a record
+    names the code that made it; ``{}`` for an installed wheel or where git is missing."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5,
+                                  check=True).stdout.strip()
+
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if here.parents[1] != top.resolve():  # this package is not the checkout's src/kdistill (e.g. a venv in a repo)
+            return {}
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "."))}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}

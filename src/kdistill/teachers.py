@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .data.dataset import TensorData
+from .models.fold import fold_batchnorm, has_hooks
 from .models.layout import as_layout, use_channels_last
 
 
@@ -57,9 +58,11 @@ class ModuleTeacher:
         self.module.train = types.MethodType(_stay_in_eval, self.module)  # type: ignore[method-assign]
         self.channels_last = use_channels_last(self.module)
         self.batch_size = batch_size or (256 if self.channels_last else 2048)
+        self._folded: tuple[nn.Module | None] | None = None  # (BatchNorm-folded copy or None), built on first use
 
     def release(self) -> nn.Module:
         """Undo the freezing: the module's own ``train()``, training mode and ``requires_grad`` flags come back."""
+        self._folded = None
         training, flags, had_train = self._given
         if not had_train and "train" in vars(self.module):
             del self.module.train
@@ -82,11 +85,28 @@ class ModuleTeacher:
     def to(self, device: torch.device | str) -> "ModuleTeacher":
         """Move the network to ``device`` (where the student trains: a live teacher sees its batches)."""
         self.module.to(device)
+        self._folded = None
         return self
+
+    def _network(self, x: torch.Tensor) -> nn.Module:
+        """The network to run on ``x``: a BatchNorm-folded copy (same logits, a cheaper forward) unless the
+        module carries hooks (feature taps read its layers), or folding does not apply (see ``fold_batchnorm``)."""
+        if has_hooks(self.module):
+            return self.module
+        if self._folded is not None and self._folded[0] is not None:
+            if next(self._folded[0].parameters()).device != x.device:  # the module was moved: fold again
+                self._folded = None
+        if self._folded is None:
+            folded = fold_batchnorm(self.module, x[:8])
+            if folded is not None and self.channels_last:
+                folded.to(memory_format=torch.channels_last)
+            self._folded = (folded,)
+        return self._folded[0] or self.module
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(as_layout(x, self.channels_last)).float()
+        x = as_layout(x, self.channels_last)
+        return self._network(x)(x).float()
 
     @torch.no_grad()
     def predict(self, data) -> torch.Tensor:
