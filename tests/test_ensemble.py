@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.ensemble import EnsembleTeacher, combine_log_probs, combine_logits
+from kdistill.ensemble import EnsembleModel, EnsembleTeacher, combine_log_probs, combine_logits
 from kdistill.models import build_model
 from kdistill.teachers import CachedTeacher, ModuleTeacher
 from kdistill.train import TrainConfig, fit
@@ -50,6 +50,20 @@ def test_one_member_ensemble_is_the_member():
     for mean in ("arithmetic", "geometric"):
         assert torch.allclose(F.softmax(combine_logits(z, mean, 2.0) / 2.0, dim=1), F.softmax(z[0] / 2.0, dim=1), atol=1e-6)
     assert torch.allclose(combine_log_probs(z, "geometric", 1.0).exp().sum(dim=1), torch.ones(5), atol=1e-6)
+
+
+def test_ensemble_model_is_the_ensemble_as_a_classifier(digits):
+    nets = [build_model("mlp:16", digits.input_shape, 10, seed=i) for i in range(3)]
+    x = digits.test.x[:40]
+    for mean in ("arithmetic", "geometric"):
+        model = EnsembleModel(nets, mean)
+        with torch.no_grad():
+            expected = combine_log_probs(torch.stack([m(x) for m in nets]), mean, 1.0)
+            assert torch.allclose(model(x), expected)
+        assert sum(p.numel() for p in model.parameters()) == 3 * sum(p.numel() for p in nets[0].parameters())
+        assert model.spec == f"ensemble of 3 x mlp:16 ({mean} mean)"
+    with pytest.raises(ValueError, match="mean"):
+        EnsembleModel(nets, "median")
 
 
 def test_cached_ensemble_equals_live_and_mixes_member_kinds(digits):

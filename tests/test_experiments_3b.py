@@ -10,7 +10,7 @@ import torch
 from kdistill import data, sweeps
 from kdistill.cli import main
 from kdistill.data import DataBundle, TensorData
-from kdistill.experiments import synthetic_grid
+from kdistill.experiments import cifar10_mini, synthetic_grid
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +47,16 @@ def _run(tmp_path, name, *sets):
     assert res["experiment"] == name and res["profile"] == "quick" and res["wall_time_s"] > 0
     assert (out / "results.md").read_text().startswith(f"# {name}")
     return out, res
+
+
+def _check_deployment(res, out, names):
+    """The run ends with a deployment table: ``names`` (teacher first) in order, each measured."""
+    table = res["deployment"]
+    assert list(table["rows"]) == names and table["teacher"] == names[0]
+    for name, row in table["rows"].items():
+        assert {"params", "accuracy"} <= set(row), name
+    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
+    return table["rows"]
 
 
 def _check_png(path):
@@ -104,6 +114,15 @@ def test_synthetic_grid(tmp_path):
     assert -1.0 <= res["width_best_T_spearman"] <= 1.0 or np.isnan(res["width_best_T_spearman"])
     for png in ("accuracy_vs_T.png", "best_T_vs_width.png"):
         _check_png(out / png)
+    # The width study's data set: its teacher, the first seed's 2x16 student at the best T and its baseline.
+    T = res["best_T"]["sep1.0-inf0.5"]
+    rows = _check_deployment(res, out, ["teacher mlp:32,dropout=0.2", f"distilled mlp:16,16 (T={T:g})",
+                                        "student alone mlp:16,16"])
+    first = [r for r in recs if r["informative"] == 0.5 and r["width"] == 16 and r["seed"] == 0]
+    distilled = next(r for r in first if r["role"] == "distilled" and r["T"] == T)
+    baseline = next(r for r in first if r["role"] == "baseline")
+    assert rows[f"distilled mlp:16,16 (T={T:g})"]["accuracy"] == pytest.approx(distilled["test_accuracy"], abs=1e-3)
+    assert rows["student alone mlp:16,16"]["accuracy"] == pytest.approx(baseline["test_accuracy"], abs=1e-3)
 
 
 def test_synthetic_grid_rejects_a_width_setting_outside_the_grid(tmp_path, capsys):
@@ -147,6 +166,15 @@ def test_lambda_sweep(tmp_path, small_mnist):
     assert len(res["models"]["T4-lambda1"]["test_accuracy"]["values"]) == 2
     for png in ("accuracy_first_1000.png", "accuracy_whole_run.png", "teacher_student_loss.png"):
         _check_png(out / png)
+    # The KL·T² student at the lambda > 0 best on validation (first seed), beside its lambda = 0 run.
+    val = {lam: res["summary"]["T4"][lam]["val_accuracy"]["mean"] for lam in ("0.5", "1")}
+    lam = max(val, key=lambda k: (val[k], -float(k)))  # ties: the smaller lambda
+    rows = _check_deployment(res, out, ["teacher mlp:48", f"distilled mlp:48 (lambda={lam}, T=4)",
+                                        "student alone mlp:48 (lambda=0)"])
+    assert rows[f"distilled mlp:48 (lambda={lam}, T=4)"]["accuracy"] == pytest.approx(
+        res["models"][f"T4-lambda{lam}"]["test_accuracy"]["values"][0])
+    assert rows["student alone mlp:48 (lambda=0)"]["accuracy"] == pytest.approx(
+        res["models"]["baseline"]["test_accuracy"]["values"][0])
 
 
 def test_lambda_sweep_needs_lambda_zero(tmp_path, small_mnist, capsys):
@@ -185,6 +213,14 @@ def test_nnfwp(tmp_path, small_mnist):
     assert res["student_minus_benchmark_points"] == pytest.approx(100 * diff)
     assert res["beats_benchmark"] == (diff > 0)
     _check_png(out / "nnfwp.png")
+    # The part-2 teacher and the search's chosen nets (first seed): the distilled 784-10 and the benchmark.
+    rows = _check_deployment(res, out, ["teacher mlp:16,16,activation=leaky_relu (part 2, converged)",
+                                        f"distilled linear ({sweeps.label(chosen)})",
+                                        f"student alone linear (tuned benchmark, lr={res['chosen_benchmark_lr']:g})"])
+    _, distilled, alone = rows.values()
+    assert distilled["params"] == alone["params"] == 8 * 8 * 10 + 10  # 784-10 on 8x8 digits
+    assert distilled["accuracy"] == pytest.approx(models["distilled"]["test_accuracy"]["values"][0], abs=1e-3)
+    assert alone["accuracy"] == pytest.approx(models["tuned-benchmark"]["test_accuracy"]["values"][0], abs=1e-3)
 
 
 def test_nnfwp_search_runs_one_pass_per_loss_kind(tmp_path, small_mnist, capsys):
@@ -214,21 +250,10 @@ def test_nnfwp_search_runs_one_pass_per_loss_kind(tmp_path, small_mnist, capsys)
 
 def test_cifar10_mini(tmp_path, monkeypatch):
     monkeypatch.setitem(data.LOADERS, "cifar10", _tiny_cifar)
-    out, res = _run(
-        tmp_path,
-        "cifar10-mini",
-        "val_size=40",
-        "train_size=null",
-        "test_size=null",
-        "teacher_epochs=2",
-        "student_epochs=2",
-        "lambdas=[0.1, 0.5]",
-        "temperatures=[1, 4]",
-        "batch_size=40",
-        "seeds=2",
-        "teacher=cifar_quick:8,8,16,16",
-        "student=cifar_mini:4,4,16",
-    )
+    sets = ["val_size=40", "train_size=null", "test_size=null", "teacher_epochs=2", "student_epochs=2",
+            "lambdas=[0.1, 0.5]", "temperatures=[1, 4]", "batch_size=40", "seeds=2",
+            "teacher=cifar_quick:8,8,16,16", "student=cifar_mini:4,4,16"]
+    out, res = _run(tmp_path, "cifar10-mini", *sets)
     models = res["models"]
     assert {"teacher", "mini-alone", "mini-distilled", "mini-lambda0.1-T1", "mini-lambda0.5-T4"} <= set(models)
     assert models["mini-alone"]["params"] < models["teacher"]["params"]
@@ -238,3 +263,20 @@ def test_cifar10_mini(tmp_path, monkeypatch):
     best = max(means, key=lambda r: r["val_accuracy"]["mean"])
     assert res["chosen"] == {"lambda": best["lam"], "temperature": best["T"]}
     _check_png(out / "cifar10_mini.png")
+    # The deployment table: the teacher, the mini model alone and the chosen distilled one (first seed each).
+    rows = res["deployment"]["rows"]
+    chosen = f"cifar_mini:4,4,16 distilled (λ={best['lam']:g}, T={best['T']:g})"
+    assert list(rows) == ["teacher cifar_quick:8,8,16,16", "cifar_mini:4,4,16 alone", chosen]
+    assert rows[chosen]["params"] < rows["teacher cifar_quick:8,8,16,16"]["params"]
+    first = [r for r in res["records"] if r["seed"] == 0 and r["role"] == "distilled"
+             and (r["lam"], r["T"]) == (best["lam"], best["T"])]
+    assert rows[chosen]["accuracy"] == pytest.approx(first[0]["test_accuracy"])
+    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
+    # Every finished model is a stored unit; --resume of the finished run trains nothing and agrees.
+    calls = []
+    monkeypatch.setattr(cifar10_mini, "fit", lambda *a, **k: calls.append(1))
+    argv = [a for s in sets for a in ("--set", s)]
+    assert main(["run", "cifar10-mini", "--out", str(out), "--no-progress", "--resume", *argv]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert calls == [] and len(again["resumed_units"]) == 1 + 2 * 5
+    assert again["records"] == res["records"] and again["deployment"]["rows"].keys() == rows.keys()

@@ -19,6 +19,16 @@ def _check_contract(out, experiment, roles):
     return results
 
 
+def _check_deployment(results, out, names):
+    """The run ends with a deployment table: ``names`` (teacher first) in order, each measured."""
+    table = results["deployment"]
+    assert list(table["rows"]) == names and table["teacher"] == names[0]
+    for name, row in table["rows"].items():
+        assert {"params", "accuracy"} <= set(row), name
+    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
+    return table["rows"]
+
+
 def test_experiments_are_discovered_with_quick_and_full_profiles():
     for name in ("ensemble", "specialists", "few-data"):
         module = experiments.get(name)
@@ -48,6 +58,14 @@ def test_ensemble_experiment(tmp_path):
     assert results["models"][f"digits:distilled-{other}"]["seeds"] == 2
     assert summary["by_mean"][head]["retained_share_of_gain"] == summary["retained_share_of_gain"]
     assert (out / "ensemble.png").stat().st_size > 5000
+    rows = _check_deployment(results, out, [f"teacher ensemble 3 x mlp:24 ({head} mean)",
+                                            f"distilled mlp:24 ({head}, T=3, alpha=1)",
+                                            "student alone mlp:24 (one member)"])
+    teacher, distilled, alone = rows.values()
+    # The ensemble module is the first repetition's ensemble as scored above, with all its members' weights.
+    assert teacher["accuracy"] == pytest.approx(results["models"]["digits:ensemble"]["test_accuracy"]["values"][0])
+    assert teacher["params"] == 3 * alone["params"] == 3 * distilled["params"]
+    assert alone["accuracy"] == pytest.approx(results["models"]["digits:single"]["test_accuracy"]["values"][0])
 
 
 def test_few_data_experiment(tmp_path):
@@ -61,6 +79,10 @@ def test_few_data_experiment(tmp_path):
     assert results["recovered_share_of_gap"] == pytest.approx((soft - hard) / (full - hard))
     assert results["sweep"]["1.0"]["hard"]["mean"] == pytest.approx(m["hard-all"]["test_accuracy"]["values"][0])
     assert (out / "few_data.png").stat().st_size > 5000
+    rows = _check_deployment(results, out, ["teacher mlp:24 (hard-all)", "distilled mlp:24 (soft-10%, T=3, alpha=1)",
+                                            "student alone mlp:24 (hard-10%)"])
+    for name, role in zip(rows, ("hard-all", "soft-10%", "hard-10%")):  # the first seed's models
+        assert rows[name]["accuracy"] == pytest.approx(m[role]["test_accuracy"]["values"][0]), name
 
 
 def test_specialists_experiment_from_the_cli(tmp_path, capsys):
@@ -78,6 +100,16 @@ def test_specialists_experiment_from_the_cli(tmp_path, capsys):
     assert results["accuracy_change"]["mean"] == pytest.approx(
         seed["combined"]["accuracy"] - seed["generalist"]["accuracy"])
     assert (out / "specialists.png").is_file()
+    k, n = results["chosen"]["top_k"], len(seed["clusters"])
+    rows = _check_deployment(results, out, [f"teacher generalist mlp:32 + {n} specialist{'s' * (n > 1)} (top-{k})",
+                                            "distilled mlp:32 (T=2, alpha=0.7)",
+                                            "student alone mlp:32 (the generalist)"])
+    teacher, distilled, alone = rows.values()
+    # The teacher row is the whole combination: its accuracy as scored above, every specialist's weights.
+    assert teacher["accuracy"] == pytest.approx(seed["combined"]["accuracy"])
+    assert teacher["params"] > alone["params"] == distilled["params"]
+    assert alone["accuracy"] == pytest.approx(seed["generalist"]["accuracy"])
+    assert distilled["accuracy"] == pytest.approx(seed["distilled"]["accuracy"])
 
 
 def test_bad_settings_are_clear_errors(tmp_path):

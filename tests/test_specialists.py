@@ -2,10 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdistill.blackbox import export_onnx
 from kdistill.models import build_model
 from kdistill.specialists import (
     DUSTBIN,
     Specialist,
+    SpecialistModel,
     SpecialistSystem,
     _objective,
     active_specialists,
@@ -122,7 +124,7 @@ def test_confident_correct_specialists_fix_generalist_errors():
     assert (system_lp.argmax(1) == labels).all()
 
 
-def test_specialists_train_and_the_system_is_a_teacher(digits):
+def test_specialists_train_and_the_system_is_a_teacher(digits, tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.1, seed=0, checkpoint=False)
     gen = fit(build_model("mlp:32", digits.input_shape, 10, seed=0), digits.train, cfg, progress=False).model
     spec_cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=0, temperature=2.0, alpha=0.5, keep_best=True)
@@ -134,6 +136,14 @@ def test_specialists_train_and_the_system_is_a_teacher(digits):
     assert log_q.shape == (len(digits.test), 10)
     assert torch.allclose(log_q.exp().sum(dim=1), torch.ones(len(digits.test)), atol=1e-4)
     assert (log_q.argmax(1) == digits.test.y).float().mean() > 0.8
+    # As one module (e.g. for a deployment table): the same log q, from both nets' weights; never traced.
+    model = SpecialistModel(system)
+    with torch.no_grad():
+        assert torch.allclose(model(digits.test.x), log_q, atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for net in (gen, spec.model) for p in net.parameters())
+    with pytest.raises(RuntimeError, match="traced"):
+        export_onnx(model, tmp_path / "system.onnx", digits.input_shape)
     cached = system.cache(digits.train)
     assert isinstance(cached, CachedTeacher)
     student = fit(build_model("mlp:32", digits.input_shape, 10, seed=1), digits.train,

@@ -131,3 +131,25 @@ class EnsembleTeacher:
     def cache(self, data: TensorData) -> CachedTeacher:
         """The combined logits over ``data`` looked up by sample id: for un-augmented transfer sets."""
         return CachedTeacher(data.index, self.predict(data))
+
+
+class EnsembleModel(nn.Module):
+    """K networks as one ``nn.Module``: ``forward`` is the log of their ``mean`` distribution at T = 1.
+
+    That is the ensemble as a classifier (:func:`combine_log_probs` of the members' logits at T = 1), in a
+    form that can be counted, saved, exported and timed like any model, e.g. for a deployment table.
+    Its size and cost are those of all its members together.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], mean: str = "arithmetic") -> None:
+        super().__init__()
+        _check(mean, 1.0)
+        if len(members) == 0:
+            raise ValueError("members: an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.mean = mean
+        specs = sorted({str(getattr(m, "spec", None) or type(m).__name__) for m in members})
+        self.spec = f"ensemble of {len(members)} x {' + '.join(specs)} ({mean} mean)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_log_probs(torch.stack([m(x).float() for m in self.members]), self.mean, 1.0)

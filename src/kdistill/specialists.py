@@ -333,3 +333,31 @@ class SpecialistSystem:
 
     def cache(self, data: TensorData) -> CachedTeacher:
         return CachedTeacher(data.index, self.predict(data))
+
+
+class SpecialistModel(nn.Module):
+    """A :class:`SpecialistSystem` as one ``nn.Module``: ``forward`` returns log q, as ``system.log_probs``.
+
+    The generalist and the specialists are its submodules (the same objects, not copies), so its size and
+    cost are the whole system's, e.g. in a deployment table. The combination is an iterative solve whose
+    stopping depends on the data, which tracing (TorchScript, ONNX export) would freeze into a fixed
+    number of steps computing another function; tracing is refused instead.
+    """
+
+    def __init__(self, system: SpecialistSystem) -> None:
+        super().__init__()
+        self.generalist = system.generalist
+        self.specialist_nets = nn.ModuleList(s.model for s in system.specialists)
+        self.clusters = system.clusters
+        self.top_k, self.max_iter = system.top_k, system.max_iter
+        self.spec = (f"{getattr(system.generalist, 'spec', None) or type(system.generalist).__name__} generalist "
+                     f"+ {len(self.clusters)} specialist{'s' * (len(self.clusters) > 1)} (top-{self.top_k})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("SpecialistModel: the specialists' combination stops on a data-dependent test "
+                               "and cannot be traced")
+        gen = F.log_softmax(self.generalist(x).float(), dim=1)
+        specs = [F.log_softmax(m(x).float(), dim=1) for m in self.specialist_nets]
+        active = active_specialists(gen, self.clusters, self.top_k)
+        return combine_distributions(gen, specs, self.clusters, active, self.max_iter)

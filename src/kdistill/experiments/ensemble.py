@@ -25,10 +25,12 @@ import itertools
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import data as kdata
 from ..data.augment import jittered_copies
-from ..ensemble import combine_log_probs, combine_logits
+from ..data.dataset import TensorData
+from ..ensemble import EnsembleModel, combine_log_probs, combine_logits
 from ..evaluate import classification_metrics, predict_logits
 from ..models import build_model, count_parameters
 from ..report import fmt, role_metrics, save_figure, summarize, write_results
@@ -70,7 +72,10 @@ def _config(s: dict[str, Any], seed: int, mean_t_alpha: tuple[str, float, float]
                        temperature=mean_t_alpha[1], alpha=mean_t_alpha[2], checkpoint=False)
 
 
-def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+def _run_dataset(
+    name: str, s: dict[str, Any], ctx: RunContext, keep: bool = False
+) -> tuple[dict[str, Any], tuple[dict[str, nn.Module], TensorData] | None]:
+    """The data set's results, and with ``keep`` the models of its deployment table with its test split."""
     bundle = kdata.load(name, val_size=s["val_size"], seed=s["seed"], **({"path": ctx.data_path} if ctx.data_path else {}))
     train, val, test = bundle.train, bundle.val, bundle.test
     k = s["members"]
@@ -82,15 +87,16 @@ def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any
 
     def train_members(rep: int):
         logits = {"transfer": [], "test": []}
-        tests = []
+        tests, nets = [], []
         # The members differ only in seed: one stacked pass trains them all, each exactly as fit would.
         configs = [_config(s, s["seed"] + 100 * rep + i) for i in range(k)]
         for r in fit_grid(s["model"], train, configs, test=test, progress=ctx.progress):
             tests.append(r.test)
+            nets.append(r.model)
             for split, d in (("transfer", transfer), ("test", test)):
                 logits[split].append(predict_logits(r.model, d.x))
         ctx.log(f"{name} rep {rep}: members' test errors {[t['errors'] for t in tests]}")
-        return {split: torch.stack(v) for split, v in logits.items()}, tests
+        return {split: torch.stack(v) for split, v in logits.items()}, tests, nets
 
     def distill(rep: int, member_logits: dict[str, torch.Tensor], choice: tuple[str, float, float]):
         mean, temperature, _ = choice
@@ -105,9 +111,12 @@ def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any
     chosen: dict[str, tuple[str, float, float]] = {}  # per mean: its (mean, T, alpha), chosen on validation
     ens = {m: [] for m in means}  # per mean: the ensemble as a classifier (its distribution at T = 1), per rep
     dist = {m: [] for m in means}  # per mean: the student distilled from it, per rep
+    first_members: list[nn.Module] = []  # the first repetition's members, for the deployment table
     for rep in range(s["reps"]):
-        member_logits, member_tests = train_members(rep)
+        member_logits, member_tests, nets = train_members(rep)
         singles.append(member_tests)
+        if keep and rep == 0:
+            first_members = nets
         for mean in means:
             ens[mean].append(classification_metrics(combine_log_probs(member_logits["test"], mean, 1.0), test.y))
         if not chosen:  # first repetition: every (mean, T, alpha) on validation, the best per mean kept
@@ -150,7 +159,7 @@ def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any
             models[f"{name}:ensemble-{m}"] = {**role_metrics(ens[m]), "mean": m}
             models[f"{name}:distilled-{m}"] = {**role_metrics(dist[m]), "mean": m}
     retained = by_mean[head]["retained_share_of_gain"]
-    return {
+    result = {
         "name": name,
         "models": models,
         "summary": {
@@ -163,6 +172,18 @@ def _run_dataset(name: str, s: dict[str, Any], ctx: RunContext) -> dict[str, Any
             "target_met": bool(retained >= s["target_retained"]),
         },
     }
+    if not keep:
+        return result, None
+    # The first repetition's models: its ensemble, combined with the headline mean as the experiment
+    # scores it; the student distilled from it with the chosen T and alpha; one of its members, which
+    # is the same architecture trained on the labels alone.
+    _, T, alpha = chosen[head]
+    shown = {
+        f"teacher ensemble {k} x {s['model']} ({head} mean)": EnsembleModel(first_members, head),
+        f"distilled {s['model']} ({head}, T={T:g}, alpha={alpha:g})": by_choice[chosen[head]].model,
+        f"student alone {s['model']} (one member)": first_members[0],
+    }
+    return result, (shown, test)
 
 
 def _plot(per_dataset: list[dict[str, Any]], path) -> None:
@@ -189,7 +210,9 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     if s["copies"] < 1 or s["epochs"] % s["copies"]:
         raise ValueError(f"copies: must be >= 1 and divide epochs ({s['epochs']}) so the student takes the members' "
                          f"number of steps, got {s['copies']}")
-    per_dataset = [_run_dataset(name, s, ctx) for name in s["datasets"]]
+    # One deployment table per run: the first data set's models, measured on its test split.
+    first, deployment = _run_dataset(s["datasets"][0], s, ctx, keep=True)
+    per_dataset = [first] + [_run_dataset(name, s, ctx)[0] for name in s["datasets"][1:]]
     _plot(per_dataset, ctx.out / "ensemble.png")
     models = {role: m for res in per_dataset for role, m in res["models"].items()}
     rows = []
@@ -222,6 +245,8 @@ repetition); the headline mean is the one whose chosen student made fewer valida
 
 ![accuracies](ensemble.png)
 """
-    return write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-                         extra={"per_dataset": {res["name"]: res["summary"] for res in per_dataset},
-                                "threads": torch.get_num_threads()})
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
+                            extra={"per_dataset": {res["name"]: res["summary"] for res in per_dataset},
+                                   "threads": torch.get_num_threads()})
+    shown, test = deployment
+    return ctx.deployment(shown, test, results)

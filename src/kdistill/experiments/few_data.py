@@ -85,6 +85,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
     hard_all: dict[int, FitResult] = {}
     teachers: dict[int, CachedTeacher] = {}
+    first_teacher: torch.nn.Module | None = None  # the first seed's, for the deployment table
     for seed in seeds:
         hard_all[seed] = fit(student(seed), train, _config(s, seed), val=val, test=test, progress=ctx.progress)
         teacher_model = hard_all[seed].model
@@ -92,6 +93,8 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             teacher_model = fit(build_model(s["teacher"], shape, classes, seed=seed), train, _config(s, seed),
                                 val=val, test=test, progress=ctx.progress).model
         teachers[seed] = CachedTeacher(train.index, predict_logits(teacher_model, train.x))
+        if first_teacher is None:
+            first_teacher = teacher_model
         ctx.log(f"seed {seed}: hard-all {hard_all[seed].test['errors']} test errors")
 
     def hard(fraction: float, seed: int) -> FitResult:
@@ -180,7 +183,7 @@ Fraction sweep (test accuracy %, {s['sweep_seeds']} seed(s); 100% "hard" is hard
 
 ![fraction sweep](few_data.png)
 """
-    return write_results(
+    results = write_results(
         ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
         extra={"recovered_share_of_gap": recovered, "recovered_by_seed": per_seed,
                "target_met": bool(recovered >= s["target_recovered"]),
@@ -188,6 +191,16 @@ Fraction sweep (test accuracy %, {s['sweep_seeds']} seed(s); 100% "hard" is hard
                "validation_errors": {f"T={t}, alpha={a}": by_choice[(t, a)].val["errors"] for t, a in grid},
                "sweep": sweep, "threads": torch.get_num_threads()},
     )
+    # The first seed's models: the teacher (trained on all the data), the soft-target student chosen on
+    # validation and the same student on the hard labels of the same subset.
+    teacher_name = (f"teacher {s['teacher']} (hard, all data)" if s["teacher"]
+                    else f"teacher {s['student']} (hard-all)")
+    shown = {
+        teacher_name: first_teacher,
+        f"distilled {s['student']} (soft-{pct}, T={chosen[0]:g}, alpha={chosen[1]:g})": by_choice[chosen].model,
+        f"student alone {s['student']} (hard-{pct})": runs[("hard", frac, seeds[0])].model,
+    }
+    return ctx.deployment(shown, test, results)
 
 
 def _plot(s: dict[str, Any], sweep: dict[str, Any], full: dict[str, Any], path) -> None:

@@ -266,6 +266,10 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     families = [("T1", "T = 1, soft cross-entropy (as the write-up)"), (f"T{high:g}", f"T = {high:g}, KL·T²")]
     settings = {"T1": {"temperature": 1.0, "loss": "soft_ce"}, f"T{high:g}": {"temperature": high, "loss": "kl"}}
     by_family: dict[str, dict[float, list[dict[str, Any]]]] = {f: {lam: [] for lam in lambdas} for f, _ in families}
+    high_family = families[1][0]
+    # The first seed's students of the KL·T² family (lambda = 0 included) by lambda: the candidates for the
+    # deployment table, whose lambda is only chosen (on validation, over all seeds) once every seed ran.
+    first_seed: dict[float, torch.nn.Module] = {}
 
     def train_one(lam: float, seed: int, fam: str) -> dict[str, Any]:
         model = build_model(s["student"], bundle.input_shape, 10, seed=seed)
@@ -273,6 +277,8 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         rec.record(0)
         cfg = _config(s, s["student_epochs"], seed, alpha=lam, eval_every_steps=s["eval_every"], **settings[fam])
         r = fit(model, transfer, cfg, teacher=cached if lam > 0 else None, progress=ctx.progress, on_eval=rec)
+        if seed == seeds[0] and (lam == 0 or fam == high_family):
+            first_seed[lam] = model
         v = classification_metrics(predict_logits(model, val.x), val.y, t_val, 1.0, detailed=False)
         t = classification_metrics(predict_logits(model, test.x), test.y, t_test, 1.0, detailed=False)
         return {
@@ -410,7 +416,7 @@ at T = 1 on those images: {teacher_entropy:.3f} nats (the soft cross-entropy's f
 
 Plots: `accuracy_first_1000.png`, `accuracy_whole_run.png`, `teacher_student_loss.png`.
 """
-    return write_results(
+    results = write_results(
         ctx.out,
         NAME,
         ctx.profile,
@@ -429,3 +435,12 @@ Plots: `accuracy_first_1000.png`, `accuracy_whole_run.png`, `teacher_student_los
             },
         },
     )
+    # The teacher, the first seed's KL·T² student at the lambda > 0 best on validation (the same choice and
+    # tie-break as best_lambda_on_validation, which may also be 0) and its lambda = 0 run (no teacher signal).
+    distilled = [{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in lambdas if lam > 0
+                 for r in by_family[high_family][lam]]
+    lam = choose_best(distilled, ["lam"], "val_accuracy", tie_break=lambda st: st["lam"])["lam"]
+    shown = {f"teacher {s['teacher']}": teacher,
+             f"distilled {s['student']} (lambda={lam:g}, T={high:g})": first_seed[lam],
+             f"student alone {s['student']} (lambda=0)": first_seed[0.0]}
+    return ctx.deployment(shown, test, results)

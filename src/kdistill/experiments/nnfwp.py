@@ -214,6 +214,7 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     chosen_bench_lr: float | None = None
     chosen_student: dict[str, Any] | None = None
+    shown: dict[str, Any] = {}  # the first seed's part-2 teacher and chosen nets, for the deployment table
 
     def one_pass(what: str, spec: str, configs: list[TrainConfig], teacher=None) -> list[Any]:
         """``fit`` of ``build_model(spec, seed=cfg.seed)`` for every config, all in one stacked pass
@@ -282,6 +283,7 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             bench_lrs = [float(lr) for lr in s["search_benchmark_lrs"]]
             kinds = list(dict.fromkeys(c["loss"] for c in student_grid))
             student_results: dict[int, Any] = {}
+            bench_results: dict[float, Any] = {}
             for j, kind in enumerate(kinds):
                 idx = [i for i, c in enumerate(student_grid) if c["loss"] == kind]
                 bench = [bench_config(seed, lr, s["part2_schedule"], kind) for lr in bench_lrs] if j == 0 else []
@@ -294,6 +296,7 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                 if bench:
                     for lr, r in zip(bench_lrs, rs):
                         records.append(_record(r, part=2, role="benchmark-search", seed=seed, lr=lr))
+                        bench_results[lr] = r
                 student_results.update(zip(idx, rs[len(bench) :]))
             for i, cfg in enumerate(student_grid):
                 records.append(_record(student_results[i], part=2, role="student-search", seed=seed, **cfg))
@@ -308,6 +311,15 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                 records.append({**rec, "role": "benchmark"})
             for rec in select(records, role="student-search", **chosen_student):
                 records.append({**rec, "role": "student"})
+            # For the deployment table: the search's chosen nets and the teacher they learned from.
+            pick = next(i for i, c in enumerate(student_grid) if all(c[f] == v for f, v in chosen_student.items()))
+            teacher_name = f"teacher {s['teacher']}" + (" (part 2, converged)" if s["part2_teacher_epochs"] else "")
+            shown = {
+                teacher_name: t2_fits[k].model,
+                f"distilled {s['student']} ({label(chosen_student)})": student_results[pick].model,
+                f"student alone {s['student']} (tuned benchmark, lr={chosen_bench_lr:g})":
+                    bench_results[chosen_bench_lr].model,
+            }
         else:
             assert chosen_bench_lr is not None and chosen_student is not None
             c = chosen_student
@@ -436,7 +448,7 @@ against the article's benchmark (lr {s["benchmark_lr"]}): {gain_article:+.2f} po
 **The distilled student {"beats" if beats else "does not beat"} the tuned benchmark on mean test accuracy.**
 Plot: `nnfwp.png`.
 """
-    return write_results(
+    results = write_results(
         ctx.out,
         NAME,
         ctx.profile,
@@ -454,3 +466,4 @@ Plot: `nnfwp.png`.
             "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
         },
     )
+    return ctx.deployment(shown, test, results)

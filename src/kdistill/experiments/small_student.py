@@ -180,11 +180,14 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"MNIST: {len(train)} transfer images ({train.name}), {len(val)} validation, {len(test)} test")
     cache = cache_dir(s["teacher_cache"], ctx.out)
     teachers, records = {}, {}
+    main_net = None  # the main teacher's network, for the deployment table
     for name in ("mlp", "cnn"):
         recipe = TeacherRecipe(spec=s[f"teacher_{name}"], epochs=s[f"teacher_{name}_epochs"], lr=s["teacher_lr"],
                                weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"],
                                batch_size=s["batch_size"], seed=s["seed"])
         model, records[name] = get_teacher(recipe, bundle.train, val, test, ctx, cache)
+        if name == s["main_teacher"]:
+            main_net = model
         teachers[name] = ModuleTeacher(model).cache(train)  # one teacher pass over the fixed transfer set
     main, other = s["main_teacher"], "mlp" if s["main_teacher"] == "cnn" else "cnn"
     seeds = [s["seed"] + i for i in range(s["seeds"])]
@@ -305,4 +308,11 @@ Plots: `temperature_sweep.png`, `roles.png`.
              "validation_errors_by_alpha": {str(a): r.val["errors"] for a, r in by_alpha.items()},
              "sweep": {str(t): v for t, v in summary.items()},
              "teachers": {k: {kk: vv for kk, vv in v.items() if kk != "test"} for k, v in records.items()}}
-    return write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
+    # The main teacher, the first seed's student at the temperature chosen on validation, and its baseline.
+    shown = {
+        f"teacher {records[main]['spec']}": main_net,
+        f"distilled {s['student']} ({main} teacher, T={best_T:g})": at_best[0].model,
+        f"student alone {s['student']}": baseline[0].model,
+    }
+    return ctx.deployment(shown, test, results)

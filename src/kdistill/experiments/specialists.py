@@ -27,7 +27,7 @@ import torch
 from .. import data as kdata
 from ..evaluate import classification_metrics, predict_logits
 from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..specialists import SpecialistSystem, confusable_clusters, train_specialist
+from ..specialists import SpecialistModel, SpecialistSystem, confusable_clusters, train_specialist
 from ..teachers import CachedTeacher
 from ..train import TrainConfig, fit
 from ..models import build_model
@@ -88,6 +88,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         return SpecialistSystem(generalist, specialists)
 
     per_seed, chosen = [], None
+    shown: dict[str, torch.nn.Module] = {}  # the first seed's models, for the deployment table
     for seed in seeds:
         g_fit = fit(build_model(s["model"], shape, classes, seed=seed), train, cfg(seed, s["epochs"], s["lr"]),
                     val=val, test=test, progress=ctx.progress)
@@ -143,6 +144,16 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             d_fit = fit(build_model(s["model"], shape, classes, seed=seed + 1000), train, cfg(seed + 1000, s["epochs"], s["lr"], *c),
                         teacher=teacher, val=val, test=test, progress=ctx.progress)
         dist_m = _metrics(torch.log_softmax(predict_logits(d_fit.model, test.x), dim=1), test.y, special_test)
+        if not shown:
+            # The teacher is the whole system (generalist + specialists, combined as above); the generalist
+            # has the distilled model's architecture and budget on the labels alone: the student alone.
+            n, d = len(clusters), chosen["distill"]
+            teacher_name = f"teacher generalist {s['model']} + {n} specialist{'s' * (n > 1)} (top-{system.top_k})"
+            shown = {
+                teacher_name: SpecialistModel(system),
+                f"distilled {s['model']} (T={d['temperature']:g}, alpha={d['alpha']:g})": d_fit.model,
+                f"student alone {s['model']} (the generalist)": generalist,
+            }
         ctx.log(f"seed {seed}: distilled combination {dist_m['errors']} test errors")
         per_seed.append({"seed": seed, "clusters": [list(c) for c in clusters], "cluster_names": names,
                          "generalist": gen_m, "combined": comb_m, "distilled": dist_m,
@@ -195,10 +206,11 @@ Clusters found:
 
 ![per-class accuracy](specialists.png)
 """
-    return write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-                         extra={"chosen": chosen, "per_seed": per_seed, "accuracy_change": diff,
-                                "accuracy_change_special": diff_special, "distilled_change": diff_distilled,
-                                "threads": torch.get_num_threads()})
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
+                            extra={"chosen": chosen, "per_seed": per_seed, "accuracy_change": diff,
+                                   "accuracy_change_special": diff_special, "distilled_change": diff_distilled,
+                                   "threads": torch.get_num_threads()})
+    return ctx.deployment(shown, test, results)
 
 
 def _plot(per_seed: list[dict[str, Any]], class_names, path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..data import DataBundle, TensorData, split_validation
 from ..models import build_model
@@ -132,12 +133,15 @@ def _record(result, **fields: Any) -> dict[str, Any]:
     }
 
 
-def _train_students(s, bundle, cached, widths, seeds, records, progress, **setting) -> None:
+def _train_students(s, bundle, cached, widths, seeds, records, progress, **setting) -> dict[float | None, nn.Module]:
     """Baseline and one distilled student per T, for each width and seed; append their records.
 
     All students of one width train in one stacked pass (:func:`~kdistill.multi.fit_grid`): each equals
     the same student trained alone by ``fit``. The baseline is the alpha = 0 member (hard labels only).
+    Returns the first seed's students of width ``student_width`` by T (None: the baseline), the
+    candidates for a deployment table; the other students are not kept.
     """
+    first: dict[float | None, nn.Module] = {}
     for width in widths:
         spec = f"mlp:{width},{width}"
         plan = [(seed, T) for seed in seeds for T in [None, *s["temperatures"]]]
@@ -148,6 +152,9 @@ def _train_students(s, bundle, cached, widths, seeds, records, progress, **setti
         for (seed, T), r in zip(plan, results):
             role = "baseline" if T is None else "distilled"
             records.append(_record(r, **setting, width=width, role=role, T=None if T is None else float(T), seed=seed))
+            if width == s["student_width"] and seed == seeds[0]:
+                first[None if T is None else float(T)] = r.model
+    return first
 
 
 def _pct(summary: dict[str, Any]) -> str:
@@ -284,6 +291,8 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     best_T: dict[tuple, float] = {}
     table = []
+    shown: dict[str, nn.Module] = {}
+    shown_test: TensorData | None = None
     for setting in grid(class_sep=s["class_seps"], informative=s["informative"]):
         sep, inf = setting["class_sep"], setting["informative"]
         bundle = make_data(s, sep, inf)
@@ -302,13 +311,21 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         widths = [s["student_width"]] + (
             [w for w in s["widths"] if w != s["student_width"]] if (sep, inf) == width_key else []
         )
-        _train_students(s, bundle, cached, widths, seeds, records, ctx.progress, class_sep=sep, informative=inf)
+        students = _train_students(s, bundle, cached, widths, seeds, records, ctx.progress, class_sep=sep,
+                                   informative=inf)
 
         mine = select(records, class_sep=sep, informative=inf, width=s["student_width"])
         dist = select(mine, role="distilled")
         best = choose_best(dist, ["T"], "val_accuracy", tie_break=lambda st: st["T"])["T"]
         near = [d["T"] for d in within_noise(dist, ["T"], "val_accuracy")]
         best_T[(sep, inf)] = best
+        if (sep, inf) == width_key:
+            # The deployment table's data set: the one of the width study. Its teacher, the first seed's
+            # student at the best T (validation) and the same student on the hard labels.
+            spec = f"mlp:{s['student_width']},{s['student_width']}"
+            shown = {f"teacher {s['teacher']}": teacher, f"distilled {spec} (T={best:g})": students[best],
+                     f"student alone {spec}": students[None]}
+            shown_test = bundle.test
         base = select(mine, role="baseline")
         at_best = select(dist, T=best)
         key = f"sep{sep}-inf{inf}"
@@ -387,7 +404,7 @@ Data set class_sep {width_key[0]}, informative {width_key[1]}; every width gets 
 Spearman rank correlation between width and best T: {fmt(rho)} — on this data the best T {claim}
 (n = {len(widths)} widths, {s["seeds"]} seed(s) each). Plot: `best_T_vs_width.png`.
 """
-    return write_results(
+    results = write_results(
         ctx.out,
         NAME,
         ctx.profile,
@@ -403,3 +420,5 @@ Spearman rank correlation between width and best T: {fmt(rho)} — on this data 
             "records": records,
         },
     )
+    assert shown_test is not None  # width_key is one of the grid's data sets (checked above)
+    return ctx.deployment(shown, shown_test, results)

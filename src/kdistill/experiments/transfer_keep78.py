@@ -25,6 +25,7 @@ from .transfer_omit3 import (
     candidate_table,
     check_classes,
     check_copies,
+    deployment_models,
     extra_record,
     load_mnist,
     plot_offset_curve,
@@ -100,4 +101,5 @@ Headline: distilled {fmt(d['test_error_pct'])}% test error before, {fmt(da['test
 Plots: `offset_curve.png` (errors against the shared offset; the test curve is drawn for illustration
 only), `per_class_accuracy.png` (test accuracy per digit before and after each offset).
 """
-    return write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
+    return ctx.deployment(deployment_models(runs, teacher, s, keep, f"only {kept}"), bundle.test, results)

@@ -137,10 +137,11 @@ def train_students(
 ) -> dict[str, Any]:
     """Distilled students (T and alpha chosen on validation after offset (a)) and hard-label baselines.
 
-    Returns the chosen settings, the per-candidate validation errors and one :func:`assess` record per
-    student and seed. Every student gets the same epochs, optimiser and transfer set (with
-    ``transfer_copies > 1``: the transfer set plus jittered copies, fixed once, so the teacher's logits
-    are still computed once per image and looked up by sample id).
+    Returns the chosen settings, the per-candidate validation errors, one :func:`assess` record per
+    student and seed, and under ``nets`` the first seed's chosen distilled student and baseline (None
+    without one), for the deployment table. Every student gets the same epochs, optimiser and transfer
+    set (with ``transfer_copies > 1``: the transfer set plus jittered copies, fixed once, so the teacher's
+    logits are still computed once per image and looked up by sample id).
     """
     val, test = bundle.val, bundle.test
     copies = check_copies(s)
@@ -169,14 +170,15 @@ def train_students(
         return [r.model for r in results]
 
     candidates = list(itertools.product(s["temperatures"], s["alphas"]))
-    first = {c: assess(m, val, test, teacher_val, classes, unseen)
-             for c, m in zip(candidates, train_pass([(seeds[0], T, a) for T, a in candidates]))}
+    first_nets = dict(zip(candidates, train_pass([(seeds[0], T, a) for T, a in candidates])))
+    first = {c: assess(m, val, test, teacher_val, classes, unseen) for c, m in first_nets.items()}
     for (T, alpha), v in first.items():
         ctx.log(f"distilled T={T} alpha={alpha} seed {seeds[0]}: validation errors "
                 f"{v['none']['val_errors']} before, {v['val']['val_errors']} after offset {v['val']['offset']:+.2f}")
     chosen = min(candidates, key=lambda c: (first[c]["val"]["val_errors"], first[c]["none"]["val_errors"], -c[0]))
     jobs = [(seed, *chosen) for seed in seeds[1:]] + ([(seed, None, None) for seed in seeds] if s["baseline"] else [])
-    rest = [assess(m, val, test, teacher_val, classes, unseen) for m in train_pass(jobs)] if jobs else []
+    rest_nets = train_pass(jobs) if jobs else []
+    rest = [assess(m, val, test, teacher_val, classes, unseen) for m in rest_nets]
     distilled = [first[chosen]] + rest[: len(seeds) - 1]
     baseline = rest[len(seeds) - 1:]
     for name, runs in (("distilled", distilled), ("baseline", baseline)):
@@ -186,8 +188,23 @@ def train_students(
                 for v in VARIANTS))
     text = (f"{len(transfer)}-image transfer set ({copies} copies: the original and jittered ±{s['teacher_jitter']} px, "
             f"{s['student_epochs'] // copies} passes)" if copies > 1 else f"{len(transfer)}-image transfer set (no augmentation)")
+    nets = {"distilled": first_nets[chosen], "baseline": rest_nets[len(seeds) - 1] if baseline else None}
     return {"seeds": seeds, "chosen": chosen, "transfer_text": text, "candidates": first, "distilled": distilled, "baseline": baseline,
-            "teacher_val": teacher_val}
+            "teacher_val": teacher_val, "nets": nets}
+
+
+def deployment_models(runs: dict[str, Any], teacher: nn.Module, s: dict[str, Any], classes: list[int],
+                      transfer_label: str) -> dict[str, nn.Module]:
+    """The deployment table's models: the teacher, the first seed's distilled student as trained and with
+    offset (a) folded into its output bias (the headline student), and the hard-label baseline."""
+    T, alpha = runs["chosen"]
+    distilled, baseline = runs["nets"]["distilled"], runs["nets"]["baseline"]
+    name = f"distilled {s['student']} (T={T:g}, alpha={alpha:g})"
+    shown = {f"teacher {s['teacher']}": teacher, name: distilled,
+             f"{name} +bias(val)": bias.with_logit_offset(distilled, classes, runs["distilled"][0]["val"]["offset"])}
+    if baseline is not None:
+        shown[f"student alone {s['student']} (hard labels, {transfer_label})"] = baseline
+    return shown
 
 
 _SUMMARY_KEYS = ("test_errors", "test_accuracy", "test_error_pct", "test_unseen_errors", "test_unseen_accuracy",
@@ -334,4 +351,5 @@ Headline ({test_unseen} test {label}): distilled {fmt(d['test_errors'])} errors 
 Plots: `offset_curve.png` (errors against the offset; the test curve is drawn for illustration only),
 `per_class_accuracy.png` (test accuracy per digit before and after each offset).
 """
-    return write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
+    return ctx.deployment(deployment_models(runs, teacher, s, omit, f"no {label}"), bundle.test, results)
