@@ -9,6 +9,7 @@ from kdistill import data
 from kdistill.cli import main
 from kdistill.experiments.small_student import augmented_copies, best_temperature, sweep_summary
 from kdistill.experiments.soft_labels import class_similarity, soft_target_stats
+from deploy_checks import check_deployment
 
 SMALL_TEACHER = ["--set", "teacher=mlp:64", "--set", "teacher_epochs=12", "--set", "teacher_lr=0.1",
                  "--set", "teacher_jitter=0", "--set", "val_size=200", "--set", "batch_size=64"]
@@ -36,15 +37,6 @@ def _run(name, out, *extra):
     return json.loads((out / "results.json").read_text())
 
 
-def _check_deployment(res, out, names):
-    """The run ends with a deployment table: ``names`` (teacher first) in order, each measured."""
-    table = res["deployment"]
-    assert list(table["rows"]) == names and table["teacher"] == names[0]
-    for name, row in table["rows"].items():
-        assert {"params", "accuracy"} <= set(row), name
-    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
-    return table["rows"]
-
 
 def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
     res = _run("transfer-omit3", tmp_path / "omit3", *SMALL_TEACHER, *SMALL_STUDENT, "--set", "temperatures=[4.0, 8.0]")
@@ -65,7 +57,7 @@ def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
     assert "3s errors" in (tmp_path / "omit3" / "results.md").read_text()
     assert m["teacher"]["loaded_from_cache"] is False
     distilled = f"distilled mlp:32 (T={res['chosen_temperature']:g}, alpha=1)"
-    rows = _check_deployment(res, tmp_path / "omit3", ["teacher mlp:64", distilled, f"{distilled} +bias(val)",
+    rows = check_deployment(res, tmp_path / "omit3", ["teacher mlp:64", distilled, f"{distilled} +bias(val)",
                                                          "student alone mlp:32 (hard labels, no 3s)"])
     # The first seed's students, as trained and with offset (a) folded into the output bias.
     for name, role in zip(rows, ("teacher", "distilled", "distilled+bias(val)", "baseline")):
@@ -78,7 +70,7 @@ def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
     for png in ("temperatures.png", "dark_knowledge.png", "class_similarity.png"):
         assert (tmp_path / "soft" / png).stat().st_size > 1000
     # No student is trained there: the teacher alone.
-    rows = _check_deployment(again, tmp_path / "soft", ["teacher mlp:64"])
+    rows = check_deployment(again, tmp_path / "soft", ["teacher mlp:64"])
     assert rows["teacher mlp:64"]["accuracy"] == pytest.approx(m["teacher"]["test_accuracy"])
 
 
@@ -97,7 +89,7 @@ def test_transfer_keep78_on_small_data(tmp_path, small_mnist, copies):
     assert m["distilled+bias(val)"]["test_errors"]["mean"] < m["distilled"]["test_errors"]["mean"]
     assert not (tmp_path / "teacher-cache").exists()
     distilled = f"distilled mlp:32 (T={res['chosen_temperature']:g}, alpha=1)"
-    rows = _check_deployment(res, tmp_path / "k", ["teacher mlp:64", distilled, f"{distilled} +bias(val)",
+    rows = check_deployment(res, tmp_path / "k", ["teacher mlp:64", distilled, f"{distilled} +bias(val)",
                                                      "student alone mlp:32 (hard labels, only 7/8)"])
     assert rows[f"{distilled} +bias(val)"]["accuracy"] == pytest.approx(
         m["distilled+bias(val)"]["test_accuracy"]["values"][0])
@@ -121,7 +113,7 @@ def test_small_student_on_small_data(tmp_path, small_mnist):
     assert res["chosen_temperature"] == best_temperature({float(k): v for k, v in res["sweep"].items()})
     assert m["distilled-cnn-best-T"]["temperature"] == res["chosen_temperature"]
     assert (tmp_path / "s" / "temperature_sweep.png").is_file() and (tmp_path / "s" / "roles.png").is_file()
-    rows = _check_deployment(res, tmp_path / "s", ["teacher cnn:8,16,hidden=32",
+    rows = check_deployment(res, tmp_path / "s", ["teacher cnn:8,16,hidden=32",
                                                     f"distilled mlp:8,8 (cnn teacher, T={res['chosen_temperature']:g})",
                                                     "student alone mlp:8,8"])
     teacher, distilled, alone = rows.values()

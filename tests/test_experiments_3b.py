@@ -11,6 +11,7 @@ from kdistill import data, sweeps
 from kdistill.cli import main
 from kdistill.data import DataBundle, TensorData
 from kdistill.experiments import cifar10_mini, synthetic_grid
+from deploy_checks import check_deployment
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +49,6 @@ def _run(tmp_path, name, *sets):
     assert (out / "results.md").read_text().startswith(f"# {name}")
     return out, res
 
-
-def _check_deployment(res, out, names):
-    """The run ends with a deployment table: ``names`` (teacher first) in order, each measured."""
-    table = res["deployment"]
-    assert list(table["rows"]) == names and table["teacher"] == names[0]
-    for name, row in table["rows"].items():
-        assert {"params", "accuracy"} <= set(row), name
-    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
-    return table["rows"]
 
 
 def _check_png(path):
@@ -116,7 +108,7 @@ def test_synthetic_grid(tmp_path):
         _check_png(out / png)
     # The width study's data set: its teacher, the first seed's 2x16 student at the best T and its baseline.
     T = res["best_T"]["sep1.0-inf0.5"]
-    rows = _check_deployment(res, out, ["teacher mlp:32,dropout=0.2", f"distilled mlp:16,16 (T={T:g})",
+    rows = check_deployment(res, out, ["teacher mlp:32,dropout=0.2", f"distilled mlp:16,16 (T={T:g})",
                                         "student alone mlp:16,16"])
     first = [r for r in recs if r["informative"] == 0.5 and r["width"] == 16 and r["seed"] == 0]
     distilled = next(r for r in first if r["role"] == "distilled" and r["T"] == T)
@@ -169,7 +161,7 @@ def test_lambda_sweep(tmp_path, small_mnist):
     # The KL·T² student at the lambda > 0 best on validation (first seed), beside its lambda = 0 run.
     val = {lam: res["summary"]["T4"][lam]["val_accuracy"]["mean"] for lam in ("0.5", "1")}
     lam = max(val, key=lambda k: (val[k], -float(k)))  # ties: the smaller lambda
-    rows = _check_deployment(res, out, ["teacher mlp:48", f"distilled mlp:48 (lambda={lam}, T=4)",
+    rows = check_deployment(res, out, ["teacher mlp:48", f"distilled mlp:48 (lambda={lam}, T=4)",
                                         "student alone mlp:48 (lambda=0)"])
     assert rows[f"distilled mlp:48 (lambda={lam}, T=4)"]["accuracy"] == pytest.approx(
         res["models"][f"T4-lambda{lam}"]["test_accuracy"]["values"][0])
@@ -214,7 +206,7 @@ def test_nnfwp(tmp_path, small_mnist):
     assert res["beats_benchmark"] == (diff > 0)
     _check_png(out / "nnfwp.png")
     # The part-2 teacher and the search's chosen nets (first seed): the distilled 784-10 and the benchmark.
-    rows = _check_deployment(res, out, ["teacher mlp:16,16,activation=leaky_relu (part 2, converged)",
+    rows = check_deployment(res, out, ["teacher mlp:16,16,activation=leaky_relu (part 2, converged)",
                                         f"distilled linear ({sweeps.label(chosen)})",
                                         f"student alone linear (tuned benchmark, lr={res['chosen_benchmark_lr']:g})"])
     _, distilled, alone = rows.values()

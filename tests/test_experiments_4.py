@@ -6,6 +6,7 @@ import pytest
 
 from kdistill import experiments
 from kdistill.cli import main
+from deploy_checks import check_deployment
 
 TINY = ["val_size=200", "batch_size=64"]
 
@@ -18,15 +19,6 @@ def _check_contract(out, experiment, roles):
     assert (out / "results.md").is_file()
     return results
 
-
-def _check_deployment(results, out, names):
-    """The run ends with a deployment table: ``names`` (teacher first) in order, each measured."""
-    table = results["deployment"]
-    assert list(table["rows"]) == names and table["teacher"] == names[0]
-    for name, row in table["rows"].items():
-        assert {"params", "accuracy"} <= set(row), name
-    assert "<!-- kdistill:deployment -->" in (out / "results.md").read_text()
-    return table["rows"]
 
 
 def test_experiments_are_discovered_with_quick_and_full_profiles():
@@ -58,7 +50,7 @@ def test_ensemble_experiment(tmp_path):
     assert results["models"][f"digits:distilled-{other}"]["seeds"] == 2
     assert summary["by_mean"][head]["retained_share_of_gain"] == summary["retained_share_of_gain"]
     assert (out / "ensemble.png").stat().st_size > 5000
-    rows = _check_deployment(results, out, [f"teacher ensemble 3 x mlp:24 ({head} mean)",
+    rows = check_deployment(results, out, [f"teacher ensemble 3 x mlp:24 ({head} mean)",
                                             f"distilled mlp:24 ({head}, T=3, alpha=1)",
                                             "student alone mlp:24 (one member)"])
     teacher, distilled, alone = rows.values()
@@ -79,7 +71,7 @@ def test_few_data_experiment(tmp_path):
     assert results["recovered_share_of_gap"] == pytest.approx((soft - hard) / (full - hard))
     assert results["sweep"]["1.0"]["hard"]["mean"] == pytest.approx(m["hard-all"]["test_accuracy"]["values"][0])
     assert (out / "few_data.png").stat().st_size > 5000
-    rows = _check_deployment(results, out, ["teacher mlp:24 (hard-all)", "distilled mlp:24 (soft-10%, T=3, alpha=1)",
+    rows = check_deployment(results, out, ["teacher mlp:24 (hard-all)", "distilled mlp:24 (soft-10%, T=3, alpha=1)",
                                             "student alone mlp:24 (hard-10%)"])
     for name, role in zip(rows, ("hard-all", "soft-10%", "hard-10%")):  # the first seed's models
         assert rows[name]["accuracy"] == pytest.approx(m[role]["test_accuracy"]["values"][0]), name
@@ -101,7 +93,7 @@ def test_specialists_experiment_from_the_cli(tmp_path, capsys):
         seed["combined"]["accuracy"] - seed["generalist"]["accuracy"])
     assert (out / "specialists.png").is_file()
     k, n = results["chosen"]["top_k"], len(seed["clusters"])
-    rows = _check_deployment(results, out, [f"teacher generalist mlp:32 + {n} specialist{'s' * (n > 1)} (top-{k})",
+    rows = check_deployment(results, out, [f"teacher generalist mlp:32 + {n} specialist{'s' * (n > 1)} (top-{k})",
                                             "distilled mlp:32 (T=2, alpha=0.7)",
                                             "student alone mlp:32 (the generalist)"])
     teacher, distilled, alone = rows.values()
