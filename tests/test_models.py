@@ -54,3 +54,19 @@ def test_max_norm_constraint():
     for layer in m.modules():
         if isinstance(layer, nn.Linear):
             assert layer.weight.norm(dim=1).max() <= 0.5 + 1e-5
+
+
+def test_max_norm_on_a_channels_last_conv():
+    """The constraint works in place on conv weights in any layout (channels_last weights cannot be viewed flat)."""
+    from kdistill.models.mlp import apply_max_norm
+
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.mul_(100)
+        conv.weight[0].zero_().add_(0.01)  # a unit already inside the ball stays as it is
+    keep = conv.weight[0].clone()
+    apply_max_norm(conv, 0.5)
+    norms = conv.weight.detach().flatten(1).norm(dim=1)
+    assert norms.max() <= 0.5 + 1e-5 and torch.equal(conv.weight[0], keep)
+    assert float(norms[1:].min()) == pytest.approx(0.5, rel=1e-5)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -15,9 +15,9 @@ def apply_max_norm(module: nn.Module, max_norm: float) -> None:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                w = m.weight.view(m.weight.shape[0], -1)
-                norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                w.mul_(torch.clamp(max_norm / norms, max=1.0))
+                w = m.weight  # in place and in any memory layout (a channels_last conv weight cannot be .view()ed)
+                norms = w.flatten(1).norm(dim=1).clamp_min(1e-12)
+                w.mul_(torch.clamp(max_norm / norms, max=1.0).view(-1, *[1] * (w.dim() - 1)))
 
 
 class MLP(nn.Module):
