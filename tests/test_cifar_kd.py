@@ -180,6 +180,8 @@ def test_profiles():
                 paper["weight_decay"], paper["momentum"], paper["seeds"], paper["schedule"]) == (
             240, 240, 64, 0.05, 5e-4, 0.9, 3, "step")
         assert list(paper["methods"]) == METHODS and module.PROFILES["quick"]["seeds"] == 1
+        cfg = _cifar_kd.train_config(paper, paper["student_epochs"], 0)  # x0.1 after epochs 150, 180, 210
+        assert cfg.milestones == pytest.approx((150, 180, 210)) and cfg.schedule == "step"
     full = cifar10_kd.PROFILES["full"]
     assert full["seeds"] >= 3 and full["val_size"] == 5000 and full["augment"] == "crop4,flip"
     pairs = {_cifar_kd.pair_name(p) for p in full["pairs"]}

@@ -103,3 +103,25 @@ def test_lr_schedules():
     assert lr_factor("onecycle", 9, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor("cosine", 100, 100, 0.0) == pytest.approx(0.0)
     assert lr_factor("step", 80, 100, 0.0) == pytest.approx(0.01)
+    assert [lr_factor("step", s, 100, 0.0) for s in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_step_schedule_at_milestone_epochs():
+    """mdistiller's CIFAR schedule: x0.1 after epochs 150, 180 and 210 of 240, exactly at the epoch boundary."""
+    cfg = TrainConfig(epochs=240, schedule="step", milestones=(150, 180, 210))
+    spe = 782  # steps per epoch (50,000 images at batch 64)
+    total = 240 * spe
+    f = [lr_factor("step", e * spe + d, total, 0.0, cfg.decay_points()) for e in (150, 180, 210) for d in (-1, 0)]
+    assert f == pytest.approx([1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    assert TrainConfig(epochs=240, schedule="step").decay_points() == (0.5, 0.75)
+    for bad, msg in (((180, 150), "increasing"), ((0, 10), "between 0"), ((240,), "between 0"), ((), "increasing")):
+        with pytest.raises(ValueError, match=f"train.milestones: .*{msg}"):
+            TrainConfig(epochs=240, schedule="step", milestones=bad)
+    with pytest.raises(ValueError, match="schedule: step only"):
+        TrainConfig(epochs=240, schedule="cosine", milestones=(150,))
+
+
+def test_training_follows_the_milestones(digits):
+    cfg = TrainConfig(epochs=4, batch_size=256, schedule="step", milestones=(1, 3), momentum=0.0, seed=0)
+    r = fit(build_model("mlp:8", digits.input_shape, 10), digits.train, cfg, progress=False)
+    assert [h["lr"] for h in r.history] == pytest.approx([0.05, 0.005, 0.005, 0.0005])

@@ -26,6 +26,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "onecycle"
     warmup: float = 0.1
+    milestones: tuple[float, ...] | None = None  # schedule "step": epochs where the rate drops x0.1 (default 50%, 75%)
     max_norm: float | None = None
     clip_grad_norm: float | None = None  # clip the gradients' global L2 norm before each update
     accumulate: int = 1  # split each batch into this many micro-batches, one update per batch
@@ -73,6 +74,10 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(0 <= self.warmup < 1, "warmup", "is a fraction of the steps in [0, 1)")
+        ms = self.milestones
+        need(ms is None or (len(ms) > 0 and all(0 < m < self.epochs for m in ms) and list(ms) == sorted(set(ms))),
+             "milestones", f"are increasing epochs strictly between 0 and epochs ({self.epochs}), or null")
+        need(ms is None or self.schedule == "step", "milestones", "apply to schedule: step only; set train.schedule=step")
         need(self.max_norm is None or self.max_norm > 0, "max_norm", "must be > 0 or null")
         need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0 or null")
         need(isinstance(self.accumulate, int) and self.accumulate >= 1 and self.batch_size % self.accumulate == 0,
@@ -93,6 +98,10 @@ class TrainConfig:
         need(not (self.jitter and aug.pixels), "jitter", "and a crop in train.augment both translate; give one of them")
         need(not (self.teacher_views and aug.is_identity and not self.jitter), "teacher_views",
              "caches augmented views; set train.augment (e.g. crop4,flip) or leave teacher_views at 0")
+
+    def decay_points(self) -> tuple[float, ...]:
+        """Where the ``step`` schedule drops the rate x0.1, as fractions of training."""
+        return tuple(m / self.epochs for m in self.milestones) if self.milestones else (0.5, 0.75)
 
     def augmentation(self):
         """The batched augmentation this config asks for (``jitter: N`` is ``cropN``)."""

@@ -46,7 +46,7 @@ def run_epochs(backend, streams: Sequence[tuple[Any, torch.Generator]], cfg: Tra
         iters = [iter(source.epoch(gen)) for source, gen in streams]
         for i in range(steps):
             batches = [next(it) for it in iters]
-            backend.step(batches, lr_factor(cfg.schedule, state.step, total, cfg.warmup), epoch + i / steps)
+            backend.step(batches, lr_factor(cfg.schedule, state.step, total, cfg.warmup, cfg.decay_points()), epoch + i / steps)
             state.step += 1
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
                 rows = evaluate(state.step / steps, None)

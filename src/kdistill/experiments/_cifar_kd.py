@@ -227,6 +227,7 @@ def train_config(s: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
         nesterov=False,
         weight_decay=s["weight_decay"],
         schedule=s["schedule"],
+        milestones=tuple(f * epochs for f in s["step_decay_at"]) if s.get("step_decay_at") else None,
         augment=s["augment"],
         amp=s["amp"],
         seed=seed,
@@ -365,13 +366,14 @@ def differences(recipe: Recipe, s: dict[str, Any], sizes: tuple[int, int, int]) 
                    "mdistiller: 240 epochs, teachers pre-trained by CRD's 240-epoch recipe.")
     else:
         out.append("Teachers are trained here with the students' 240-epoch recipe (mdistiller downloads CRD's).")
-    sched = {"step": "x0.1 at 50% and 75% of the steps (kdistill's `step`)", "cosine": "cosine to 0 (no warm-up)",
+    decay = s.get("step_decay_at") or (0.5, 0.75)
+    e = s["student_epochs"]
+    at = ", ".join(f"{f * e:g}" for f in decay)
+    sched = {"step": f"x0.1 after epochs {at} of {e}", "cosine": "cosine to 0 (no warm-up)",
              "onecycle": "one-cycle (warm-up, then cosine)", "constant": "constant"}.get(s["schedule"], s["schedule"])
     note = ""
-    if s["schedule"] == "step":
-        e = s["student_epochs"]
-        note = (f" kdistill has no milestone schedule, so `step` decays twice, after epochs {e * 0.5:g} and "
-                f"{e * 0.75:g} of {e}, not three times at 62.5/75/87.5%.")
+    if s["schedule"] == "step" and [round(f, 6) for f in decay] != [0.625, 0.75, 0.875]:
+        note = " Set `step_decay_at: [0.625, 0.75, 0.875]` for mdistiller's three drops."
     out.append(f"Optimiser: SGD momentum {s['momentum']}, weight decay {s['weight_decay']:g}, batch {s['batch_size']}, "
                f"lr {lr:g}, {sched}; mdistiller: SGD momentum 0.9, batch 64, lr 0.05, x0.1 at epochs 150, 180 and 210 "
                f"of 240, weight decay 5e-4.{note}")
@@ -530,9 +532,8 @@ MDISTILLER_PAIRS = [
 
 
 def paper_profile() -> dict[str, Any]:
-    """mdistiller's protocol (for a GPU): 240 epochs, batch 64, SGD 0.05 with step decay, weight decay 5e-4,
-    3 seeds, its pairs. kdistill's ``step`` schedule decays x0.1 at 50% and 75% of training (epochs 120 and
-    180), not at 150/180/210; 5,000 training images are held out as a validation split."""
+    """mdistiller's protocol (for a GPU): 240 epochs, batch 64, SGD 0.05 with x0.1 after epochs 150, 180 and 210,
+    weight decay 5e-4, 3 seeds, its pairs; 5,000 training images are held out as a validation split."""
     return {**COMMON, "pairs": [dict(p) for p in MDISTILLER_PAIRS], "val_size": 5000, "train_size": None,
             "test_size": None, "teacher_epochs": 240, "student_epochs": 240, "seeds": 3, "schedule": "step",
-            "threads": None}
+            "step_decay_at": [0.625, 0.75, 0.875], "threads": None}

@@ -60,8 +60,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "schedule": "cosine",
         "threads": None,
     },
-    # mdistiller's protocol (for a GPU): 240 epochs for teachers and students, batch 64, SGD 0.05 with step
-    # decay (kdistill's `step`: x0.1 at epochs 120 and 180, not 150/180/210), weight decay 5e-4, 3 seeds;
+    # mdistiller's protocol (for a GPU): 240 epochs for teachers and students, batch 64, SGD 0.05 x0.1 after
+    # epochs 150, 180 and 210 (`step_decay_at`), weight decay 5e-4, 3 seeds;
     # 5,000 training images held out as a validation split (mdistiller trains on all 50,000).
     "paper": kd.paper_profile(),
 }

@@ -77,8 +77,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "threads": None,
     },
     # mdistiller's protocol (for a GPU): 240 epochs, batch 64, SGD 0.05 with step decay, weight decay 5e-4,
-    # 3 seeds, its CIFAR-100 pairs with its DKD beta per pair (configs/cifar100/dkd/*.yaml). kdistill's `step`
-    # decays x0.1 at 50% and 75% of training (epochs 120, 180), not at 150/180/210.
+    # 3 seeds, its CIFAR-100 pairs with its DKD beta per pair (configs/cifar100/dkd/*.yaml), x0.1 after epochs
+    # 150, 180 and 210.
     "paper": kd.paper_profile(),
 }
 
