@@ -63,7 +63,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # per 45,000-image epoch): teachers resnet20 67 s, wrn:16,2 123 s; resnet8 alone 28 s, distilled from
     # resnet20 42-46 s, from wrn:16,2 59-64 s (the live teacher forward). Teachers 8 x 190 s = 1,520 s; students
     # 3 seeds x 4 epochs x (28 + 176 + 246) s = 5,400 s (the CE student is shared by both pairs); evaluation
-    # ~200 s. On 1 thread about 1.6x longer (~3.2 h).
+    # ~200 s. On 1 thread about 1.6x longer (~3.2 h). Measured on 2026-12-02 (2 cores, other work at times):
+    # teachers resnet20 1,193 s (slowed by OMP_WAIT_POLICY=PASSIVE) and wrn:16,2 1,917 s; students from resnet20
+    # 137 s (alone) to 287 s (AT): about 3.5 h in all, so stops are kept (`--resume` continues).
     "full": {
         **kd.COMMON,
         "pairs": _PAIRS,
