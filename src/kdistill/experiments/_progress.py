@@ -52,6 +52,8 @@ class Progress:
         """Store ``record`` (and ``model``'s weights) for ``key``; the weights land first, so a record on
         disk always has its weights. ``elapsed_s``: the run's wall time so far, kept for a resumed run."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if key in self.resumed:  # its record was read but the unit trained again (its weights were missing)
+            self.resumed.remove(key)
         if model is not None:
             save_model(self._path(key, ".safetensors"), model)
         write_json(self._path(key, ".json"), record)
