@@ -460,10 +460,10 @@ def markdown(res: dict[str, Any]) -> str:
                    f"(gather + batched augmentation) {100 * data_share:.0f}%, and {100 * ph['other (fit step time minus the phases)'] / step:.0f}% "
                    "of fit's step is outside the phases (per-step Python/dispatch overhead in the loop, plus run-to-run "
                    "noise: the breakdown and the fit repetitions are separate runs). Next optimisations: " + order +
-                   f"(2) in `compute_views` (engine/views.py) run the teacher on batches of 128 instead of 512: "
-                   f"{tb[512] / tb[128]:.1f}x cheaper per image here, which would cut the one-off caching by about "
-                   "that factor; (3) for the live path, the teacher forward itself: fold the frozen teacher's "
-                   "BatchNorms into its convolutions and run it under inference_mode.")]
+                   f"(2) the views are already cached at batch 128 ({tb[512] / tb[128]:.1f}x cheaper per image here than "
+                   "512) and the frozen teacher already runs with its BatchNorms folded (kdistill.models.fold), so what "
+                   "is left is the convolutions themselves, forward and backward; the engine's lever for them on a CPU "
+                   "is `train.compile: true` (torch.compile, not measured by this script).")]
     lines += ["", ("W6: the student alone (resnet8, crop4+flip, no teacher) on PNG files written once (not timed); "
                    "streamed = `load('folder:DIR', in_memory=False)` (StreamData through the DataLoader), in memory = "
                    "`in_memory=True` on the same files (its one-off decoding is in the JSON).")]
