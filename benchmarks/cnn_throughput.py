@@ -20,6 +20,9 @@ KD at T = 4, alpha = 0.9; random crop with padding 4 + horizontal flip; batch 12
 * W5 breakdown: the live-teacher step of ``engine/step.py`` replicated with torch's own ops and a clock read
   around each phase (data: gather + augmentation + layout; teacher forward; student forward; loss; backward;
   optimiser incl. zero_grad) over ~30 steps; "other" = fit's measured step time minus their sum.
+* W5 with ``train.compile: true`` (``--no-compile`` skips it): the student's and the frozen teacher's forwards
+  through torch.compile; each measurement is the second epoch of a 2-epoch fit (the first compiles), the
+  compilation reported beside it and amortised, with the caching, over 30 CIFAR-10 epochs.
 * W6: the student alone (resnet8, crop4+flip, no teacher: the case where data loading weighs most) on
   ``folder:`` data written once as PNG files: streamed (``in_memory=False``: StreamData through the DataLoader,
   ``workers=0`` and ``workers=2``) against the same images decoded into memory (``in_memory=True``).
@@ -64,7 +67,8 @@ METHOD = {"name": "kd", "temperature": T, "alpha": ALPHA}
 AUGMENT = "crop4,flip"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # the usual CIFAR-10 normalisation
 TARGETS = {"W5 live vs baseline": 1.5, "W5 cached (30 epochs amortised) vs baseline": 3.0,
-           "W6 streamed vs in-memory": 0.5}
+           "W5 live, train.compile vs baseline": 1.5,
+           "W5 cached, train.compile (30 epochs amortised) vs baseline": 3.0, "W6 streamed vs in-memory": 0.5}
 CLASSES = tuple(f"c{i}" for i in range(10))
 
 
@@ -140,6 +144,71 @@ def kd_fit(data, teacher, cfg: TrainConfig, method=METHOD) -> tuple[float, float
     t0 = time.perf_counter()
     res = fit(student, data, cfg, teacher=teacher, method=method if teacher is not None else "ce", progress=False)
     return res.wall_time_s, time.perf_counter() - t0
+
+
+def kd_fit_steady(data, teacher, cfg: TrainConfig) -> tuple[float, float]:
+    """(seconds of the 2nd epoch, seconds the 1st took beyond it) of a 2-epoch fit: with ``train.compile`` the
+    first epoch carries the one-off compilation (and any recompilation), the second is the steady state."""
+    student = build_model(STUDENT, (3, 32, 32), 10, seed=0)
+    cfg = TrainConfig(**{**cfg.__dict__, "epochs": 2})
+    res = fit(student, data, cfg, teacher=teacher, method=METHOD, progress=False)
+    first, both = res.history[0]["time_s"], res.history[1]["time_s"]
+    return both - first, first - (both - first)
+
+
+COMPILED_LIVE = "kdistill live teacher, train.compile (steady epoch)"
+COMPILED_CACHED = f"kdistill cached teaching ({VIEWS} views), train.compile, per epoch (steady)"
+COMPILED_AMORT = (f"kdistill cached teaching ({VIEWS} views), train.compile, caching and compilation amortised over "
+                  f"{AMORTISE_EPOCHS} CIFAR-10 epochs")
+
+
+def w5_compiled(data, cache_data, teacher, live_cfg: TrainConfig, tmp: Path, setup_s: float, repeats: int,
+                log) -> dict[str, Any]:
+    """The W5 rows with ``train.compile: true`` (student and frozen teacher through torch.compile).
+
+    Each measurement is the second epoch of a 2-epoch fit. The compilation is timed cold (the first compiled
+    run of each kind in this process; later ones hit torch's compile caches): the teacher's as the first
+    caching run minus a second, the student's as what a first epoch takes beyond a steady one. The amortised
+    row spreads the caching (per sample) and both cold compilations (once per run) over AMORTISE_EPOCHS
+    epochs of the 50,000 CIFAR-10 training images."""
+    n = len(data)
+    comp_cfg = TrainConfig(**{**live_cfg.__dict__, "compile": True})
+
+    def views_cfg(name: str) -> TrainConfig:
+        return TrainConfig(**{**comp_cfg.__dict__, "teacher_views": VIEWS, "teacher_cache": str(tmp / name)})
+
+    cold = kd_fit(cache_data, teacher, views_cfg("views-compiled-cold.safetensors"))
+    warm = kd_fit(cache_data, teacher, views_cfg("views-compiled-warm.safetensors"))
+    cache_s = warm[1] - warm[0] - setup_s
+    teacher_compile_s = (cold[1] - cold[0]) - (warm[1] - warm[0])
+    log(f"W5 compiled: caching {VIEWS} views of {len(cache_data)} samples {cache_s:.2f} s; the teacher's cold "
+        f"compilation {teacher_compile_s:.1f} s")
+    cached_cfg = views_cfg("views-compiled.safetensors")
+    kd_fit(data, teacher, cached_cfg)  # the views of the measured subset, cached once
+    overheads: dict[str, list[float]] = {COMPILED_LIVE: [], COMPILED_CACHED: []}
+
+    def steady(name: str, cfg: TrainConfig):
+        def fn() -> float:
+            epoch, extra = kd_fit_steady(data, teacher, cfg)
+            overheads[name].append(extra)
+            return epoch
+        return fn
+
+    fns = {COMPILED_LIVE: steady(COMPILED_LIVE, comp_cfg), COMPILED_CACHED: steady(COMPILED_CACHED, cached_cfg)}
+    for fn in fns.values():  # warm-up: the cold compilations
+        fn()
+    cold_extra = {k: v.pop() for k, v in overheads.items()}
+    student_compile_s = cold_extra[COMPILED_CACHED]
+    log(f"W5 compiled: first epoch beyond a steady one (cold compile): {cold_extra}")
+    times = interleaved(fns, repeats, log)
+    amort = (statistics.median(times[COMPILED_CACHED]) + cache_s / len(cache_data) * n / AMORTISE_EPOCHS
+             + (teacher_compile_s + student_compile_s) * n / (AMORTISE_EPOCHS * 50000))
+    rows = [row("W5", COMPILED_LIVE, n, times[COMPILED_LIVE], first_epoch_extra_s=overheads[COMPILED_LIVE]),
+            row("W5", COMPILED_CACHED, n, times[COMPILED_CACHED], first_epoch_extra_s=overheads[COMPILED_CACHED]),
+            row("W5", COMPILED_AMORT, n, [amort], caching_s_per_sample=cache_s / len(cache_data),
+                compile_s=teacher_compile_s + student_compile_s)]
+    return {"rows": rows, "caching_s": cache_s, "caching_samples": len(cache_data),
+            "teacher_compile_s": teacher_compile_s, "student_compile_cold_s": cold_extra}
 
 
 # ----- W5 breakdown -----------------------------------------------------------------------------------
@@ -244,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown-steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="the baseline DataLoader's workers (default 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip the train.compile rows (torch.compile)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, numbers are meaningless")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--markdown-only", action="store_true",
@@ -318,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         amort = cached_epoch + cache_per_sample * n / AMORTISE_EPOCHS
         rows.append(row("W5", f"kdistill cached teaching ({VIEWS} views), caching amortised over "
                         f"{AMORTISE_EPOCHS} epochs", n, [amort], caching_s_per_sample=cache_per_sample))
+        compiled: dict[str, Any] = {}
+        if not args.no_compile:
+            compiled = w5_compiled(data, cache_data, kd_teacher, live_cfg, tmp, setup_s, args.repeats, log)
+            rows.extend(compiled.pop("rows"))
 
         # W5 breakdown ------------------------------------------------------------------------------
         log(f"W5 breakdown over {args.breakdown_steps} steps")
@@ -370,13 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     info["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     sps = {(r["workload"], r["method"]): r["samples_per_s"] for r in rows}
     w5 = {r["method"]: r["samples_per_s"] for r in rows if r["workload"] == "W5"}
-    base, live_k, cached_k, amort_k = list(w5)
+    base, live_k, cached_k, amort_k = list(w5)[:4]
     w6m = {r["method"]: r["samples_per_s"] for r in rows if r["workload"] == "W6"}
     best_stream = max(w6m["streamed, workers=0"], w6m["streamed, workers=2"])
     ratios = {
         "W5 live vs baseline": w5[live_k] / w5[base],
         "W5 cached (per epoch) vs baseline": w5[cached_k] / w5[base],
         "W5 cached (30 epochs amortised) vs baseline": w5[amort_k] / w5[base],
+        **({"W5 live, train.compile vs baseline": w5[COMPILED_LIVE] / w5[base],
+            "W5 cached, train.compile (per epoch) vs baseline": w5[COMPILED_CACHED] / w5[base],
+            "W5 cached, train.compile (30 epochs amortised) vs baseline": w5[COMPILED_AMORT] / w5[base]}
+           if COMPILED_LIVE in w5 else {}),
         "W6 streamed vs in-memory": best_stream / w6m["in memory (in_memory=True)"],
         "W6 streamed workers=0 vs in-memory": w6m["streamed, workers=0"] / w6m["in memory (in_memory=True)"],
         "W6 streamed workers=2 vs in-memory": w6m["streamed, workers=2"] / w6m["in memory (in_memory=True)"],
@@ -389,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                      "amortise_epochs": AMORTISE_EPOCHS, "data": source, "w5_samples": n},
         "caching": {"samples": len(cache_data), "seconds": cache_s, "seconds_per_sample": cache_per_sample,
                     "fit_setup_s": setup_s},
+        "compiled": compiled,
         "rows": rows, "breakdown_s_per_step": phases, "breakdown_teacher_first_s_per_step": phases_tf,
         "teacher_forward_ms_per_image_by_batch": teacher_ms_per_image, "fit_step_s": fit_step, "ratios": ratios, "targets": TARGETS,
     }
@@ -424,6 +503,17 @@ def markdown(res: dict[str, Any]) -> str:
                    f"per sample (fit's set-up without caching, {c['fit_setup_s']:.2f} s, subtracted). For the 50,000 "
                    f"CIFAR-10 training images that is {50000 * c['seconds_per_sample']:.0f} s once per run; the "
                    f"amortised row adds 1/{s['amortise_epochs']} of it to each epoch.")]
+    comp = res.get("compiled") or {}
+    if comp:
+        sc = comp["student_compile_cold_s"]
+        lines += ["", (f"`train.compile: true` rows: the second epoch of a 2-epoch fit. Cold compilation (the first "
+                       f"compiled run of each kind in the process): the teacher {comp['teacher_compile_s']:.1f} s; the "
+                       f"first epoch beyond a steady one {sc[COMPILED_LIVE]:.1f} s with the live teacher (student and "
+                       f"teacher), {sc[COMPILED_CACHED]:.1f} s with cached views (the student). Caching the "
+                       f"{s['teacher_views']} views with the compiled teacher: {comp['caching_s']:.2f} s for "
+                       f"{comp['caching_samples']:,} samples. The amortised row spreads the caching (per sample) and "
+                       f"both cold compilations (once per run) over {s['amortise_epochs']} epochs of the 50,000 "
+                       "CIFAR-10 training images.")]
     lines += ["", "| ratio | measured | target | met |", "|---|---|---|---|"]
     for k, v in res["ratios"].items():
         t = res["targets"].get(k)
@@ -463,7 +553,9 @@ def markdown(res: dict[str, Any]) -> str:
                    f"(2) the views are already cached at batch 128 ({tb[512] / tb[128]:.1f}x cheaper per image here than "
                    "512) and the frozen teacher already runs with its BatchNorms folded (kdistill.models.fold), so what "
                    "is left is the convolutions themselves, forward and backward; the engine's lever for them on a CPU "
-                   "is `train.compile: true` (torch.compile, not measured by this script).")]
+                   "is `train.compile: true` (torch.compile of the student and of the frozen teacher"
+                   + (", measured in the rows above)." if res.get("compiled") else ", not measured in this run: --no-compile).")
+                   )]
     lines += ["", ("W6: the student alone (resnet8, crop4+flip, no teacher) on PNG files written once (not timed); "
                    "streamed = `load('folder:DIR', in_memory=False)` (StreamData through the DataLoader), in memory = "
                    "`in_memory=True` on the same files (its one-off decoding is in the JSON).")]

@@ -47,6 +47,11 @@ class SmallNet(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+def _seeded(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args)
+
+
 def _params(m):
     return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
 
@@ -297,3 +302,28 @@ def test_streamed_run_resumes_exactly_after_an_interruption(tmp_path):
                   progress=False)
     assert torch.equal(_params(resumed.model), _params(full.model))
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_compile_on_cpu_trains_as_eager_and_compiles_the_live_teacher(monkeypatch):
+    """``train.compile`` on a CPU: the student and the frozen teacher both go through torch.compile (counted),
+    training follows the eager run, and a caller's ModuleTeacher is handed back no longer compiling."""
+    from kdistill.teachers import ModuleTeacher
+
+    x, y = _images(64)
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def counting_compile(module, *args, **kwargs):
+        compiled_modules.append(type(module).__name__)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, augment="crop2,flip", seed=0, checkpoint=False)
+    teacher = ModuleTeacher(SmallNet(16).eval())
+    eager = fit(_seeded(SmallNet, 8), (x, y), cfg, teacher=teacher, progress=False)
+    assert compiled_modules == []
+    compiled = fit(_seeded(SmallNet, 8), (x, y), TrainConfig(**{**cfg.__dict__, "compile": True}), teacher=teacher,
+                   progress=False)
+    assert len(compiled_modules) == 2  # the student's network and the teacher's (BatchNorm-folded) network
+    assert not teacher.compile
+    assert torch.allclose(_params(eager.model), _params(compiled.model), atol=1e-4, rtol=0)

@@ -59,10 +59,14 @@ class ModuleTeacher:
         self.channels_last = use_channels_last(self.module)
         self.batch_size = batch_size or (256 if self.channels_last else 2048)
         self._folded: tuple[nn.Module | None] | None = None  # (BatchNorm-folded copy or None), built on first use
+        self._compiled: nn.Module | None = None
+        self.compile = False
+        """Run the folded network through ``torch.compile`` (set by ``fit`` under ``train.compile``)."""
 
     def release(self) -> nn.Module:
         """Undo the freezing: the module's own ``train()``, training mode and ``requires_grad`` flags come back."""
-        self._folded = None
+        self._folded = self._compiled = None
+        self.compile = False
         training, flags, had_train = self._given
         if not had_train and "train" in vars(self.module):
             del self.module.train
@@ -85,7 +89,7 @@ class ModuleTeacher:
     def to(self, device: torch.device | str) -> "ModuleTeacher":
         """Move the network to ``device`` (where the student trains: a live teacher sees its batches)."""
         self.module.to(device)
-        self._folded = None
+        self._folded = self._compiled = None
         return self
 
     def _network(self, x: torch.Tensor) -> nn.Module:
@@ -95,13 +99,18 @@ class ModuleTeacher:
             return self.module
         if self._folded is not None and self._folded[0] is not None:
             if next(self._folded[0].parameters()).device != x.device:  # the module was moved: fold again
-                self._folded = None
+                self._folded = self._compiled = None
         if self._folded is None:
             folded = fold_batchnorm(self.module, x[:8])
             if folded is not None and self.channels_last:
                 folded.to(memory_format=torch.channels_last)
             self._folded = (folded,)
-        return self._folded[0] or self.module
+        net = self._folded[0] or self.module
+        if not self.compile:
+            return net
+        if self._compiled is None:  # the frozen forward is one graph: worth compiling (~10% on a CPU ResNet)
+            self._compiled = torch.compile(net)
+        return self._compiled
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

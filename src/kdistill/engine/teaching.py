@@ -18,14 +18,18 @@ class Teaching:
     """The teacher a run uses (:attr:`teacher`), its network for feature hooks (:attr:`module`), and
     :meth:`release`, which returns a module the caller passed in to the state it was given in."""
 
-    def __init__(self, teacher: Any, module: nn.Module | None, owned: ModuleTeacher | None) -> None:
-        self.teacher, self.module, self._owned = teacher, module, owned
+    def __init__(self, teacher: Any, module: nn.Module | None, owned: ModuleTeacher | None,
+                 compiled: ModuleTeacher | None = None) -> None:
+        self.teacher, self.module, self._owned, self._compiled = teacher, module, owned, compiled
 
     @property
     def live(self) -> bool:
         return isinstance(self.teacher, ModuleTeacher)
 
     def release(self) -> None:
+        if self._compiled is not None:  # a caller's ModuleTeacher is not left compiling after the run
+            self._compiled.compile = False
+            self._compiled = None
         if self._owned is not None:
             self._owned.release()
             self._owned = None
@@ -39,6 +43,10 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
     owned = None
     if isinstance(teacher, nn.Module):
         teacher = owned = ModuleTeacher(teacher)
+    compiled = None
+    if cfg.compile and isinstance(teacher, ModuleTeacher) and not teacher.compile:
+        teacher.compile = True  # its forward (live, or caching the views) compiled as the student's is
+        compiled = teacher
     try:
         needs_features = _reads_teacher_features(method)
         if cfg.teacher_views:
@@ -53,7 +61,7 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
             views = load_or_compute(teacher, train, aug, cfg.teacher_views, cfg.seed, cfg.teacher_topk, device,
                                     cache_path, train.num_classes)
             views.check_covers(train)
-            return Teaching(views.to(device), None, owned)
+            return Teaching(views.to(device), None, owned, compiled)
         if isinstance(teacher, ModuleTeacher) and aug.is_identity and cfg.cache_teacher and not needs_features:
             teacher = teacher.cache(train)
         if isinstance(teacher, CachedTeacher):
@@ -64,8 +72,10 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
         if hasattr(teacher, "to"):  # a live teacher runs on the student's batches, so on the student's device
             teacher = teacher.to(device)
         module = teacher.module if isinstance(teacher, ModuleTeacher) else None
-        return Teaching(teacher, module, owned)
+        return Teaching(teacher, module, owned, compiled)
     except BaseException:
+        if compiled is not None:
+            compiled.compile = False
         if owned is not None:
             owned.release()
         raise
