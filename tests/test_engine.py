@@ -327,3 +327,24 @@ def test_compile_on_cpu_trains_as_eager_and_compiles_the_live_teacher(monkeypatc
     assert len(compiled_modules) == 2  # the student's network and the teacher's (BatchNorm-folded) network
     assert not teacher.compile
     assert torch.allclose(_params(eager.model), _params(compiled.model), atol=1e-4, rtol=0)
+
+
+def test_streamed_workers_persist_across_epochs_and_train_like_in_memory(monkeypatch):
+    """With DataLoader workers, one loader (one set of worker processes) serves every epoch of a streamed run,
+    and the run still equals the in-memory one."""
+    import kdistill.data.stream as stream
+
+    built = []
+    real = stream.DataLoader
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("persistent_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "DataLoader", counting)
+    x, y = _images(64)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.1, augment="crop1,flip", seed=1, workers=2, checkpoint=False)
+    a = fit(_seeded(SmallNet, 8), TensorData(x, y, classes=("a", "b", "c")), cfg, progress=False)
+    b = fit(_seeded(SmallNet, 8), PairData(x, y), cfg, progress=False)
+    assert built.count(True) == 1  # one persistent loader for the 3 streamed epochs (others: one-pass reads)
+    assert torch.allclose(_params(a.model), _params(b.model), atol=1e-6)

@@ -30,10 +30,28 @@ class WithIds(torch.utils.data.Dataset):
         return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(sid, dtype=torch.long)
 
 
-def loader(data: StreamData, batches: Sequence[Sequence[int]], workers: int = 0, pin: bool = False) -> DataLoader:
-    """A ``DataLoader`` yielding ``(x, y, ids)`` for the given batches of item positions, in that order."""
+class EpochBatches:
+    """A batch sampler whose batches are replaced before each epoch: one ``DataLoader`` over it keeps its
+    worker processes alive from epoch to epoch (``persistent_workers``) instead of starting them anew."""
+
+    def __init__(self) -> None:
+        self.batches: Sequence[Sequence[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def loader(data: StreamData, batches: Sequence[Sequence[int]] | EpochBatches, workers: int = 0,
+           pin: bool = False) -> DataLoader:
+    """A ``DataLoader`` yielding ``(x, y, ids)`` for the given batches of item positions, in that order.
+
+    Given an :class:`EpochBatches`, the workers persist between iterations (refill its ``batches`` first)."""
     return DataLoader(WithIds(data.dataset, data.index), batch_sampler=batches, num_workers=workers,
-                      pin_memory=pin, persistent_workers=False, prefetch_factor=4 if workers else None)
+                      pin_memory=pin, persistent_workers=bool(workers) and isinstance(batches, EpochBatches),
+                      prefetch_factor=4 if workers else None)
 
 
 def iterate(data: Split, batch_size: int = 1024, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

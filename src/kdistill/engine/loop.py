@@ -369,7 +369,7 @@ def fit(
     except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
         raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    backend = None
+    backend = source = None
     try:
         method.validate(num_classes=train.num_classes, teacher_classes=teacher_classes(teaching.teacher),
                         has_unlabelled=train.has_unlabelled)
@@ -384,6 +384,8 @@ def fit(
     finally:
         if backend is not None:
             backend.close()
+        if source is not None and hasattr(source, "close"):
+            source.close()  # a streamed source's persistent DataLoader workers
         teaching.release()
 
 

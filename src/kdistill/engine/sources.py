@@ -15,7 +15,7 @@ import torch
 
 from ..data.augment import AugParams, Augment
 from ..data.dataset import StreamData, TensorData
-from ..data.stream import loader
+from ..data.stream import EpochBatches, loader
 
 
 class Batch(NamedTuple):
@@ -110,6 +110,12 @@ class StreamSource:
     def __init__(self, data: StreamData, device: torch.device, batch_size: int, draws: _Draws, workers: int) -> None:
         self.data, self.device, self.batch_size, self.draws, self.workers = data, device, batch_size, draws, workers
         self.steps_per_epoch = max(1, len(data) // batch_size)
+        self._batches = EpochBatches()
+        self._loader = None  # built on the first epoch; its workers then serve every epoch
+
+    def close(self) -> None:
+        """Stop the persistent workers (they also stop when the source is garbage-collected)."""
+        self._loader = None
 
     def epoch(self, gen: torch.Generator) -> Iterator[Batch]:
         n, bs = len(self.data), self.batch_size
@@ -117,7 +123,10 @@ class StreamSource:
         batches = [perm[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
         part = self.draws.part(bs)
         pin = self.device.type == "cuda"
-        it = iter(loader(self.data, [b[part].tolist() for b in batches], self.workers, pin))
+        self._batches.batches = [b[part].tolist() for b in batches]
+        if self._loader is None:
+            self._loader = loader(self.data, self._batches, self.workers, pin)
+        it = iter(self._loader)
         for _ in batches:
             x, y, ids = next(it)
             params, views = self.draws.draw(bs, gen)
