@@ -515,7 +515,7 @@ def markdown(res: dict[str, Any]) -> str:
                        f"views) longer than a steady one. Caching the {s['teacher_views']} views with the compiled "
                        f"teacher: {comp['caching_s']:.2f} s for {comp['caching_samples']:,} samples. The amortised row "
                        f"spreads the caching (per sample) and the cold compilation (once per run) over "
-                       f"{s['amortise_epochs']} epochs of the 50,000 ""CIFAR-10 training images.")]
+                       f"{s['amortise_epochs']} epochs of the 50,000 CIFAR-10 training images.")]
     lines += ["", "| ratio | measured | target | met |", "|---|---|---|---|"]
     for k, v in res["ratios"].items():
         t = res["targets"].get(k)

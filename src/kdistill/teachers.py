@@ -108,7 +108,7 @@ class ModuleTeacher:
         net = self._folded[0] or self.module
         if not self.compile:
             return net
-        if self._compiled is None:  # the frozen forward is one graph: worth compiling (~10% on a CPU ResNet)
+        if self._compiled is None:  # the frozen forward is one graph with no backward: cheap to compile
             self._compiled = torch.compile(net)
         return self._compiled
 
