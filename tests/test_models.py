@@ -70,3 +70,30 @@ def test_max_norm_on_a_channels_last_conv():
     assert norms.max() <= 0.5 + 1e-5 and torch.equal(conv.weight[0], keep)
     assert float(norms[1:].min()) == pytest.approx(0.5, rel=1e-5)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("spec", ["cnn:8,16", "lenet5"])
+def test_pooling_before_relu_is_the_same_function_and_gradient(spec):
+    """The conv nets pool before their ReLU (cheaper); a ReLU-then-pool copy of the same weights must give
+    bitwise the same logits and weight gradients, ties included (MNIST's flat background makes many)."""
+    net = build_model(spec, (1, 28, 28), 10, seed=0)
+    with torch.no_grad():  # a positive bias on the first conv: the flat background gives tied positive maxima
+        net.features[0].bias.add_(0.5)
+    relu_first = nn.Sequential(*[
+        m for pair in zip(net.features[0::3], net.features[2::3], net.features[1::3]) for m in pair
+    ])
+    assert [type(m) for m in relu_first[1:3]] == [nn.ReLU, nn.MaxPool2d]
+    x = torch.randn(16, 1, 28, 28)
+    x[:, :, :8] = 0.0  # blank rows, as in a digit's margin
+    y = torch.randint(0, 10, (16,))
+    net.eval()  # dropout off, so both passes see the same function
+
+    def grads(features):
+        net.zero_grad()
+        logits = net.head(features(x))
+        nn.functional.cross_entropy(logits, y).backward()
+        return logits.detach(), [p.grad.clone() for p in net.parameters()]
+
+    fast, slow = grads(net.features), grads(relu_first)
+    assert torch.equal(fast[0], slow[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))

@@ -12,6 +12,8 @@ class ConvNet(nn.Module):
     """``[conv k x k -> ReLU -> 2x2 max-pool]`` per entry of ``channels``, then a dropout MLP head.
 
     With channels (32, 64), kernel 5 and a 256-unit head it is the usual strong MNIST CNN (~99.5%).
+    Each block runs the pooling before the ReLU: the same function and the same gradients (ReLU is
+    monotone, so it commutes with a max), with the ReLU's memory traffic cut to a quarter.
     """
 
     def __init__(
@@ -29,7 +31,7 @@ class ConvNet(nn.Module):
         c, h, w = in_shape
         layers: list[nn.Module] = []
         for out_c in channels:
-            layers += [nn.Conv2d(c, out_c, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c, out_c, kernel, padding=kernel // 2), nn.MaxPool2d(2), nn.ReLU()]
             c, h, w = out_c, h // 2, w // 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
@@ -46,15 +48,16 @@ class ConvNet(nn.Module):
 
 
 class LeNet5(nn.Module):
-    """LeCun et al.'s LeNet-5 (6 and 16 feature maps, 120-84 head), with ReLU and max-pooling."""
+    """LeCun et al.'s LeNet-5 (6 and 16 feature maps, 120-84 head), with ReLU and max-pooling (pooling
+    first, as in :class:`ConvNet`: the same function, a cheaper ReLU)."""
 
     def __init__(self, in_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
         c, h, w = in_shape
         pad = 2 if h < 32 else 0  # 28x28 MNIST is padded to LeNet's 32x32
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 6, 5, padding=pad), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         )
         side_h, side_w = ((h + 2 * pad - 4) // 2 - 4) // 2, ((w + 2 * pad - 4) // 2 - 4) // 2
         self.head = nn.Sequential(
