@@ -86,6 +86,7 @@ def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copi
     assert res["headline_protocol"] == ("augmented" if copies else "plain")
     d = res["models"]["distilled"]["test_errors"]
     assert set(d) == {"mean", "std", "values"} and len(d["values"]) == 2
+    assert all(len(res["models"][r]["test_errors"]["values"]) == 2 for r in roles - {"teacher"})
     assert res["chosen_alpha"] in (1.0, 0.5)
     assert (out / "results.md").read_text().startswith("# hinton-mnist")
     assert (out / "config.yaml").is_file() and (out / "environment.json").is_file()
