@@ -440,6 +440,7 @@ def environment() -> dict[str, Any]:
     import numpy
 
     from . import __version__
+    from .engine.heap import retain_freed_memory
 
     info = {
         "kdistill": __version__,
@@ -451,6 +452,9 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Training keeps freed host memory for reuse (kdistill.engine.heap); a run's record says whether
+        # that was in effect, so it is switched on here, as the run starts, if it was not already.
+        "heap_retained": retain_freed_memory(),
         **source_revision(),
     }
     return info

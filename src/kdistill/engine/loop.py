@@ -27,6 +27,7 @@ from ..evaluate import classification_metrics, predict_split
 from ..io import data_fingerprint, load_checkpoint, save_checkpoint, save_model
 from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
 from .config import FitResult, TrainConfig, check_device
+from .heap import retain_freed_memory
 from .optim import lr_factor, resolve_device
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
@@ -39,6 +40,7 @@ def run_epochs(backend, streams: Sequence[tuple[Any, torch.Generator]], cfg: Tra
                evaluate: Callable[[float, list[dict[str, float]] | None], list[dict[str, Any]]],
                callbacks: Sequence[Callback], end_of_epoch: Callable[[list[dict[str, Any]]], None]) -> None:
     """Train from ``state.epoch`` to ``cfg.epochs`` (or until a callback sets ``state.stop``)."""
+    retain_freed_memory()  # each step reuses the last step's freed buffers instead of faulting in fresh pages
     steps = state.steps_per_epoch
     total = state.total_steps
     step_cbs = [c for c in callbacks if c.every_steps]
