@@ -346,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    info = {**machine(), **gpu_info(device), "device": str(device), "loadavg_before": os.getloadavg()}
+    # kdistill's training keeps freed host memory (kdistill.engine.heap), process-wide once set; set it here
+    # so every row, the baselines included, runs with the same allocator.
+    from kdistill.engine.heap import retain_freed_memory
+
+    info = {**machine(), **gpu_info(device), "device": str(device), "loadavg_before": os.getloadavg(),
+            "heap_retained": retain_freed_memory()}
     busy0, own0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     log(f"machine: {info}")
 
@@ -588,7 +593,8 @@ def markdown(res: dict[str, Any]) -> str:
          f"threads; load average before {tuple(round(x, 2) for x in m['loadavg_before'])}, after "
          f"{tuple(round(x, 2) for x in m['loadavg_after'])}; other processes' share of the CPU time during the run: "
          f"{'unknown' if m.get('other_cpu_share') is None else format(m['other_cpu_share'], '.1%')}; {m['date']}; "
-         f"total {m['wall_time_s']} s."),
+         f"total {m['wall_time_s']} s."
+         + (" Freed host memory kept for reuse (kdistill.engine.heap) for every row." if m.get("heap_retained") else "")),
         (f"Measured fp32 matmul peak: **{res['peak_gflop_per_s']:.1f} GFLOP/s**"
          + (f" (TF32 off); bf16: **{bf16:,.0f} GFLOP/s**, the reference for the AMP rows. " if bf16 else ". ") +
          f"Teacher: {res['settings']['teacher']}; one-off teacher cache over the {res['train_size']:,}-image "
