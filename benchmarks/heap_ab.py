@@ -5,7 +5,7 @@ between the two settings; a process runs a warm-up fit, then times one fit of ``
 its minor page faults. Workloads: W1's student (784-800-800-10 on cached teacher logits, batch 128), the
 hinton-mnist teacher (cnn:16,32, jitter 2, batch 128) and W5's student (resnet8 on 32x32x3, crop4+flip, trained alone).
 
-    python benchmarks/heap_ab.py [--pairs 4] [--steps 60] [--out DIR]
+    python benchmarks/heap_ab.py [--pairs 4] [--steps 60] [--only WORKLOAD] [--out DIR]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=4, help="alternated (default, retained) process pairs per workload")
     p.add_argument("--steps", type=int, default=60, help="timed steps per process")
     p.add_argument("--out", type=Path, help="write heap-ab.json and heap-ab.md here")
+    p.add_argument("--only", choices=list(WORKLOADS), action="append", help="measure only this workload (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t_start = time.time()
     rows = []
-    for name in WORKLOADS:
+    for name in args.only or WORKLOADS:
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for _ in range(args.pairs):
             for retain in (False, True):
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                      "retained_faults": faults[True], "runs": {str(k): v for k, v in runs.items()}})
         print(f"{name}: default {1000 * med[False]:.1f} ms/step ({faults[False]:.0f} faults/step), retained "
               f"{1000 * med[True]:.1f} ms/step ({faults[True]:.0f} faults/step): {med[False] / med[True]:.2f}x", flush=True)
+    only = "".join(f' --only "{n}"' for n in args.only or [])
     head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
             f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {time.time() - t_start:.0f} s. Command: "
-            f"`python benchmarks/heap_ab.py --pairs {args.pairs} --steps {args.steps}`. Medians over {args.pairs} fresh "
+            f"`python benchmarks/heap_ab.py --pairs {args.pairs} --steps {args.steps}{only}`. Medians over {args.pairs} fresh "
             "processes per setting, alternated.")
     table = ["| workload | default malloc ms/step | retained ms/step | speed-up | minor faults/step (default, retained) |",
              "|---|---|---|---|---|"]
