@@ -69,21 +69,26 @@ def test_run_list(capsys):
     assert "hinton-mnist" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("copies, roles", [
-    (0, {"teacher", "baseline", "distilled"}),
-    (2, {"teacher", "baseline", "distilled", "distilled_plain", "baseline_augmented"}),
+@pytest.mark.parametrize("copies, jitter, plain, roles, headline", [
+    (0, 0, True, {"teacher", "baseline", "distilled"}, "plain"),
+    (2, 0, True, {"teacher", "baseline", "distilled", "distilled_plain", "baseline_augmented"}, "augmented"),
+    (0, 1, False, {"teacher", "baseline", "distilled"}, "jittered"),
+    (0, 1, True, {"teacher", "baseline", "distilled", "distilled_plain", "baseline_jittered"}, "jittered"),
 ])
-def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copies, roles):
+def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copies, jitter, plain, roles, headline):
     out = tmp_path / "h"
     argv = ["run", "hinton-mnist", "--profile", "quick", "--out", str(out), "--no-progress",
             "--set", "teacher=mlp:64,dropout=0.2", "--set", "teacher_epochs=3", "--set", "student=mlp:32",
             "--set", "student_epochs=3", "--set", "val_size=200", "--set", "alphas=[1.0, 0.5]", "--set", "seeds=2",
-            "--set", f"augmented_copies={copies}", "--set", "augmented_passes=1"]
+            "--set", f"augmented_copies={copies}", "--set", "augmented_passes=1",
+            "--set", f"student_jitter={jitter}", "--set", f"plain_protocol={str(plain).lower()}"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "hinton-mnist" and res["profile"] == "quick" and res["wall_time_s"] > 0
     assert set(res["models"]) == roles
-    assert res["headline_protocol"] == ("augmented" if copies else "plain")
+    assert res["headline_protocol"] == headline
+    md = (out / "results.md").read_text()
+    assert all(f"- `{r}`:" in md for r in roles - {"teacher"})  # every role says what it was trained on
     d = res["models"]["distilled"]["test_errors"]
     assert set(d) == {"mean", "std", "values"} and len(d["values"]) == 2
     assert all(len(res["models"][r]["test_errors"]["values"]) == 2 for r in roles - {"teacher"})
@@ -93,6 +98,20 @@ def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copi
     rows = res["deployment"]["rows"]  # the point of distilling: student vs teacher, size, speed, accuracy kept
     assert set(rows) == {"teacher", "distilled"} and rows["distilled"]["x_smaller"] > 1
     assert "Deployment" in (out / "results.md").read_text() and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["student_jitter=-1"], "student_jitter"),
+    (["student_jitter=1.5"], "student_jitter"),
+    (["plain_protocol=false"], "no protocol"),
+])
+def test_hinton_mnist_refuses_bad_protocol_settings_before_training(tmp_path, small_mnist, capsys, sets, match):
+    argv = ["run", "hinton-mnist", "--profile", "quick", "--out", str(tmp_path / "h"), "--no-progress"]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "h" / "teacher").exists()  # refused before the teacher trained
 
 
 def test_runs_record_the_source_revision_they_ran_from():

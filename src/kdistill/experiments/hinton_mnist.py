@@ -10,6 +10,11 @@ The paper profile adds a second protocol: both students trained on a fixed augme
 training images plus jittered copies), so the student can also learn the teacher's view of translated
 digits. Because no transfer set is augmented on the fly, the teacher runs once per image and its
 logits are looked up by sample id for every student and epoch.
+
+``student_jitter: N`` adds the protocol practitioners use most: both students see freshly jittered
+batches (±N px) every epoch, the teacher running live on each batch the distilled student sees, the
+baseline on the same batches' hard labels. ``plain_protocol: false`` leaves the paper's protocol out.
+The last protocol run (plain, augmented, jittered) is the headline.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ _COMMON: dict[str, Any] = {
     "student": "mlp:800,800",
     "student_lr": 0.05,
     "temperature": 20.0,
+    "plain_protocol": True,
+    "student_jitter": 0,
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 6, "student_epochs": 10, "alphas": [1.0, 0.5],
@@ -47,12 +54,50 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _student_config(s: dict[str, Any], seed: int, epochs: int, alpha: float) -> TrainConfig:
+def _student_config(s: dict[str, Any], seed: int, epochs: int, alpha: float, jitter: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["student_lr"], seed=seed,
-                       temperature=s["temperature"], alpha=alpha, checkpoint=False)
+                       temperature=s["temperature"], alpha=alpha, jitter=jitter, checkpoint=False)
+
+
+def _role_lines(s: dict[str, Any], protocols: list[str], headline: str) -> list[str]:
+    """One markdown line per role: what each protocol's two students were trained on."""
+    said = {
+        "plain": (f"the student on the hard labels of the un-augmented training set, {s['student_epochs']} epochs "
+                  "(the paper's 146)",
+                  "the same student on the teacher's soft targets over the same un-augmented transfer set and "
+                  "epochs (the paper's protocol: 74)"),
+        "augmented": (f"hard labels on a fixed transfer set of {s['augmented_copies']} copies of the training set "
+                      f"(the original plus jittered ±{s['teacher_jitter']} px), {s['augmented_passes']} passes — "
+                      "the same budget as its distilled student",
+                      "soft targets over those same copies; the teacher's logits on them are computed once and "
+                      "looked up by sample id"),
+        "jittered": (f"hard labels on freshly jittered (±{s['student_jitter']} px) batches of the training set, "
+                     f"{s['student_epochs']} epochs",
+                     "soft targets of the teacher on those same jittered batches (it runs live on every batch), "
+                     "the same epochs"),
+    }
+    lines = []
+    for protocol in protocols:
+        suffix = "" if protocol == protocols[0] else f"_{protocol}"
+        student = "distilled" if protocol == headline else f"distilled_{protocol}"
+        lines += [f"- `baseline{suffix}`: {said[protocol][0]}.", f"- `{student}`: {said[protocol][1]}."]
+    return lines
+
+
+def check_settings(s: dict[str, Any]) -> None:
+    """Refuse settings that would fail (or run no student) after the teacher has trained."""
+    j = s["student_jitter"]
+    if isinstance(j, bool) or not isinstance(j, int) or j < 0:
+        raise ValueError(f"student_jitter: a pixel count >= 0 (0: no jittered protocol), got {j!r}")
+    if not isinstance(s["plain_protocol"], bool):
+        raise ValueError(f"plain_protocol: true or false, got {s['plain_protocol']!r}")
+    if not (s["plain_protocol"] or s["augmented_copies"] > 1 or j > 0):
+        raise ValueError("plain_protocol: false leaves no protocol to run; set augmented_copies > 1 or "
+                         "student_jitter > 0, or keep plain_protocol: true")
 
 
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    check_settings(s)
     bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
     train, val, test = bundle.train, bundle.val, bundle.test
     ctx.log(f"MNIST: {len(train)} train, {len(val)} validation, {len(test)} test")
@@ -69,13 +114,18 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     frozen = ModuleTeacher(teacher)
     seeds = [s["seed"] + i for i in range(s["seeds"])]
 
-    # Each protocol is a transfer set plus a training length; both students of a protocol share it.
-    protocols = {"plain": (train, frozen.cache(train), s["student_epochs"])}  # one teacher pass, shared
+    # Each protocol is a transfer set, its teacher, a training length and the students' jitter; both
+    # students of a protocol share it.
+    protocols = {}
+    if s["plain_protocol"]:
+        protocols["plain"] = (train, frozen.cache(train), s["student_epochs"], 0)  # one teacher pass, shared
     if s["augmented_copies"] > 1:
         copies = kdata.jittered_copies(train, s["augmented_copies"], s["teacher_jitter"], seed=s["seed"])
         ctx.log(f"augmented transfer set: {len(copies)} images; caching the teacher's logits once")
-        protocols["augmented"] = (copies, frozen.cache(copies), s["augmented_passes"])
-    headline = "augmented" if "augmented" in protocols else "plain"
+        protocols["augmented"] = (copies, frozen.cache(copies), s["augmented_passes"], 0)
+    if s["student_jitter"]:  # fresh views every epoch: the teacher sees each batch, nothing is cached
+        protocols["jittered"] = (train, frozen, s["student_epochs"], s["student_jitter"])
+    headline = list(protocols)[-1]
 
     def train_pass(protocol: str, jobs: list[tuple[int, float | None]]) -> list:
         """Students ``(seed, alpha)`` of one protocol in one stacked pass; ``alpha=None`` is the baseline.
@@ -84,12 +134,12 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         cross-entropy alone and it trains exactly as ``fit`` without a teacher (kdistill.multi's
         guarantee, tested). Students with the same seed share batches, as their solo runs would.
         """
-        data, cached, epochs = protocols[protocol]
+        data, teaching, epochs, jitter = protocols[protocol]
         names = [f"{protocol}-{'baseline' if a is None else f'distilled-a{a}'}-seed{seed}" for seed, a in jobs]
         results = fit_many(
             [build_model(s["student"], bundle.input_shape, 10, seed=seed) for seed, _ in jobs], data,
-            [_student_config(s, seed, epochs, 0.0 if a is None else a) for seed, a in jobs],
-            teacher=cached, val=val, test=test, out_dir=ctx.out, names=names, progress=ctx.progress,
+            [_student_config(s, seed, epochs, 0.0 if a is None else a, jitter) for seed, a in jobs],
+            teacher=teaching, val=val, test=test, out_dir=ctx.out, names=names, progress=ctx.progress,
         )
         ctx.log(f"{protocol}: {len(jobs)} students in one pass, {results[0].wall_time_s:.0f} s")
         return results
@@ -126,11 +176,15 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     models = {
         "teacher": {**role_metrics([t_fit.test]), "params": count_parameters(teacher),
                     "flops": count_flops(teacher, bundle.input_shape), "spec": s["teacher"]},
-        "baseline": describe(runs["plain"]["baseline"], s["student"]),
     }
-    if headline == "augmented":
-        models["distilled_plain"] = describe(runs["plain"]["distilled"], s["student"])
-        models["baseline_augmented"] = describe(runs["augmented"]["baseline"], s["student"])
+    # Roles: the first protocol's baseline is `baseline`; the headline's student is `distilled`; the others
+    # carry their protocol's name (the paper profile: baseline, distilled_plain, baseline_augmented, distilled).
+    first_protocol = list(protocols)[0]
+    for protocol in protocols:
+        suffix = "" if protocol == first_protocol else f"_{protocol}"
+        models[f"baseline{suffix}"] = describe(runs[protocol]["baseline"], s["student"])
+        if protocol != headline:
+            models[f"distilled_{protocol}"] = describe(runs[protocol]["distilled"], s["student"])
     models["distilled"] = {**describe(runs[headline]["distilled"], s["student"]),
                            "params": count_parameters(student_model),
                            "flops": count_flops(student_model, bundle.input_shape)}
@@ -145,16 +199,7 @@ Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_ji
 (one-cycle), batch {s['batch_size']}. Distillation at T = {s['temperature']} with KL·T².
 
 Roles:
-- `baseline`: the student on the hard labels of the un-augmented training set, {s['student_epochs']} epochs (the paper's 146).
-- `distilled{'_plain' if headline == 'augmented' else ''}`: the same student on the teacher's soft targets over the
-  same un-augmented transfer set and epochs (the paper's protocol: 74).
-"""
-    if headline == "augmented":
-        md += f"""- `baseline_augmented`: hard labels on a fixed transfer set of {s['augmented_copies']} copies of the training
-  set (the original plus jittered ±{s['teacher_jitter']} px), {s['augmented_passes']} passes — the same budget as `distilled`.
-- `distilled`: soft targets over those same copies; the teacher's logits on them are computed once and
-  looked up by sample id.
-"""
+""" + "\n".join(_role_lines(s, list(protocols), headline)) + "\n"
     md += f"""
 Soft-target weight alpha, chosen on the {len(val)}-image validation split (seed {seeds[0]}, {headline} protocol):
 
