@@ -67,7 +67,8 @@ def _role_lines(s: dict[str, Any], protocols: list[str], headline: str) -> list[
                   "the same student on the teacher's soft targets over the same un-augmented transfer set and "
                   "epochs (the paper's protocol: 74)"),
         "augmented": (f"hard labels on a fixed transfer set of {s['augmented_copies']} copies of the training set "
-                      f"(the original plus jittered ±{s['teacher_jitter']} px), {s['augmented_passes']} passes — "
+                      f"(the original plus jittered ±{s['teacher_jitter']} px), {s['augmented_passes']} "
+                      f"pass{'' if s['augmented_passes'] == 1 else 'es'} — "
                       "the same budget as its distilled student",
                       "soft targets over those same copies; the teacher's logits on them are computed once and "
                       "looked up by sample id"),
