@@ -59,6 +59,14 @@ def _student_config(s: dict[str, Any], seed: int, epochs: int, alpha: float, jit
                        temperature=s["temperature"], alpha=alpha, jitter=jitter, checkpoint=False)
 
 
+def _role_names(protocols: list[str], headline: str) -> list[tuple[str, str, str]]:
+    """``(protocol, baseline role, distilled role)``: the first protocol's baseline is ``baseline``, the
+    headline's student ``distilled``, the others carry their protocol's name (the paper profile: baseline,
+    distilled_plain, baseline_augmented, distilled)."""
+    return [(p, "baseline" if p == protocols[0] else f"baseline_{p}",
+             "distilled" if p == headline else f"distilled_{p}") for p in protocols]
+
+
 def _role_lines(s: dict[str, Any], protocols: list[str], headline: str) -> list[str]:
     """One markdown line per role: what each protocol's two students were trained on."""
     said = {
@@ -77,12 +85,8 @@ def _role_lines(s: dict[str, Any], protocols: list[str], headline: str) -> list[
                      "soft targets of the teacher on those same jittered batches (it runs live on every batch), "
                      "the same epochs"),
     }
-    lines = []
-    for protocol in protocols:
-        suffix = "" if protocol == protocols[0] else f"_{protocol}"
-        student = "distilled" if protocol == headline else f"distilled_{protocol}"
-        lines += [f"- `baseline{suffix}`: {said[protocol][0]}.", f"- `{student}`: {said[protocol][1]}."]
-    return lines
+    return [line for protocol, baseline, distilled in _role_names(protocols, headline)
+            for line in (f"- `{baseline}`: {said[protocol][0]}.", f"- `{distilled}`: {said[protocol][1]}.")]
 
 
 def check_settings(s: dict[str, Any]) -> None:
@@ -178,14 +182,10 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         "teacher": {**role_metrics([t_fit.test]), "params": count_parameters(teacher),
                     "flops": count_flops(teacher, bundle.input_shape), "spec": s["teacher"]},
     }
-    # Roles: the first protocol's baseline is `baseline`; the headline's student is `distilled`; the others
-    # carry their protocol's name (the paper profile: baseline, distilled_plain, baseline_augmented, distilled).
-    first_protocol = list(protocols)[0]
-    for protocol in protocols:
-        suffix = "" if protocol == first_protocol else f"_{protocol}"
-        models[f"baseline{suffix}"] = describe(runs[protocol]["baseline"], s["student"])
-        if protocol != headline:
-            models[f"distilled_{protocol}"] = describe(runs[protocol]["distilled"], s["student"])
+    for protocol, baseline, distilled in _role_names(list(protocols), headline):
+        models[baseline] = describe(runs[protocol]["baseline"], s["student"])
+        if protocol != headline:  # the headline's student is added below, with its size
+            models[distilled] = describe(runs[protocol]["distilled"], s["student"])
     models["distilled"] = {**describe(runs[headline]["distilled"], s["student"]),
                            "params": count_parameters(student_model),
                            "flops": count_flops(student_model, bundle.input_shape)}
