@@ -103,7 +103,7 @@ def test_hinton_mnist_plumbing_on_small_data(tmp_path, small_mnist, capsys, copi
 @pytest.mark.parametrize("sets, match", [
     (["student_jitter=-1"], "student_jitter"),
     (["student_jitter=1.5"], "student_jitter"),
-    (["plain_protocol=false"], "no protocol"),
+    (["plain_protocol=false", "student_jitter=0"], "no protocol"),
 ])
 def test_hinton_mnist_refuses_bad_protocol_settings_before_training(tmp_path, small_mnist, capsys, sets, match):
     argv = ["run", "hinton-mnist", "--profile", "quick", "--out", str(tmp_path / "h"), "--no-progress"]

@@ -14,7 +14,9 @@ logits are looked up by sample id for every student and epoch.
 ``student_jitter: N`` adds the protocol practitioners use most: both students see freshly jittered
 batches (±N px) every epoch, the teacher running live on each batch the distilled student sees, the
 baseline on the same batches' hard labels. ``plain_protocol: false`` leaves the paper's protocol out.
-The last protocol run (plain, augmented, jittered) is the headline.
+The last protocol run (plain, augmented, jittered) is the headline. The quick profile runs the jittered
+protocol alone at T = 4 (a five-minute budget on 2 cores); the paper profile runs the paper's protocol at
+T = 20 and the augmented one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..train import TrainConfig, fit
 from . import RunContext
 
 NAME = "hinton-mnist"
-DESCRIPTION = "MNIST: jittered teacher, 2x800 student alone vs distilled at T=20 (paper: 67 / 146 / 74 errors)"
+DESCRIPTION = "MNIST: jittered teacher, 2x800 student alone vs distilled (paper: 67 / 146 / 74 errors)"
 
 _COMMON: dict[str, Any] = {
     "seed": 0,
@@ -47,7 +49,11 @@ _COMMON: dict[str, Any] = {
     "student_jitter": 0,
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 6, "student_epochs": 10, "alphas": [1.0, 0.5],
+    # Five minutes on 2 cores: the teacher as in the paper, the students on freshly jittered batches (the
+    # protocol that reaches the paper's 74 at this budget; the paper's plain protocol is the paper profile's).
+    # T and the 0.5 candidate were chosen on validation errors (README, "the quick profile").
+    "quick": {**_COMMON, "teacher": "cnn:16,32", "teacher_epochs": 6, "student_epochs": 16, "student_lr": 0.2,
+              "temperature": 4.0, "plain_protocol": False, "student_jitter": 2, "alphas": [1.0, 0.5],
               "seeds": 1, "augmented_copies": 0, "augmented_passes": 0},
     "paper": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 20, "alphas": [1.0, 0.9],
               "seeds": 3, "augmented_copies": 10, "augmented_passes": 3},
