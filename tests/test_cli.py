@@ -132,3 +132,21 @@ def test_runs_record_the_source_revision_they_ran_from():
     env = environment()
     head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
+
+
+def test_hinton_quick_plain_profile_is_the_settings_of_its_record():
+    """``--profile quick-plain`` reruns the committed plain-protocol quick record: the same settings, and the
+    settings added since (the protocol switches) at values that leave that run unchanged."""
+    from pathlib import Path
+
+    import yaml
+
+    from kdistill.experiments import hinton_mnist
+
+    record = Path(__file__).resolve().parents[1] / "results" / "hinton-mnist-quick-plain" / "config.yaml"
+    if not record.is_file():
+        pytest.skip("the results/ records are not in this checkout")
+    settings = yaml.safe_load(record.read_text())["settings"]
+    profile = hinton_mnist.PROFILES["quick-plain"]
+    assert {k: profile[k] for k in settings} == settings
+    assert {k: v for k, v in profile.items() if k not in settings} == {"plain_protocol": True, "student_jitter": 0}
