@@ -4,7 +4,7 @@
     python benchmarks/cnn_throughput.py --quick --out /tmp/cnn                                   # smoke test (seconds)
 
 Without ``--data-path`` the images are seeded random uint8 tensors of CIFAR-10's shape (throughput does
-not depend on the pixels). Teacher ``resnet20`` and student ``resnet8`` with seeded random weights;
+not depend on the pixels). Teacher ``resnet20`` (``--teacher``: another) and student ``resnet8``, seeded random weights;
 KD at T = 4, alpha = 0.9; random crop with padding 4 + horizontal flip; batch 128; SGD (momentum 0.9, Nesterov).
 
 * W5 (a) baseline: the loop people write from mdistiller/RepDistiller: a per-sample ``Dataset`` over uint8
@@ -61,7 +61,7 @@ from kdistill.models import build_model  # noqa: E402
 from kdistill.models.layout import as_layout, use_channels_last  # noqa: E402
 from kdistill.teachers import ModuleTeacher  # noqa: E402
 
-TEACHER, STUDENT = "resnet20", "resnet8"
+TEACHER, STUDENT = "resnet20", "resnet8"  # the teacher: --teacher (resnet20 or larger, e.g. resnet56)
 BATCH, LR, T, ALPHA, VIEWS, AMORTISE_EPOCHS = 128, 0.05, 4.0, 0.9, 8, 30
 METHOD = {"name": "kd", "temperature": T, "alpha": ALPHA}
 AUGMENT = "crop4,flip"
@@ -305,6 +305,8 @@ def row(workload: str, method: str, samples: int, seconds: list[float], **extra:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", help="directory holding cifar-10-binary.tar.gz (default: random images)")
+    p.add_argument("--teacher", default=TEACHER,
+                   help=f"teacher model spec (default {TEACHER}; a larger one, e.g. resnet56, costs more per step)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--samples", type=int, default=8192, help="W5 samples per measured epoch (default 8192 = 64 steps)")
     p.add_argument("--cache-samples", type=int, default=4096,
@@ -348,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.samples // BATCH * BATCH
     data = as_tensor_data(images[:n], labels[:n])
     ds = PerSampleCIFAR(images[:n], labels[:n])
-    teacher = build_model(TEACHER, (3, 32, 32), 10, seed=0).eval()  # the baseline's (NCHW, as people write it)
-    kd_teacher = build_model(TEACHER, (3, 32, 32), 10, seed=0).eval()  # fit's (it switches it to channels_last)
+    teacher = build_model(args.teacher, (3, 32, 32), 10, seed=0).eval()  # the baseline's (NCHW, as people write it)
+    kd_teacher = build_model(args.teacher, (3, 32, 32), 10, seed=0).eval()  # fit's (it switches it to channels_last)
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="kdistill-cnn-bench-"))
     try:
@@ -400,11 +402,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # W5 breakdown ------------------------------------------------------------------------------
         log(f"W5 breakdown over {args.breakdown_steps} steps")
-        phases = breakdown(data, build_model(TEACHER, (3, 32, 32), 10, seed=0).eval(), args.breakdown_steps)
-        phases_tf = breakdown(data, build_model(TEACHER, (3, 32, 32), 10, seed=0).eval(), args.breakdown_steps,
+        phases = breakdown(data, build_model(args.teacher, (3, 32, 32), 10, seed=0).eval(), args.breakdown_steps)
+        phases_tf = breakdown(data, build_model(args.teacher, (3, 32, 32), 10, seed=0).eval(), args.breakdown_steps,
                               teacher_first=True)
         log("  teacher first: " + ", ".join(f"{k}: {1000 * v:.1f} ms" for k, v in phases_tf.items()))
-        probe = ModuleTeacher(build_model(TEACHER, (3, 32, 32), 10, seed=0).eval())
+        probe = ModuleTeacher(build_model(args.teacher, (3, 32, 32), 10, seed=0).eval())
         teacher_ms_per_image = {}
         for b in (128, 512):  # compute_views (engine/views.py) runs the teacher on batches of 512
             xb = as_layout(data.x[:b], True)
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     del sps
     results = {
         "machine": info, "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {**vars(args), "teacher": f"{TEACHER} (seeded random weights)", "student": STUDENT, "batch": BATCH,
+        "settings": {**vars(args), "teacher": f"{args.teacher} (seeded random weights)", "student": STUDENT, "batch": BATCH,
                      "lr": LR, "temperature": T, "alpha": ALPHA, "augment": AUGMENT, "teacher_views": VIEWS,
                      "amortise_epochs": AMORTISE_EPOCHS, "data": source, "w5_samples": n},
         "caching": {"samples": len(cache_data), "seconds": cache_s, "seconds_per_sample": cache_per_sample,
