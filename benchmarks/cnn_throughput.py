@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         log("  teacher first: " + ", ".join(f"{k}: {1000 * v:.1f} ms" for k, v in phases_tf.items()))
         probe = ModuleTeacher(build_model(args.teacher, (3, 32, 32), 10, seed=0).eval())
         teacher_ms_per_image = {}
-        for b in (128, 512):  # compute_views (engine/views.py) runs the teacher on batches of 512
+        for b in (128, 512):  # compute_views (engine/views.py) caches the views at batch 128; 512 for comparison
             xb = as_layout(data.x[:b], True)
             probe.logits(xb)
             t0 = time.perf_counter()
@@ -547,7 +547,7 @@ def markdown(res: dict[str, Any]) -> str:
                    f"phases {1000 * sum(tf.values()):.1f} ms instead of "
                    f"{1000 * sum(v for k, v in ph.items() if not k.startswith('other')):.1f} ms.")]
     lines += ["", (f"Teacher forward per image (channels_last, no_grad): {tb[128]:.3f} ms at batch 128, {tb[512]:.3f} ms "
-                   "at batch 512 -- the batch size `compute_views` (engine/views.py) caches the views with.")]
+                   "at batch 512; `compute_views` (engine/views.py) caches the views at batch 128.")]
     data_share = ph[PHASES[0]] / step
     fit_sum = sum(v for k, v in ph.items() if not k.startswith("other"))
     gain = 1 - sum(tf.values()) / fit_sum
