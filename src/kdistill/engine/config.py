@@ -45,6 +45,7 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     cuda_graph: bool = True  # on CUDA, replay each step as one captured graph (no effect elsewhere)
+    flush_denormal: bool = True  # treat subnormal floats as zero on the host while training (kdistill.engine.denormal)
     # Augmentation and cached teaching (see kdistill.data.augment and kdistill.engine.views).
     augment: str = ""  # batched ops on the device, e.g. "crop4,flip"; `jitter: N` is the same as "cropN"
     teacher_views: int = 0  # > 0: run the teacher once on this many fixed augmented views per sample, cache them

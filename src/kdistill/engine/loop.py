@@ -27,12 +27,13 @@ from ..evaluate import classification_metrics, predict_split
 from ..io import data_fingerprint, load_checkpoint, save_checkpoint, save_model
 from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
 from .config import FitResult, TrainConfig, check_device
+from .denormal import flushed_denormals
 from .heap import retain_freed_memory
 from .optim import lr_factor, resolve_device
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
 
-RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "workers", "checkpoint", "eval_every_steps")
+RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "eval_every_steps")
 """Config fields a resumed run may change: they decide where and how fast it runs, not what it computes."""
 
 
@@ -41,6 +42,12 @@ def run_epochs(backend, streams: Sequence[tuple[Any, torch.Generator]], cfg: Tra
                callbacks: Sequence[Callback], end_of_epoch: Callable[[list[dict[str, Any]]], None]) -> None:
     """Train from ``state.epoch`` to ``cfg.epochs`` (or until a callback sets ``state.stop``)."""
     retain_freed_memory()  # each step reuses the last step's freed buffers instead of faulting in fresh pages
+    with flushed_denormals(cfg.flush_denormal):  # subnormal gradients would slow the later epochs' steps
+        _epochs(backend, streams, cfg, state, evaluate, callbacks, end_of_epoch)
+
+
+def _epochs(backend, streams, cfg: TrainConfig, state: LoopState, evaluate, callbacks: Sequence[Callback],
+            end_of_epoch) -> None:
     steps = state.steps_per_epoch
     total = state.total_steps
     step_cbs = [c for c in callbacks if c.every_steps]
