@@ -168,6 +168,42 @@ def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int,
     return best
 
 
+def optimizer_update_s(dims: list[int], steps: int, reps: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Best seconds of one bare SGD update (fused, momentum 0.9, Nesterov, as fit's default) of an MLP with
+    widths ``dims``, gradients already in place: the memory-bound work every step adds to its matrix products.
+    ``step``: ``optimizer.step()``; ``kernel``: the fused kernel alone (torch's private ``_fused_sgd_``,
+    when this torch has it), without the optimiser's Python bookkeeping."""
+    params = []
+    for i, o in zip(dims[:-1], dims[1:]):
+        params += [torch.nn.Parameter(torch.randn(o, i, device=device) * 0.01), torch.nn.Parameter(torch.zeros(o, device=device))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, nesterov=True, fused=True)
+    for _ in range(3):
+        opt.step()
+
+    def best(fn) -> float:
+        fn()
+        out = float("inf")
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            out = min(out, (time.perf_counter() - t0) / steps)
+        return out
+
+    res = {"step": best(opt.step)}
+    kernel = getattr(torch, "_fused_sgd_", None)
+    if kernel is not None:
+        ps, gs = [p.detach() for p in params], [p.grad for p in params]
+        ms = [opt.state[p]["momentum_buffer"] for p in params]
+        res["kernel"] = best(lambda: kernel(ps, gs, ms, weight_decay=0.0, momentum=0.9, lr=1e-6, dampening=0.0,
+                                            nesterov=True, maximize=False, is_first_step=False))
+    return res
+
+
 def train_flops(spec: str, shape, classes) -> float:
     """Necessary FLOPs of one training sample: forward, weight gradients, input gradients but the first layer's."""
     model = build_model(spec, shape, classes)
@@ -363,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"peak bf16 matmul: {peak_bf16:.1f} GFLOP/s")
     ceiling = gemm_ceiling_gflops([784, 800, 800, 10], BATCH, 20 if args.quick else 200, 2 if args.quick else 5, device)
     log(f"W1 GEMM ceiling at batch {BATCH}: {ceiling:.1f} GFLOP/s ({100 * ceiling / peak:.0f}% of peak)")
+    update = optimizer_update_s([784, 800, 800, 10], 20 if args.quick else 200, 2 if args.quick else 5, device)
+    log("W1 bare SGD update: " + ", ".join(f"{k} {1000 * v:.3f} ms" for k, v in update.items()))
 
     bundle = load("mnist", val_size=0)
     train = bundle.train
@@ -498,11 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         w1_phases["other (fit step time minus the phases)"] = BATCH / w1_sps - sum(w1_phases.values())
         log("W1 breakdown: " + ", ".join(f"{k}: {1000 * v:.2f} ms" for k, v in w1_phases.items()))
     ratios = summary_ratios(rows, ceiling)
+    gemm_s = f_student * BATCH / (ceiling * 1e9)
+    ratios["W1 % of GEMM ceiling, bound"] = 100 * gemm_s / (gemm_s + update.get("kernel", update["step"]))
     out = Path(args.out)
     results = {"machine": info, "settings": {**vars(args), "teacher": f"{TEACHER} (seeded random weights)",
                                              "student": STUDENT, "tiny_student": TINY, "batch": BATCH, "lr": LR,
                                              "temperatures": TEMPERATURES},
-               "peak_gflop_per_s": peak, "peak_bf16_gflop_per_s": peak_bf16, "gemm_ceiling_gflop_per_s": ceiling, "teacher_cache_s": cache_s, "train_size": len(train),
+               "peak_gflop_per_s": peak, "peak_bf16_gflop_per_s": peak_bf16, "gemm_ceiling_gflop_per_s": ceiling, "sgd_update_s": update, "teacher_cache_s": cache_s, "train_size": len(train),
                "flops_per_sample": {"teacher_fwd": f_teacher, "student_train": f_student, "tiny_train": f_tiny},
                "rows": rows, "scaling": scaling, "ratios": ratios, "targets": TARGETS,
                "w1_breakdown_s_per_step": w1_phases,
@@ -634,6 +674,18 @@ def markdown(res: dict[str, Any]) -> str:
                    "of the peak**: what this BLAS reaches on these shapes with no framework around it, a reference for "
                    "how close to the large-matrix peak a batch-128 step can get. kdistill's W1 runs at "
                    f"{100 * w1_fp32['gflop_per_s'] / c:.0f}% of that rate" + (" in fp32." if gpu else "."))]
+    bound = res["ratios"].get("W1 % of GEMM ceiling, bound")
+    upd = res.get("sgd_update_s")
+    if bound is not None and isinstance(upd, dict):
+        gemm_t = res["flops_per_sample"]["student_train"] * res["settings"]["batch"] / (c * 1e9)
+        kern = upd.get("kernel", upd["step"])
+        lines += ["", (f"Bound: a step also updates the weights. The fused SGD update of the same parameters (momentum, "
+                       f"Nesterov; gradients in place, nothing else) takes {1000 * kern:.2f} ms as a bare kernel"
+                       + (f" ({1000 * upd['step']:.2f} ms through `optimizer.step()`)" if "kernel" in upd else "")
+                       + f", against {1000 * gemm_t:.2f} ms of matrix products at the ceiling's rate: a step that ran "
+                       f"its products at the ceiling and then only this update would reach **{bound:.0f}% of the GEMM "
+                       "ceiling**, with nothing left for biases, activations, the loss, the data or autograd. "
+                       f"kdistill's W1 is at {100 * res['ratios']['W1 % of GEMM ceiling'] / bound:.0f}% of that bound.")]
     ph = res.get("w1_breakdown_s_per_step")
     if ph:
         other_key = "other (fit step time minus the phases)"
