@@ -72,7 +72,10 @@ def _set_flush(on: bool) -> bool:
         return False
     lib = _openmp_runtime()
     if lib is not None:
-        fn = _TEAM_FN(lambda _: None if torch.set_flush_denormal(on) else None)
+        def on_each_thread(_data) -> None:
+            torch.set_flush_denormal(on)
+
+        fn = _TEAM_FN(on_each_thread)  # kept referenced until the team has run it
         lib.GOMP_parallel(fn, None, max(1, torch.get_num_threads()), 0)
     return True
 
