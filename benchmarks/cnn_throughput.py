@@ -550,7 +550,8 @@ def markdown(res: dict[str, Any]) -> str:
                        f"row) plus its share of the caching, which cannot cost less than {s['teacher_views']} bare "
                        f"teacher forwards per sample ({tb0:.3f} ms each at batch 128, measured below): with this run's "
                        f"kernels the amortised ratio is at most **{r[bound_k]:.2f}x** against the {t:g}x target"
-                       + (", so with these views, epochs and kernels no caching pipeline reaches the target; " if r[bound_k] < t else "; ")
+                       + (", so with these views, epochs and kernels no caching pipeline reaches the target; "
+                          if r[bound_k] < t else "; ")
                        + f"the measured {r['W5 cached (30 epochs amortised) vs baseline']:.2f}x is "
                        f"{100 * r['W5 cached (30 epochs amortised) vs baseline'] / r[bound_k]:.0f}% of the bound.")]
     ph = res["breakdown_s_per_step"]

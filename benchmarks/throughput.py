@@ -168,14 +168,16 @@ def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int,
     return best
 
 
-def optimizer_update_s(dims: list[int], steps: int, reps: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+def optimizer_update_s(dims: list[int], steps: int, reps: int,
+                       device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Best seconds of one bare SGD update (fused, momentum 0.9, Nesterov, as fit's default) of an MLP with
     widths ``dims``, gradients already in place: the memory-bound work every step adds to its matrix products.
     ``step``: ``optimizer.step()``; ``kernel``: the fused kernel alone (torch's private ``_fused_sgd_``,
     when this torch has it), without the optimiser's Python bookkeeping."""
     params = []
     for i, o in zip(dims[:-1], dims[1:]):
-        params += [torch.nn.Parameter(torch.randn(o, i, device=device) * 0.01), torch.nn.Parameter(torch.zeros(o, device=device))]
+        params += [torch.nn.Parameter(torch.randn(o, i, device=device) * 0.01),
+                   torch.nn.Parameter(torch.zeros(o, device=device))]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, nesterov=True, fused=True)
@@ -542,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": info, "settings": {**vars(args), "teacher": f"{TEACHER} (seeded random weights)",
                                              "student": STUDENT, "tiny_student": TINY, "batch": BATCH, "lr": LR,
                                              "temperatures": TEMPERATURES},
-               "peak_gflop_per_s": peak, "peak_bf16_gflop_per_s": peak_bf16, "gemm_ceiling_gflop_per_s": ceiling, "sgd_update_s": update, "teacher_cache_s": cache_s, "train_size": len(train),
+               "peak_gflop_per_s": peak, "peak_bf16_gflop_per_s": peak_bf16, "gemm_ceiling_gflop_per_s": ceiling,
+               "sgd_update_s": update, "teacher_cache_s": cache_s, "train_size": len(train),
                "flops_per_sample": {"teacher_fwd": f_teacher, "student_train": f_student, "tiny_train": f_tiny},
                "rows": rows, "scaling": scaling, "ratios": ratios, "targets": TARGETS,
                "w1_breakdown_s_per_step": w1_phases,
@@ -679,13 +682,15 @@ def markdown(res: dict[str, Any]) -> str:
     if bound is not None and isinstance(upd, dict):
         gemm_t = res["flops_per_sample"]["student_train"] * res["settings"]["batch"] / (c * 1e9)
         kern = upd.get("kernel", upd["step"])
-        lines += ["", (f"Bound: a step also updates the weights. The fused SGD update of the same parameters (momentum, "
+        lines += ["", (f"Bound: a step also updates the weights. The fused SGD update of the same parameters "
+                       "(momentum, "
                        f"Nesterov; gradients in place, nothing else) takes {1000 * kern:.2f} ms as a bare kernel"
                        + (f" ({1000 * upd['step']:.2f} ms through `optimizer.step()`)" if "kernel" in upd else "")
                        + f", against {1000 * gemm_t:.2f} ms of matrix products at the ceiling's rate: a step that ran "
                        f"its products at the ceiling and then only this update would reach **{bound:.0f}% of the GEMM "
                        "ceiling**, with nothing left for biases, activations, the loss, the data or autograd. "
-                       f"kdistill's W1 is at {100 * res['ratios']['W1 % of GEMM ceiling'] / bound:.0f}% of that bound.")]
+                       f"kdistill's W1 is at {100 * res['ratios']['W1 % of GEMM ceiling'] / bound:.0f}% of that "
+                       "bound.")]
     ph = res.get("w1_breakdown_s_per_step")
     if ph:
         other_key = "other (fit step time minus the phases)"

@@ -33,7 +33,8 @@ from .optim import lr_factor, resolve_device
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
 
-RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "eval_every_steps")
+RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint",
+                  "eval_every_steps")
 """Config fields a resumed run may change: they decide where and how fast it runs, not what it computes."""
 
 
