@@ -155,17 +155,23 @@ def gemm_ceiling_gflops(dims: list[int], batch: int, steps: int, reps: int,
             if k:
                 torch.mm(hs[k], ws[k], out=gxs[k])
 
-    for _ in range(3):
+    for _ in range(2):
         step()
-    best = 0.0
+    return flops / best_seconds(step, steps, reps, device) / 1e9
+
+
+def best_seconds(fn: Callable[[], Any], steps: int, reps: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` (after one warm-up call): the best of ``reps`` timings of ``steps`` calls."""
+    fn()
+    out = float("inf")
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            fn()
         sync(device)
-        best = max(best, steps * flops / (time.perf_counter() - t0) / 1e9)
-    return best
+        out = min(out, (time.perf_counter() - t0) / steps)
+    return out
 
 
 def optimizer_update_s(dims: list[int], steps: int, reps: int,
@@ -181,28 +187,16 @@ def optimizer_update_s(dims: list[int], steps: int, reps: int,
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, nesterov=True, fused=True)
-    for _ in range(3):
+    for _ in range(2):
         opt.step()
-
-    def best(fn) -> float:
-        fn()
-        out = float("inf")
-        for _ in range(reps):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            sync(device)
-            out = min(out, (time.perf_counter() - t0) / steps)
-        return out
-
-    res = {"step": best(opt.step)}
+    res = {"step": best_seconds(opt.step, steps, reps, device)}
     kernel = getattr(torch, "_fused_sgd_", None)
     if kernel is not None:
         ps, gs = [p.detach() for p in params], [p.grad for p in params]
         ms = [opt.state[p]["momentum_buffer"] for p in params]
-        res["kernel"] = best(lambda: kernel(ps, gs, ms, weight_decay=0.0, momentum=0.9, lr=1e-6, dampening=0.0,
-                                            nesterov=True, maximize=False, is_first_step=False))
+        res["kernel"] = best_seconds(lambda: kernel(ps, gs, ms, weight_decay=0.0, momentum=0.9, lr=1e-6,
+                                                    dampening=0.0, nesterov=True, maximize=False,
+                                                    is_first_step=False), steps, reps, device)
     return res
 
 
