@@ -4,9 +4,9 @@ As a model grows confident, the softmax probabilities of the classes it rules ou
 smallest normal number (1.2e-38), and the gradients built from them carry those subnormal values into the
 backward's matrix products. x86 cores handle subnormal operands in microcode, many times slower than
 normal ones, so the step slows down as training goes on: fitting the 2x800 MNIST student (jitter 2, lr
-0.2, 8 epochs, 2-core Intel Xeon VM) took 2.5 s for its first epoch and 2.9 s from the fourth on, 21.9 s
-in all, against a flat 2.5 s and 19.4 s with subnormals flushed (two alternated runs each; the same
-validation errors every epoch). Values that small carry nothing a training step can use, which is why GPUs
+0.2, 8 epochs, 2-core Intel Xeon VM) took 2.5 s for its first epoch and 2.9 s from the fourth on, 22.0 s
+in all, against a flat 2.45 s and 19.5 s with subnormals flushed by ``fit`` (the same validation errors
+every epoch). Values that small carry nothing a training step can use, which is why GPUs
 flush them by default too.
 
 ``torch.set_flush_denormal`` sets the FTZ/DAZ flags of the calling thread only. Threads inherit them when

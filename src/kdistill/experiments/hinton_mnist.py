@@ -54,7 +54,8 @@ _QUICK_PLAIN: dict[str, Any] = {**_COMMON, "teacher": "cnn:16,32", "teacher_epoc
                                 "alphas": [1.0, 0.5], "seeds": 1, "augmented_copies": 0, "augmented_passes": 0}
 PROFILES: dict[str, dict[str, Any]] = {
     # Five minutes on 2 cores: the same teacher, the students on freshly jittered batches instead (the
-    # protocol that comes closest to the paper's 74 at this budget: 72.4 ± 7.8 over three splits of 3 seeds).
+    # protocol that comes closest to the paper's 74 at this budget: 72.4 ± 7.8 over three splits of 3 seeds on
+    # the AMD VM, 71.9 ± 3.3 on the Intel one).
     # T and the 0.5 candidate were chosen on validation errors (README, Hinton section).
     "quick": {**_QUICK_PLAIN, "student_epochs": 16, "student_lr": 0.2, "temperature": 4.0, "plain_protocol": False,
               "student_jitter": 2},
