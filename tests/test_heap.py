@@ -69,6 +69,10 @@ def test_retained_heap_stops_the_per_step_page_faults():
     kept, default = probe(None), probe("0")
     assert kept["on"] is True and kept["state"] is True
     assert default["on"] is False and default["state"] is False  # KDISTILL_RETAIN_HEAP=0 keeps the defaults
+    for _ in range(2):  # a busy machine can add faults to one probe (60 once in a full CI run); retry before failing
+        if kept["after"] <= 50:
+            break
+        kept = probe(None)
     assert kept["after"] <= 50, kept
     assert default["after"] >= 100, default
 
