@@ -9,12 +9,7 @@ import pytest
 
 from kdistill.engine.heap import retain_freed_memory
 
-PROBE = textwrap.dedent("""
-    import json, resource, sys
-    import torch
-    from kdistill.engine.heap import heap_retained, retain_freed_memory
-
-    torch.set_num_threads(2)
+STEP_W1 = """
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(784, 800), torch.nn.ReLU(), torch.nn.Linear(800, 800),
                               torch.nn.ReLU(), torch.nn.Linear(800, 10))
@@ -25,7 +20,21 @@ PROBE = textwrap.dedent("""
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
+"""
 
+STEP_LARGE = """
+    def step():  # one 48 MiB activation-sized buffer per step: above glibc's 32 MiB cap on its adaptive mmap
+        buf = torch.empty(12 << 20)  # threshold, so with the defaults every step maps and unmaps fresh pages
+        buf.fill_(1.0)
+"""
+
+PROBE = """
+    import json, resource, sys
+    import torch
+    from kdistill.engine.heap import heap_retained, retain_freed_memory
+
+    torch.set_num_threads(2)
+    {step}
     def faults_per_round():
         for _ in range(5):  # warm-up: glibc adapts its thresholds to the first freed blocks
             step()
@@ -36,11 +45,11 @@ PROBE = textwrap.dedent("""
 
     before = faults_per_round()
     on = retain_freed_memory()
-    print(json.dumps({"on": on, "state": heap_retained(), "before": before, "after": faults_per_round()}))
-""")
+    print(json.dumps({{"on": on, "state": heap_retained(), "before": before, "after": faults_per_round()}}))
+"""
 
 
-def probe(env_value: str | None) -> dict:
+def probe(env_value: str | None, step: str = STEP_W1) -> dict:
     import json
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -48,7 +57,8 @@ def probe(env_value: str | None) -> dict:
         env["KDISTILL_RETAIN_HEAP"] = env_value
     else:
         env.pop("KDISTILL_RETAIN_HEAP", None)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True).stdout
+    code = textwrap.dedent(PROBE.format(step=textwrap.dedent(step).strip().replace("\n", "\n    ")))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -63,18 +73,29 @@ glibc = pytest.mark.skipif(not _on_glibc(), reason="the allocator tuning is for 
 
 
 @glibc
-def test_retained_heap_stops_the_per_step_page_faults():
-    """With glibc's defaults the W1-shaped step faults in hundreds of fresh pages per step (~300-1,400 in
-    runs on the reference VM); with the freed memory kept, next to none (0-21)."""
-    kept, default = probe(None), probe("0")
+def test_retained_heap_reuses_blocks_glibc_would_unmap():
+    """A buffer above glibc's largest adaptive mmap threshold is mapped afresh on every step with the defaults
+    (12,289 faults/step on the reference VM, 4 KiB pages; a few dozen with transparent huge pages); kept, it is
+    reused (0). Deterministic: glibc never adapts past that cap."""
+    kept, default = probe(None, STEP_LARGE), probe("0", STEP_LARGE)
     assert kept["on"] is True and kept["state"] is True
     assert default["on"] is False and default["state"] is False  # KDISTILL_RETAIN_HEAP=0 keeps the defaults
+    assert default["after"] >= 20, default
+    assert kept["after"] <= default["after"] / 10, (kept, default)
+
+
+@glibc
+def test_retained_heap_stops_the_per_step_page_faults_of_the_w1_step():
+    """With glibc's defaults the W1-shaped step faults in anything from 0 to ~1,500 fresh pages per step,
+    depending on how its adaptive thresholds settle (measured on the reference VMs, which is why the defaults
+    are not asserted on); with the freed memory kept, next to none (0-25)."""
+    kept = probe(None)
+    assert kept["on"] is True and kept["state"] is True
     for _ in range(2):  # a busy machine can add faults to one probe (60 once in a full CI run); retry before failing
         if kept["after"] <= 50:
             break
         kept = probe(None)
     assert kept["after"] <= 50, kept
-    assert default["after"] >= 100, default
 
 
 def test_is_idempotent():
