@@ -3,7 +3,9 @@
 Each measurement is a fresh process (the malloc setting is per process and cannot be undone), alternated
 between the two settings; a process runs a warm-up fit, then times one fit of ``--steps`` steps and counts
 its minor page faults. Workloads: W1's student (784-800-800-10 on cached teacher logits, batch 128), the
-hinton-mnist teacher (cnn:16,32, jitter 2, batch 128) and W5's student (resnet8 on 32x32x3, crop4+flip, trained alone).
+hinton-mnist teacher (cnn:16,32, jitter 2, batch 128), W5's student (resnet8 on 32x32x3, crop4+flip, trained alone)
+and the one-off caching of W5's teacher views (resnet20, 8 crop4+flip views per image, batches of 128; a "step"
+is one batch of 128 images, 8 forwards), which ``fit`` runs before its first training step.
 
     python benchmarks/heap_ab.py [--pairs 4] [--steps 60] [--only WORKLOAD] [--out DIR]
 """
@@ -24,6 +26,7 @@ WORKLOADS = {
     "W1 student mlp:800,800": ("mlp:800,800", (1, 28, 28), "cached", ""),
     "hinton teacher cnn:16,32": ("cnn:16,32", (1, 28, 28), "none", "jitter"),
     "W5 student resnet8": ("resnet8", (3, 32, 32), "none", "crop4,flip"),
+    "W5 caching resnet20, 8 views": ("resnet20", (3, 32, 32), "views", "crop4,flip"),
 }
 
 
@@ -46,6 +49,23 @@ def child(name: str, steps: int) -> None:
                       tuple(str(c) for c in range(10)))
     teacher = CachedTeacher(data.index, torch.randn(n, 10, generator=g) * 3) if teacher_kind == "cached" else None
     kw = {"jitter": 2} if aug == "jitter" else {"augment": aug} if aug else {}
+    if teacher_kind == "views":
+        from kdistill.engine.heap import retain_freed_memory
+        from kdistill.engine.views import compute_views
+        from kdistill.teachers import ModuleTeacher
+
+        retain_freed_memory()  # as fit does before it caches (a no-op under KDISTILL_RETAIN_HEAP=0)
+
+        net = ModuleTeacher(build_model(spec, shape, 10, seed=0))
+        augment, cpu = TrainConfig(**kw).augmentation(), torch.device("cpu")
+        compute_views(net, data.subset(torch.arange(128 * 2)), augment, 8, 0, 0, cpu)  # warm-up
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        compute_views(net, data, augment, 8, 0, 0, cpu)
+        dt = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        print(json.dumps({"s_per_step": dt / steps, "faults_per_step": faults / steps}))
+        return
     cfg = dict(batch_size=128, lr=0.05, seed=0, checkpoint=False, temperature=4.0, alpha=0.9, **kw)
     fit(build_model(spec, shape, 10, seed=0), data.subset(torch.arange(128 * 5)), TrainConfig(epochs=1, **cfg),
         teacher=teacher, progress=False)  # warm-up: kernels, thread pool, allocator

@@ -100,3 +100,43 @@ def test_retained_heap_stops_the_per_step_page_faults_of_the_w1_step():
 
 def test_is_idempotent():
     assert retain_freed_memory() is retain_freed_memory()
+
+
+def test_fit_keeps_freed_memory_before_the_teacher_is_cached(monkeypatch):
+    """The one-off caching of a teacher's views reuses its buffers too (a fresh process cached 8 views of
+    resnet20 for 4,096 images in 11.8-13.0 s instead of 17.3-18.3 s), so ``fit`` turns retention on before it."""
+    import torch
+
+    import kdistill.engine.loop as loop
+    from kdistill import TrainConfig, fit
+
+    calls: list[str] = []
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append("retain") or True)
+    real = loop.prepare_teaching
+    monkeypatch.setattr(loop, "prepare_teaching", lambda *a, **k: calls.append("teaching") or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    net = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))  # noqa: E731
+    fit(net(), (x, y), TrainConfig(epochs=1, batch_size=32, teacher_views=2, augment="crop1,flip"),
+        teacher=net(), progress=False)
+    assert calls.index("retain") < calls.index("teaching"), calls
+
+
+def test_fit_many_keeps_freed_memory_before_the_teacher_is_cached(monkeypatch):
+    import torch
+
+    import kdistill.multi as multi
+    from kdistill import TrainConfig
+    from kdistill.data.convert import as_split
+    from kdistill.models import build_model
+
+    calls: list[str] = []
+    monkeypatch.setattr(multi, "retain_freed_memory", lambda: calls.append("retain") or True)
+    real = multi.prepare_teacher
+    monkeypatch.setattr(multi, "prepare_teacher", lambda *a, **k: calls.append("teaching") or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    train = as_split((x, y), name="train")
+    models = [build_model("mlp:8", (6,), 3, seed=s) for s in (0, 1)]
+    multi.fit_many(models, train, TrainConfig(epochs=1, batch_size=32), teacher=torch.nn.Linear(6, 3), progress=False)
+    assert calls.index("retain") < calls.index("teaching"), calls

@@ -52,6 +52,7 @@ from .losses import stacked_distillation_loss_and_grad
 from .stacked import StackedMLP, StackedOptimizer, mlp_signature
 from .teachers import ModuleTeacher, Teacher
 from .engine.callbacks import LoopState, MetricsFiles, ProgressBar
+from .engine.heap import retain_freed_memory
 from .engine.loop import run_epochs
 from .engine.sources import make_source
 from .train import FitResult, TrainConfig, fit, prepare_teacher, resolve_device
@@ -123,6 +124,7 @@ def fit_many(
         raise ValueError(f"{train.name}: has unlabelled samples; supervised training needs labels (give a teacher)")
     cfg0 = configs[0]
     device = resolve_device(cfg0.device)
+    retain_freed_memory()  # before the teacher's outputs are cached, not only from the first step
     # The teacher checks of fit (alpha < 1 on unlabelled data, cache coverage) with the smallest alpha.
     prepared = prepare_teacher(teacher, train, min(configs, key=lambda c: c.alpha), device)
     out = Path(out_dir) if out_dir else None

@@ -6,7 +6,9 @@ trim threshold, and blocks above the mmap threshold are unmapped on free, so the
 pages. On the 2-core reference VM, W5's student (resnet8, batch 128, crop4+flip) took 8,000-14,000 minor
 page faults per step and ran 1.17x faster with the memory kept (120 vs 102 ms/step, medians of 4 fresh
 processes each, ``benchmarks/heap_ab.py``); the MLP and MNIST-CNN steps, whose buffers glibc's own adaptive
-thresholds already keep, show no difference beyond the run-to-run spread.
+thresholds already keep, show no difference beyond the run-to-run spread. Caching 8 views of a resnet20
+teacher, which ``fit`` does before its first step and so also under the kept heap, ran 1.54x faster (368 vs
+567 ms per batch of 128, 213 vs 201,930 faults per batch; ``benchmarks/heap_ab.py``, 2026-12-04).
 PyTorch's CUDA allocator caches blocks for the same reason; on the host it relies on ``malloc``.
 
 :func:`retain_freed_memory` raises glibc's trim and mmap thresholds once per process (``mallopt``), which

@@ -373,6 +373,7 @@ def fit(
               resume_from=ckpt if resume else None, dry_run_teacher=False)
     if write:
         remove_stale_tmp(out)
+    retain_freed_memory()  # from here, not only from the first step: caching the teacher's views reuses buffers too
     cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
     try:
         teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)

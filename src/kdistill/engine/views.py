@@ -94,8 +94,9 @@ def compute_views(teacher, data, aug: Augment, views: int, seed: int, topk: int,
                   batch_size: int = 128):
     """(ids, values, indices, rest): the teacher's logits on ``views`` augmented views of every sample.
 
-    Batches of 128: a CIFAR ResNet teacher on 2 CPU cores took 0.43 ms per image at 128 and 0.88 ms at 512
-    (benchmarks/cnn_throughput.py), its activations staying in cache.
+    Batches of 128: with freed memory kept (``fit`` turns it on before caching) a CIFAR resnet20 teacher on
+    2 CPU cores took 0.339 ms per image at 128 and 0.347 at 512 (benchmarks/teacher_runtime.py, 2026-12-04);
+    under glibc's defaults larger batches fault in more fresh pages and were up to 2.8x slower.
     """
     ids_all, per_view = [], [[] for _ in range(views)]
     for x, _, ids in iterate(data, batch_size):
