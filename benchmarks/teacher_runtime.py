@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import torch
 

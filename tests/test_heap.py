@@ -75,7 +75,8 @@ glibc = pytest.mark.skipif(not _on_glibc(), reason="the allocator tuning is for 
 @glibc
 def test_retained_heap_reuses_blocks_glibc_would_unmap():
     """A buffer above glibc's largest adaptive mmap threshold is mapped afresh on every step with the defaults
-    (12,289 faults/step on the reference VM, 4 KiB pages; a few dozen with transparent huge pages); kept, it is
+    (12,289 faults/step on the reference VM, 4 KiB pages; with transparent huge pages always on, one fault per
+    2 MiB would be 24); kept, it is
     reused (0). Deterministic: glibc never adapts past that cap."""
     kept, default = probe(None, STEP_LARGE), probe("0", STEP_LARGE)
     assert kept["on"] is True and kept["state"] is True
