@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ecosystem import need
 from kdistill.io import load_model, load_weights, read_model_meta, save_checkpoint, save_model
 from kdistill.models import ModelSpec, build_model
 from kdistill.models.adapters import describe_model
@@ -136,16 +137,18 @@ def test_logits_of_and_ensure_logits():
 
 # ------------------------------------------------------------------------------------------ tv / timm
 
+@pytest.mark.ecosystem
 def test_torchvision_builds_when_installed():
-    pytest.importorskip("torchvision", reason="torchvision is optional: pip install 'kdistill[tv]'")
+    need("torchvision")
     model = build_model("tv:resnet18", (3, 32, 32), 10)
     assert model.spec == "tv:resnet18" and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ValueError, match="no model 'nonexistent_net'"):
         build_model("tv:nonexistent_net", (3, 32, 32), 10)
 
 
+@pytest.mark.ecosystem
 def test_timm_builds_when_installed():
-    pytest.importorskip("timm", reason="timm is optional: pip install 'kdistill[timm]'")
+    need("timm")
     model = build_model("timm:resnet18,drop_rate=0.1", (1, 32, 32), 10)
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
