@@ -14,6 +14,8 @@ class ConvNet(nn.Module):
     With channels (32, 64), kernel 5 and a 256-unit head it is the usual strong MNIST CNN (~99.5%).
     Each block runs the pooling before the ReLU: the same function and the same gradients (ReLU is
     monotone, so it commutes with a max), with the ReLU's memory traffic cut to a quarter.
+    ``feature_layers`` are the blocks' outputs (each block's ReLU: ``features.2``, ``features.5``, ...),
+    the stages that feature methods (``fitnet``, ``at``) read by default.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class ConvNet(nn.Module):
             layers += [nn.Conv2d(c, out_c, kernel, padding=kernel // 2), nn.MaxPool2d(2), nn.ReLU()]
             c, h, w = out_c, h // 2, w // 2
         self.features = nn.Sequential(*layers)
+        self.feature_layers: tuple[str, ...] = tuple(f"features.{3 * i + 2}" for i in range(len(channels)))
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
@@ -49,7 +52,9 @@ class ConvNet(nn.Module):
 
 class LeNet5(nn.Module):
     """LeCun et al.'s LeNet-5 (6 and 16 feature maps, 120-84 head), with ReLU and max-pooling (pooling
-    first, as in :class:`ConvNet`: the same function, a cheaper ReLU)."""
+    first, as in :class:`ConvNet`: the same function, a cheaper ReLU); its two blocks are its feature stages."""
+
+    feature_layers: tuple[str, ...] = ("features.2", "features.5")
 
     def __init__(self, in_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
