@@ -631,11 +631,20 @@ def test_logits_with_huge_ids_use_no_dense_table():
 
 
 def test_logits_for_the_same_data_are_accepted(files):
+    """The file's own data and a subset of it are accepted, and each sample gets the teacher's row for its id."""
     from kdistill.blackbox import logits_teacher
+    from kdistill.evaluate import predict_split
+    from kdistill.io import load_model
 
     train = data.load("digits", seed=0).train
-    logits_teacher(files["logits_ok"], train)
-    logits_teacher(files["logits_ok"], data.stratified_fraction(train, 0.5, 0))  # a subset: matched row by row
+    expected = predict_split(load_model(files["teacher"]), train)
+    teacher = logits_teacher(files["logits_ok"], train)
+    torch.testing.assert_close(teacher.logits(None, train.index), expected)
+    subset = data.stratified_fraction(train, 0.5, 0)  # other rows at other positions: matched by id
+    position = {int(i): n for n, i in enumerate(train.index)}
+    rows = torch.tensor([position[int(i)] for i in subset.index])
+    assert not torch.equal(rows, torch.arange(len(subset)))  # a positional lookup would give other rows
+    torch.testing.assert_close(logits_teacher(files["logits_ok"], subset).logits(None, subset.index), expected[rows])
 
 
 class _DivergesAt(nn.Module):

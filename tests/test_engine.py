@@ -59,13 +59,21 @@ def _params(m):
 def test_readme_api_example_user_modules_and_dataset():
     x, y = _images()
     train, test = PairData(x[:72], y[:72]), PairData(x[72:], y[72:])
-    # The README's ten lines: a user's own teacher, student and Dataset.
+    # The README's ten lines: a user's own teacher, student and Dataset (seeded; 20 student epochs, as the
+    # README's 30, since 3 leave the 8-wide student at chance for some seeds).
+    torch.manual_seed(0)
     teacher, student = SmallNet(32), SmallNet(8)
     fit(teacher, train, TrainConfig(epochs=3, batch_size=24, lr=0.1), progress=False)
-    result = fit(student, train, TrainConfig(epochs=3, batch_size=24, lr=0.1), teacher=teacher,
+    result = fit(student, train, TrainConfig(epochs=20, batch_size=24, lr=0.1), teacher=teacher,
                  method={"name": "kd", "temperature": 4.0, "alpha": 0.9}, test=test, progress=False)
-    assert result.test["count"] == 24 and 0 <= result.test["accuracy"] <= 1
-    assert {"loss_kd", "loss_ce"} <= set(result.history[-1])
+    # Learnt: 3 balanced classes (chance 1/3), 1.0 in the seeded run; the soft term shrank as the student
+    # came to match the teacher (0.084 -> 0.004 in the seeded run).
+    assert result.test["count"] == 24 and result.test["accuracy"] >= 0.9
+    first, last = result.history[0], result.history[-1]
+    assert last["loss_ce"] > 0 and 0 < last["loss_kd"] < 0.5 * first["loss_kd"]
+    with torch.no_grad():
+        agree = (student(x[72:]).argmax(1) == teacher(x[72:]).argmax(1)).float().mean()
+    assert agree >= 0.9
     # The teacher is handed back as it was given: its own train(), trainable, in the mode it had.
     assert "train" not in vars(teacher) and all(p.requires_grad for p in teacher.parameters())
 

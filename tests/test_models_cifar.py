@@ -36,10 +36,33 @@ def test_forward_gives_logits_and_stages_hook(spec, num_classes):
     assert list(seen) == list(model.feature_layers) and all(s[0] == 2 and len(s) == 4 for s in seen.values())
 
 
+def _expected_stages(spec: str) -> dict[str, tuple[int, int, int]]:
+    """The CIFAR layout of each family at 32x32: (channels, height, width) of every named stage.
+
+    ResNets and WRNs: three stages at strides 1, 2, 4 with 16, 32, 64 channels (x4 for resnet8x4/32x4, xk for
+    WRN-d-k); VGG (mdistiller): five blocks of 64..512 channels at strides 1, 2, 4, 8, 8 (pool3 runs only at 64x64).
+    """
+    if spec.startswith("vgg"):
+        return {f"block{i}": (c, 32 // s, 32 // s) for i, (c, s) in enumerate(zip((64, 128, 256, 512, 512),
+                                                                                    (1, 2, 4, 8, 8)))}
+    if spec.startswith("wrn"):
+        k = int(spec.replace("_", ",").split(",")[-1])
+        return {f"block{i + 1}": (c * k, 32 // s, 32 // s) for i, (c, s) in enumerate(zip((16, 32, 64), (1, 2, 4)))}
+    k = 4 if spec.endswith("x4") else 1
+    return {f"layer{i + 1}": (c * k, 32 // s, 32 // s) for i, (c, s) in enumerate(zip((16, 32, 64), (1, 2, 4)))}
+
+
 @pytest.mark.parametrize("spec", ALL)
 def test_every_model_builds_and_resolves_feature_layers(spec):
-    model = build_model(spec, (3, 32, 32), 10)
-    assert model.feature_layers and all(model.get_submodule(p) is not None for p in model.feature_layers)
+    """Each named feature layer resolves to a module whose output has its family's channels and stride."""
+    model = build_model(spec, (3, 32, 32), 10, seed=0).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in model.feature_layers:
+        model.get_submodule(p).register_forward_hook(lambda m, a, out, p=p: shapes.__setitem__(p, tuple(out.shape[1:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert list(model.feature_layers) == list(_expected_stages(spec))
+    assert shapes == _expected_stages(spec)
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (1, 12, 20), (3, 64, 64)])

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdistill import TrainConfig, fit
 from kdistill.distiller import Distiller
@@ -39,12 +40,31 @@ def test_gradient_clipping_bounds_the_update(digits):
 
 
 def test_adamw_trains_and_differs_from_adam_with_weight_decay(digits):
-    res = {}
-    for opt in ("adam", "adamw"):
-        m = build_model("mlp:16", digits.input_shape, 10, seed=0)
-        fit(m, digits.train, TrainConfig(epochs=2, optimizer=opt, lr=1e-2, weight_decay=0.1), progress=False)
-        res[opt] = _params(m)
-    assert not torch.allclose(res["adam"], res["adamw"])
+    """AdamW's first step is the decoupled rule w <- w (1 - lr wd) - lr g / (|g| + eps) (Adam's first step has
+    m/sqrt(v) = g/|g|), as torch.optim.AdamW takes it; Adam (decay folded into g) does not; and AdamW trains."""
+    train, lr, wd = digits.train, 1e-2, 0.5
+    start = build_model("mlp:16", digits.input_shape, 10, seed=0)
+    grads = torch.autograd.grad(F.cross_entropy(start(train.x), train.y), list(start.parameters()))
+    decoupled = torch.cat([(p.detach() * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)).flatten()
+                           for p, g in zip(start.parameters(), grads)])
+    ref = copy.deepcopy(start)
+    for p, g in zip(ref.parameters(), grads):
+        p.grad = g.clone()
+    torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=wd).step()
+    one_step = {}
+    for opt in ("adam", "adamw"):  # one full-batch step at a constant rate
+        m = copy.deepcopy(start)
+        fit(m, train, TrainConfig(epochs=1, batch_size=len(train), optimizer=opt, lr=lr, weight_decay=wd,
+                                  schedule="constant"), progress=False)
+        one_step[opt] = _params(m)
+    torch.testing.assert_close(one_step["adamw"], decoupled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_step["adamw"], _params(ref), atol=1e-6, rtol=0)
+    assert (one_step["adam"] - decoupled).abs().max() > 1e-3  # wd = 0.5: the coupled rule is far off
+    m = copy.deepcopy(start)
+    r = fit(m, train, TrainConfig(epochs=2, optimizer="adamw", lr=lr, weight_decay=0.1), test=digits.test,
+            progress=False)
+    assert (_params(m) - _params(start)).abs().max() > 1e-2
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"] and r.test["accuracy"] > 0.5  # chance: 0.1
 
 
 def test_callbacks_and_early_stopping(digits):
