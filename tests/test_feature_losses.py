@@ -228,3 +228,28 @@ def test_attention_transfer_gradients_and_errors():
         attention_transfer_loss(fs[0], ft)
     with pytest.raises(ValueError, match="p: "):
         attention_map(ft, p=0)
+
+
+def test_dkd_warmup_longer_than_the_run_warns_before_training(digits):
+    import warnings
+
+    from kdistill import TrainConfig, fit
+    from kdistill.methods import build_method
+    from kdistill.methods.base import ScheduleWarning
+    from kdistill.models import build_model
+
+    teacher = build_model("mlp:16", digits.input_shape, 10, seed=1)
+    train = digits.train.subset(torch.arange(64))
+    cfg = TrainConfig(epochs=4, batch_size=64)
+    with pytest.warns(ScheduleWarning, match=r"method\.warmup: dkd ramps its loss in over 20 epochs but the run "
+                                             r"trains 4 .*at most 20%, 10% on average\); set --set method\.warmup=1"):
+        fit(build_model("mlp:8", digits.input_shape, 10, seed=2), train, cfg, teacher=teacher, method="dkd",
+            progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleWarning)  # a warm-up shorter than the run, or none: silent
+        for warmup in (1.0, 0.0):
+            assert build_method("dkd", warmup=warmup).check_schedule(4) == []
+        assert build_method("kd").check_schedule(1) == []
+    with pytest.warns(ScheduleWarning, match="trains 20 "):  # as long as the run: full weight only at its end
+        assert len(build_method("dkd").check_schedule(20)) == 1
+    assert build_method("dkd").check_schedule(21) == []

@@ -21,19 +21,24 @@ import torch
 from torch import nn
 
 from ..data.convert import as_split
-from ..data.stream import labels_of
+from ..data.preprocess import model_record
+from ..data.stream import describe_inputs, inputs_to, integer_hint, labels_of
 from ..distributed import process_device, world
 from ..evaluate import classification_metrics, predict_split
-from ..io import data_fingerprint, load_checkpoint, save_checkpoint, save_model
+from ..io import (data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model,
+                  teacher_fingerprint)
+from ..models.outputs import forward_logits
 from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
 from .config import FitResult, TrainConfig, check_device
 from .denormal import flushed_denormals
 from .heap import retain_freed_memory
 from .optim import lr_factor, resolve_device
+from .rundir import API, claim, clear_run
+from .rundir import remove_stale_tmp as _remove_stale_tmp
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
 
-RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint",
+RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "cache_teacher",
                   "eval_every_steps")
 """Config fields a resumed run may change: they decide where and how fast it runs, not what it computes."""
 
@@ -170,27 +175,25 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
         if isinstance(n, int) and n != train.num_classes:
             raise ValueError(f"teacher: outputs {n} classes but {train.name} has {train.num_classes}")
         return
-    from ..engine.step import _first_inputs
-    from ..models.layout import as_layout, use_channels_last
+    from ..engine.step import _first_inputs, _layout
+    from ..models.layout import use_channels_last
 
     x = _first_inputs(type("S", (), {"data": train})(), 1)
     try:
         param = next(net.parameters())
-        x = x.to(param.device)
+        x = inputs_to(x, param.device)
     except StopIteration:
         pass
     was = net.training
     net.eval()
     try:
         with torch.no_grad():
-            out = net(as_layout(x, use_channels_last(net)))
+            out = forward_logits(net, _layout(x, use_channels_last(net)))
     except Exception as exc:  # noqa: BLE001 - the teacher's failure, named for the user
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} cannot run on {train.name}'s inputs "
-                         f"shaped {tuple(x.shape[1:])}: {type(exc).__name__}: {str(exc)[:200]}") from None
+                         f"shaped {describe_inputs(x)}: {type(exc).__name__}: {str(exc)[:200]}{integer_hint(x)}") from None
     finally:
         net.train(was)
-    if isinstance(out, dict) or isinstance(out, (tuple, list)):
-        out = out.get("logits") if isinstance(out, dict) else out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != train.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs {shape} for one sample, but "
@@ -236,40 +239,59 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
     check_augmentation(cfg, train)
     _check_outputs(model, train, next(iter(model.parameters()), torch.empty(0)).device)
     check_teacher(teacher, train, dry_run=dry_run_teacher)
+    check_shared_parameters(model, teacher)
     if resume_from is not None:
         check_resume(resume_from, cfg, method_record(method) if method is not None else None,
-                     getattr(model, "spec", None), data_fingerprint(train))
+                     getattr(model, "spec", None), data_fingerprint(train), teacher_fingerprint(teacher), train)
+
+
+def _networks(teacher) -> list[nn.Module]:
+    """The networks inside a teacher (itself, a ModuleTeacher's module, an ensemble's members)."""
+    from ..teachers import ModuleTeacher
+
+    if teacher is None:
+        return []
+    if isinstance(teacher, ModuleTeacher):
+        return [teacher.module]
+    if isinstance(teacher, nn.Module):
+        return [teacher]
+    return [net for m in getattr(teacher, "members", None) or [] for net in _networks(m)]
+
+
+def check_shared_parameters(model: nn.Module, teacher) -> None:
+    """Refuse a teacher that shares a parameter with the student: the teacher is frozen for the run, so the
+    student's copy would never train."""
+    for net in _networks(teacher):
+        mine = {id(p): name for name, p in net.named_parameters(remove_duplicate=False)}
+        shared = [(name, mine[id(p)]) for name, p in model.named_parameters(remove_duplicate=False) if id(p) in mine]
+        if shared:
+            (s_name, t_name), more = shared[0], f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            module = s_name.rsplit(".", 1)[0] if "." in s_name else s_name
+            raise ValueError(f"teacher: shares parameters with the student (the student's {s_name} is the teacher's "
+                             f"{t_name}{more}, in module {module!r}); the teacher is frozen for the run, so the student's "
+                             "shared layers would never train; give the teacher its own copy (copy.deepcopy(teacher))")
 
 
 def remove_stale_tmp(out: Path) -> list[Path]:
-    """Delete ``.NAME.XXXX.tmp`` files a killed run left behind (see :func:`kdistill.io.atomic_path`)."""
-    removed = []
-    if out.is_dir():
-        for p in out.glob(".*.tmp"):
-            if p.is_file():
-                try:
-                    p.unlink()
-                    removed.append(p)
-                except OSError:
-                    pass
-    return removed
+    """Delete the temporary files a killed run left behind (:func:`kdistill.engine.rundir.remove_stale_tmp`)."""
+    return _remove_stale_tmp(out)
 
 
 def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
     """A dry forward of one sample: catches a model whose outputs do not match the classes, or that cannot
     take these inputs, before any file is written."""
-    from ..engine.step import _first_inputs
-    from ..models.layout import as_layout, use_channels_last
+    from ..engine.step import _first_inputs, _layout
+    from ..models.layout import use_channels_last
 
-    x = _first_inputs(type("S", (), {"data": train})(), 1).to(device)
+    x = inputs_to(_first_inputs(type("S", (), {"data": train})(), 1), device)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(as_layout(x, use_channels_last(model)))
+            out = forward_logits(model, _layout(x, use_channels_last(model)))
     except Exception as exc:  # noqa: BLE001 - any failure here is the model's, named for the user
         raise ValueError(f"model: {getattr(model, 'spec', type(model).__name__)} cannot run on inputs shaped "
-                         f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from None
+                         f"{describe_inputs(x)}: {type(exc).__name__}: {exc}{integer_hint(x)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != train.num_classes:
@@ -285,20 +307,48 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+def _method_diffs(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The method's changed options, each named (``method.temperature``), or the method itself."""
+    if was.get("name") != now.get("name"):
+        return [("method", was.get("name"), now.get("name"))]
+    return [(f"method.{k}", was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
+def _teacher_diffs(was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """How the teacher differs from the checkpoint's: another kind, spec or file, or other weights/logits."""
+    if was is None or was == now:
+        return []
+    if now is None:
+        return [("teacher", was.get("spec") or was.get("kind"), "no teacher")]
+    for key in ("kind", "spec", "file", "mean", "temperature"):
+        if was.get(key) != now.get(key):
+            return [(f"teacher ({key})", was.get(key), now.get(key))]
+    what = {"network": "weights", "logits": "logits"}.get(str(was.get("kind")), "contents")
+    return [(f"teacher ({what})", f"sha256 {str(was.get('sha256'))[:16]}", f"sha256 {str(now.get('sha256'))[:16]}")]
+
+
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str, Any] | None, ckpt: Path,
-                  spec: str | None = None, fingerprint: str | None = None) -> None:
-    """Refuse to resume a checkpoint made with another config, method, model or data, naming what differs."""
+                  spec: str | None = None, fingerprint: str | None = None, teacher: dict[str, Any] | None = None,
+                  train=None) -> None:
+    """Refuse to resume a checkpoint made with another config, method, model, data or teacher, naming what
+    differs."""
     now = asdict(cfg)
     was_cfg = saved.get("config", {})
     diffs: list[tuple[str, Any, Any]] = [(f"train.{k}", was_cfg[k], now[k]) for k in now
                                          if k not in RESUME_IGNORED and k in was_cfg and was_cfg[k] != now[k]]
     if method_opts is not None and "method" in saved and saved["method"] != method_opts:
-        diffs.append(("method", saved["method"], method_opts))
+        diffs += _method_diffs(saved["method"], method_opts)
     saved_spec = saved.get("model") or saved.get("spec")
     if spec is not None and saved_spec is not None and saved_spec != spec:
         diffs.append(("model", saved_spec, spec))
-    if fingerprint is not None and saved.get("data") is not None and saved["data"] != fingerprint:
-        diffs.append(("data", f"fingerprint {saved['data']}", f"fingerprint {fingerprint} (other samples or labels)"))
+    was_data = saved.get("data")
+    if was_data is not None and len(str(was_data)) == 32 and train is not None:  # written before full hashing
+        fingerprint = legacy_data_fingerprint(train)
+    if fingerprint is not None and was_data is not None and was_data != fingerprint:
+        diffs.append(("data", f"fingerprint {str(was_data)[:16]}", f"fingerprint {fingerprint[:16]} (other samples, "
+                      "labels, input values or files)"))
+    if "teacher" in saved:
+        diffs += _teacher_diffs(saved["teacher"], teacher)
     if diffs:
         what, was, got = diffs[0]
         more = f" (also differs: {[d[0] for d in diffs[1:]]})" if len(diffs) > 1 else ""
@@ -307,13 +357,13 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str
 
 
 def check_resume(ckpt: Path, cfg: TrainConfig, method_opts: dict[str, Any] | None, spec: str | None,
-                 fingerprint: str | None) -> None:
+                 fingerprint: str | None, teacher: dict[str, Any] | None = None, train=None) -> None:
     """:func:`_check_resume` against the state recorded in ``ckpt``'s header (no tensor is read)."""
     from ..io import read_checkpoint_state
 
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
-    _check_resume(read_checkpoint_state(ckpt), cfg, method_opts, Path(ckpt), spec, fingerprint)
+    _check_resume(read_checkpoint_state(ckpt), cfg, method_opts, Path(ckpt), spec, fingerprint, teacher, train)
 
 
 def fit(
@@ -387,6 +437,7 @@ def fit(
         if method.needs_teacher and teaching.teacher is None:
             raise ValueError(f"method: {method.name} distils from a teacher; give one (--teacher ...) or use --method ce")
         method.bind(model, teaching.module)
+        method.check_schedule(cfg.epochs)  # a warm-up as long as the run warns, naming the option
         val_teacher = teaching.teacher.predict(val) if val is not None and teaching.live else None
         source = make_source(train, device, cfg.batch_size, aug, cfg.teacher_views, cfg.seed, rank, n_proc, cfg.workers)
         backend = _single_backend(model, method, teaching, source, aug, cfg, device, n_proc)
@@ -522,7 +573,8 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     if write:
         from ..report import write_results
 
-        save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes)
+        save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes,
+                   **model_record(train))  # class names and preprocessing, for `kdistill predict` on new files
         metrics = {f"test_{k}": result.test[k] for k in ("errors", "accuracy", "nll")} if result.test else {}
         write_results(out, "fit", "api", wall, {"model": {**metrics, "spec": getattr(model, "spec", None),
                                                           "method": method.name, "best_epoch": best_epoch}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,10 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, type["Method"]] = {}
+
+
+class ScheduleWarning(UserWarning):
+    """A method's own schedule (a warm-up) does not fit in the run's epochs."""
 
 
 @dataclass
@@ -47,6 +52,9 @@ class Method(nn.Module):
     """The temperature at which validation reports KL to the teacher (1 for methods without one)."""
     stackable: bool = False
     """Whether the stacked multi-student backend can run it (it then reads ``stacked_options``)."""
+    schedule_options: tuple[str, ...] = ()
+    """Options that are a length in epochs over which the method ramps a term in (DKD's ``warmup``):
+    :meth:`check_schedule` warns when a run is not longer than one of them."""
 
     @property
     def needs_labels(self) -> bool:
@@ -83,6 +91,29 @@ class Method(nn.Module):
         if has_unlabelled and self.needs_labels:
             raise ValueError(f"method: {self.name} with these options needs labels, but the transfer set has "
                              "unlabelled samples; use soft targets only (e.g. --method kd --alpha 1)")
+
+    def check_schedule(self, epochs: int) -> list[str]:
+        """Warn (:class:`ScheduleWarning`) for each of :attr:`schedule_options` at least as long as the run.
+
+        A linear ramp over ``w`` epochs in a run of ``E <= w`` epochs never reaches full weight (at most E/w,
+        E/2w on average): DKD's default 20-epoch warm-up in a 4-epoch run keeps its term under 20%. The
+        warm-up is not rescaled silently (a run's options mean what they say, and a resumed run keeps them);
+        the warning names the option and a value for this run. Called by ``fit`` before training; returns
+        the messages.
+        """
+        messages = []
+        for key in self.schedule_options:
+            ramp = float(getattr(self, key, 0) or 0)
+            if ramp > 0 and epochs > 0 and ramp >= epochs:
+                suggest = max(1, epochs // 10) if epochs > 1 else 0
+                messages.append(
+                    f"method.{key}: {self.name} ramps its loss in over {ramp:g} epochs but the run trains {epochs} "
+                    f"(train.epochs), so that term never reaches full weight (at most {epochs / ramp:.0%}, "
+                    f"{epochs / (2 * ramp):.0%} on average); set --set method.{key}={suggest} (0 turns it off) "
+                    f"or train for more than {ramp:g} epochs")
+        for message in messages:
+            warnings.warn(message, ScheduleWarning, stacklevel=2)
+        return messages
 
     def losses(self, io: StepIO) -> dict[str, torch.Tensor]:
         """Named scalar loss terms, already weighted: the loop minimises their sum and logs each by name."""

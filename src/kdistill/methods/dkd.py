@@ -3,6 +3,8 @@
 Loss = ``ce_weight`` * CE(labels) + warm-up * (``alpha`` * TCKD + ``beta`` * NCKD), with both KD parts
 T^2-scaled (:func:`kdistill.losses.dkd_loss`). The DKD weight rises linearly from 0 over the first
 ``warmup`` epochs, as in the paper's code (20 of 240 epochs on CIFAR-100); ``warmup=0`` turns it off.
+A run of at most ``warmup`` epochs gets a :class:`~kdistill.methods.base.ScheduleWarning` before training
+(the term would never reach full weight) naming ``method.warmup`` and a value for the run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .kd import check_temperature, check_weight
 @register("dkd")
 class DKD(Method):
     """Target-class (TCKD) and non-target-class (NCKD) KD, weighted separately; terms ``ce`` and ``dkd``."""
+
+    schedule_options = ("warmup",)
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
                  warmup: float = 20.0) -> None:
