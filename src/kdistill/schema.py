@@ -434,6 +434,10 @@ def data_section(section: Any) -> dict[str, Any]:
         out["path"] = options.pop("path", None)
     out.update(options)
     return {k: out[k] for k in section if k in out}  # in the order given (config.yaml reads as written)
+    if "normalize" in d:  # load()'s own option: none, a preset, or per-channel mean/std (data/preprocess.py)
+        from .data.preprocess import parse_normalize
+
+        out["normalize"] = parse_normalize(d.pop("normalize")).setting()
 
 
 CONFIG_KEYS: dict[str, Any] = {

@@ -115,16 +115,20 @@ def _split_spec(name: str, options: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **options: Any) -> DataBundle:
+def load(name: str, *, val_size: int | float | None = None, seed: int = 0, normalize: Any = None,
+         **options: Any) -> DataBundle:
     """Load data set ``name`` with a seeded validation split carved from its training set.
 
     ``name`` is a registered data set (:data:`LOADERS`) or a file spec ``PREFIX:PATH`` (:data:`SOURCES`:
     ``npz:``, ``csv:``, ``folder:``). ``options`` go to the loader (``path=`` for local files,
     ``class_sep=`` for synthetic, ``image_size=`` for folders, ...); an option it does not take is an error
     listing those it does. ``val_size=0`` keeps all training data and no validation split; a data set that
-    brings its own validation split keeps it and nothing is carved.
+    brings its own validation split keeps it and nothing is carved. ``normalize`` (``none``, ``imagenet``,
+    ``cifar10`` or ``{mean, std}``, see :mod:`kdistill.data.preprocess`) is applied to every split once, and
+    recorded on each as ``preprocessing``.
     """
     from ..schema import coerce, signature_fields
+    from .preprocess import PIXEL_SCALE, parse_normalize, preprocess_bundle
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"data.name: give a data set name or file spec, got {name!r}")
@@ -135,6 +139,7 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **opt
         raise ValueError(f"data.val_size: a count or a fraction >= 0, got {val_size!r}")
     if not 0 <= seed < 2**31:
         raise ValueError(f"data.seed: must be in [0, 2**31), got {seed!r}")
+    norm = parse_normalize(normalize)
     options = dict(options)
     if name in LOADERS or _split_spec(name, dict(options)) is not None:
         options = _typed_options(name, options)
@@ -147,15 +152,18 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, **opt
             options["seed"] = seed
         bundle = loader(path, **options)
         default = SOURCE_VAL_SIZE.get(prefix, 0.1)
+        scale = PIXEL_SCALE.get(prefix)
     elif name in LOADERS:
         _check_options(repr(name), LOADERS[name], options, skip=0)
         bundle = LOADERS[name](**options)
         default = DEFAULT_VAL_SIZE.get(name, 0.1)
+        scale = PIXEL_SCALE.get(name)
     else:
         raise ValueError(
             f"data: unknown data set {name!r}; choose one of {sorted(LOADERS)} or a file spec "
             f"{', '.join(f'{p}:PATH' for p in sorted(SOURCES))}"
         )
+    bundle = preprocess_bundle(bundle, norm, scale)
     if bundle.val is not None:
         return bundle
     size = default if val_size is None else val_size

@@ -29,6 +29,7 @@ class TensorData:
     classes: tuple[str, ...]
     index: torch.Tensor = field(default=None)  # type: ignore[assignment]
     name: str = "data"
+    preprocessing: dict[str, Any] | None = field(default=None, compare=False)  # by data.load (data/preprocess.py)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -80,6 +81,7 @@ class StreamData:
     index: torch.Tensor = field(default=None)  # type: ignore[assignment]
     labels: torch.Tensor | None = None
     name: str = "data"
+    preprocessing: dict[str, Any] | None = field(default=None, compare=False)  # by data.load (data/preprocess.py)
 
     def __post_init__(self) -> None:
         n = len(self.dataset)
