@@ -55,7 +55,8 @@ def test_every_field_and_the_counts(tiny, table):
     assert {"cpu_count", "torch_threads", "torch", "processor"} <= set(table["machine"])
     want = {"params", "size_bytes", "flops", "latency_ms_torch_b1", "latency_ms_torch_b256", "throughput_torch_sps",
             "accuracy", "errors", "nll", "ece", "teacher_agreement", "x_smaller", "x_fewer_flops",
-            "x_faster_b1", "x_faster_b256", "accuracy_kept"}
+            "x_faster_b1", "x_faster_b256", "accuracy_kept", "latency_stats", "latency_spread_pct", "latency_repeats",
+            "latency_check"}
     if _has_ort():
         want |= {"latency_ms_onnx_b1", "latency_ms_onnx_b256", "throughput_onnx_sps"}
     hand_flops = {"teacher": 2 * (16 * 32 + 32 * 32 + 32 * CLASSES), "student": 2 * (16 * 8 + 8 * CLASSES)}
@@ -68,6 +69,13 @@ def test_every_field_and_the_counts(tiny, table):
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and row["errors"] == round((1 - row["accuracy"]) * 40)
         if _has_ort():
             assert row["onnx_max_abs_diff"] < 1e-4 and "onnx_note" not in row
+        for timing in ("torch_b1", "torch_b256"):
+            st = row["latency_stats"][timing]
+            assert st["p10_ms"] <= st["p25_ms"] <= st["median_ms"] <= st["p75_ms"] <= st["p90_ms"]
+            assert 1 <= st["repeats"] <= FAST["repeats"] and 1 <= st["attempts"] <= 3
+            assert st["median_ms"] == row["latency_ms_" + timing]
+            assert st["other_load"] is None or st["other_load"] >= 0
+        assert row["latency_check"] == "ok" or row["latency_check"].startswith("unreliable: ")
     json.dumps(table, allow_nan=False)  # strict JSON
 
 
@@ -146,3 +154,60 @@ def test_markdown_and_result_files(table, tmp_path):
     fresh = tmp_path / "new"
     write_deployment(fresh, table)
     assert (fresh / "results.json").is_file() and "| teacher |" in (fresh / "results.md").read_text()
+
+
+class FakeCpu:
+    """/proc/stat as it reads while other processes keep ``loads[i]`` cores busy during attempt ``i``."""
+
+    def __init__(self, *loads):
+        self.loads, self.calls, self.busy, self.wall = list(loads), 0, 0.0, 0.0
+
+    def __call__(self):
+        attempt = self.calls // 2  # a start and an end sample per attempt
+        self.calls += 1
+        if self.calls % 2 == 0:  # the end of an attempt: one second passed at this attempt's load
+            self.wall += 1.0
+            self.busy += self.loads[min(attempt, len(self.loads) - 1)]
+        return self.busy, 0.0, self.wall
+
+
+def test_a_loaded_machine_is_measured_again_then_marked(tiny, monkeypatch, tmp_path):
+    test, models = tiny
+    monkeypatch.setattr(deploy, "cores", lambda: 2)
+    monkeypatch.setattr(deploy, "cpu_sample", FakeCpu(3.1))
+    torch.set_num_threads(1)
+    out = deployment_table(models, test, onnx=False, latency_batches=(1,), **FAST)
+    for row in out["rows"].values():
+        st = row["latency_stats"]["torch_b1"]
+        assert st["attempts"] == 3 and st["other_load"] == pytest.approx(3.1)  # measured again twice, still loaded
+        assert row["latency_check"] == "unreliable: load 3.1 on 2 cores (torch b1)"
+    md = deployment_markdown(out)
+    assert "unreliable ⚠" in md and "`student`: latency unreliable: load 3.1 on 2 cores (torch b1)" in md
+    write_deployment(tmp_path, out)
+    saved = json.loads((tmp_path / "results.json").read_text())["deployment"]["rows"]["student"]
+    assert saved["latency_check"].startswith("unreliable: load 3.1") and saved["latency_ms_torch_b1"] > 0
+
+
+def test_a_load_that_passes_is_kept_and_a_quiet_machine_is_ok(tiny, monkeypatch):
+    test, models = tiny
+    monkeypatch.setattr(deploy, "cores", lambda: 2)
+    torch.set_num_threads(1)
+    monkeypatch.setattr(deploy, "cpu_sample", FakeCpu(3.1, 0.2))  # busy on the first attempt only
+    row = deployment_table({"s": models["student"]}, test, teacher_name=None, onnx=False, latency_batches=(1,),
+                           **FAST)["rows"]["s"]
+    st = row["latency_stats"]["torch_b1"]
+    assert st["attempts"] == 2 and st["other_load"] == pytest.approx(0.2) and row["latency_check"] == "ok"
+    # 1.4 other cores next to 1 torch thread on 2 cores: within the margin (2 - 1 + 0.5)
+    assert deploy.judge({"repeats": 1, "median_ms": 1.0}, 1.4, 2, 1) is None
+    assert deploy.judge({"repeats": 1, "median_ms": 1.0}, 1.6, 2, 1) == "load 1.6 on 2 cores"
+
+
+def test_noisy_repeats_are_marked(monkeypatch):
+    calls = iter([1.0, 1.0, 1.0, 3.0, 3.0, 3.0] * 10)
+    monkeypatch.setattr(deploy, "cpu_sample", lambda: None)  # no /proc/stat: judged by the spread only
+    monkeypatch.setattr(deploy, "time_calls", lambda fn, **kw: [next(calls) for _ in range(6)])
+    st = deploy.measure_latency(lambda: None, repeats=6, budget_s=0.1, retries=1)
+    assert st["attempts"] == 2 and st["other_load"] is None
+    assert st["p25_ms"] == 1.0 and st["p75_ms"] == 3.0 and st["median_ms"] == 2.0
+    assert st["unreliable"] == "IQR 100% of the median over 6 repeats"
+    assert deploy.judge({"repeats": 4, "median_ms": 2.0, "p25_ms": 1.0, "p75_ms": 3.0}, None, 2, 1) is None  # too few
