@@ -4,8 +4,8 @@ archive), tiny pairs and one epoch: the results contract, last-epoch numbers, lo
 import io
 import json
 import tarfile
+import time
 
-import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
@@ -15,6 +15,7 @@ from kdistill.cli import main
 from kdistill.data import cifar
 from kdistill.experiments import _cifar_kd, cifar10_kd, cifar100_kd
 from kdistill.models import build_model
+from deploy_checks import check_png, check_wall_time
 
 METHODS = ["ce", "kd", "dkd", "fitnet", "at"]
 TINY = ["teacher_epochs=1", "student_epochs=1", "batch_size=64", "threads=1"]
@@ -47,8 +48,10 @@ def _run(tmp_path, name, *sets, data_path=None):
         argv += ["--data-path", str(data_path)]
     for s in sets:
         argv += ["--set", s]
+    started = time.perf_counter()
     assert main(argv) == 0
-    return out, json.loads((out / "results.json").read_text())
+    elapsed = time.perf_counter() - started
+    return out, json.loads((out / "results.json").read_text()), elapsed  # elapsed: the test's clock around the run
 
 
 def _check_students(res, fits, pairs, seeds):
@@ -75,16 +78,12 @@ def _check_students(res, fits, pairs, seeds):
     assert [t.test["accuracy"] for t in teachers] == [res["teachers"][p]["test_accuracy"] for p in pairs]
 
 
-def _check_png(path):
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert mpimg.imread(path).shape[1] > 300
-
-
 def test_cifar10_kd_end_to_end_on_fake_data(tmp_path, fits):
-    out, res = _run(tmp_path, "cifar10-kd", "data=fake", "val_size=64", "seeds=2", *TINY,
+    out, res, elapsed = _run(tmp_path, "cifar10-kd", "data=fake", "val_size=64", "seeds=2", *TINY,
                     'pairs=[{teacher: resnet8, student: resnet8}, {teacher: "wrn:10,1", student: resnet8}]')
     pairs = ["resnet8->resnet8", "wrn:10,1->resnet8"]
-    assert res["experiment"] == "cifar10-kd" and res["wall_time_s"] > 0 and res["seeds"] == [0, 1]
+    assert res["experiment"] == "cifar10-kd" and res["seeds"] == [0, 1]
+    check_wall_time(res, elapsed, [r.wall_time_s for _, r in fits])  # the fits ran one after another
     assert res["sizes"] == {"train": 256, "val": 64, "test": 128}
     assert set(res["models"]) == {f"{p}/{m}" for p in pairs for m in ["teacher", *METHODS]}
     # ce: 2 seeds trained once; kd/dkd/fitnet/at: 2 pairs x 2 seeds
@@ -101,7 +100,7 @@ def test_cifar10_kd_end_to_end_on_fake_data(tmp_path, fits):
     md = (out / "results.md").read_text()
     assert md.startswith("# cifar10-kd") and "| method | `resnet8->resnet8` | `wrn:10,1->resnet8` |" in md
     assert "How this protocol differs from mdistiller's" in md and "150, 180 and 210" in md
-    _check_png(out / "cifar10_kd.png")
+    check_png(out / "cifar10_kd.png", (1.6 * len(METHODS) * len(pairs) ** 0.5, 4.5))  # 5 methods, 2 pairs
 
 
 def _records(n, seed):
@@ -128,7 +127,7 @@ def _cifar100_archive(folder, train=300, test=100):
 def test_cifar100_kd_quick_on_a_tiny_archive(tmp_path, fits, monkeypatch):
     monkeypatch.delenv("KDISTILL_DATA", raising=False)
     data_dir = _cifar100_archive(tmp_path / "data")
-    out, res = _run(tmp_path, "cifar100-kd", *TINY, "pairs=[{teacher: resnet8, student: resnet8}]",
+    out, res, _ = _run(tmp_path, "cifar100-kd", *TINY, "pairs=[{teacher: resnet8, student: resnet8}]",
                     data_path=data_dir)
     # val_size 500 does not fit 300 images: a tenth is carved instead; train_size/test_size above the counts: all
     assert res["sizes"] == {"train": 270, "val": 30, "test": 100}
@@ -138,7 +137,7 @@ def test_cifar100_kd_quick_on_a_tiny_archive(tmp_path, fits, monkeypatch):
     md = (out / "results.md").read_text()
     assert "**not measured here**" in md and "73.33" in md and "76.32" in md
     assert "Data set: CIFAR-10," not in md
-    _check_png(out / "cifar100_kd.png")
+    check_png(out / "cifar100_kd.png", (1.6 * len(METHODS), 4.5))  # 5 methods, one pair
 
 
 def test_cifar100_kd_without_data_says_where_to_put_it(tmp_path, monkeypatch):
@@ -213,7 +212,7 @@ RESUME = ["data=fake", "val_size=64", "seeds=1", *TINY, "pairs=[{teacher: resnet
 
 
 def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_numbers(tmp_path, fits, monkeypatch):
-    _, whole = _run(tmp_path / "a", "cifar10-kd", *RESUME)
+    _, whole, _ = _run(tmp_path / "a", "cifar10-kd", *RESUME)
     assert len(fits) == 4  # teacher, ce, kd, at
 
     real = _cifar_kd.fit

@@ -1,6 +1,7 @@
 """Plumbing of the transfer-set, small-student and soft-label experiments, on scikit-learn digits."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from kdistill import data
 from kdistill.cli import main
 from kdistill.experiments.small_student import augmented_copies, best_temperature, sweep_summary
 from kdistill.experiments.soft_labels import class_similarity, soft_target_stats
-from deploy_checks import check_deployment
+from deploy_checks import check_deployment, check_png, check_wall_time
 
 SMALL_TEACHER = ["--set", "teacher=mlp:64", "--set", "teacher_epochs=12", "--set", "teacher_lr=0.1",
                  "--set", "teacher_jitter=0", "--set", "val_size=200", "--set", "batch_size=64"]
@@ -33,8 +34,11 @@ def small_mnist(monkeypatch):
 
 
 def _run(name, out, *extra):
+    started = time.perf_counter()
     assert main(["run", name, "--profile", "quick", "--out", str(out), "--no-progress", *extra]) == 0
-    return json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    check_wall_time(res, time.perf_counter() - started)
+    return res
 
 
 
@@ -52,8 +56,8 @@ def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
         assert after <= before
     assert m["distilled"]["offset"]["values"] == [0.0, 0.0]
     assert len(m["distilled+bias(label-free)"]["test_errors"]["values"]) == 2
-    for png in ("offset_curve.png", "per_class_accuracy.png"):
-        assert (tmp_path / "omit3" / png).stat().st_size > 1000
+    check_png(tmp_path / "omit3" / "offset_curve.png", (7, 4))
+    check_png(tmp_path / "omit3" / "per_class_accuracy.png", (8, 3.6))
     assert "3s errors" in (tmp_path / "omit3" / "results.md").read_text()
     assert m["teacher"]["loaded_from_cache"] is False
     distilled = f"distilled mlp:32 (T={res['chosen_temperature']:g}, alpha=1)"
@@ -67,8 +71,9 @@ def test_transfer_omit3_on_small_data_and_teacher_cache(tmp_path, small_mnist):
     again = _run("soft-labels", tmp_path / "soft", *SMALL_TEACHER)
     assert again["models"]["teacher"]["loaded_from_cache"] is True
     assert again["models"]["teacher"]["test_errors"] == m["teacher"]["test_errors"]
-    for png in ("temperatures.png", "dark_knowledge.png", "class_similarity.png"):
-        assert (tmp_path / "soft" / png).stat().st_size > 1000
+    check_png(tmp_path / "soft" / "temperatures.png", (2.6 * 6, 2.8))  # the digit and five temperatures
+    check_png(tmp_path / "soft" / "dark_knowledge.png", (11, 1.9 * 5))  # five digits shown
+    check_png(tmp_path / "soft" / "class_similarity.png", (5.2, 4.4))
     # No student is trained there: the teacher alone.
     rows = check_deployment(again, tmp_path / "soft", ["teacher mlp:64"])
     assert rows["teacher mlp:64"]["accuracy"] == pytest.approx(m["teacher"]["test_accuracy"])
@@ -112,7 +117,8 @@ def test_small_student_on_small_data(tmp_path, small_mnist):
     assert set(res["sweep"]) == {"1.0", "3.0", "6.0"}
     assert res["chosen_temperature"] == best_temperature({float(k): v for k, v in res["sweep"].items()})
     assert m["distilled-cnn-best-T"]["temperature"] == res["chosen_temperature"]
-    assert (tmp_path / "s" / "temperature_sweep.png").is_file() and (tmp_path / "s" / "roles.png").is_file()
+    check_png(tmp_path / "s" / "temperature_sweep.png", (7, 4))
+    check_png(tmp_path / "s" / "roles.png", (8, 3.8))
     rows = check_deployment(res, tmp_path / "s", ["teacher cnn:8,16,hidden=32",
                                                     f"distilled mlp:8,8 (cnn teacher, T={res['chosen_temperature']:g})",
                                                     "student alone mlp:8,8"])

@@ -6,14 +6,14 @@ import pytest
 
 from kdistill import experiments
 from kdistill.cli import main
-from deploy_checks import check_deployment
+from deploy_checks import check_deployment, check_png
 
 TINY = ["val_size=200", "batch_size=64"]
 
 
 def _check_contract(out, experiment, roles):
     results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == experiment and results["wall_time_s"] > 0
+    assert results["experiment"] == experiment
     for role in roles:
         assert {"test_errors", "test_accuracy"} <= set(results["models"][role]), role
     assert (out / "results.md").is_file()
@@ -49,7 +49,7 @@ def test_ensemble_experiment(tmp_path):
     assert set(summary["by_mean"]) == {"arithmetic", "geometric"}
     assert results["models"][f"digits:distilled-{other}"]["seeds"] == 2
     assert summary["by_mean"][head]["retained_share_of_gain"] == summary["retained_share_of_gain"]
-    assert (out / "ensemble.png").stat().st_size > 5000
+    check_png(out / "ensemble.png", (4.2, 3.4))  # one panel: one data set
     rows = check_deployment(results, out, [f"teacher ensemble 3 x mlp:24 ({head} mean)",
                                             f"distilled mlp:24 ({head}, T=3, alpha=1)",
                                             "student alone mlp:24 (one member)"])
@@ -70,7 +70,7 @@ def test_few_data_experiment(tmp_path):
     hard, soft, full = (m[r]["test_accuracy"]["mean"] for r in ("hard-10%", "soft-10%", "hard-all"))
     assert results["recovered_share_of_gap"] == pytest.approx((soft - hard) / (full - hard))
     assert results["sweep"]["1.0"]["hard"]["mean"] == pytest.approx(m["hard-all"]["test_accuracy"]["values"][0])
-    assert (out / "few_data.png").stat().st_size > 5000
+    check_png(out / "few_data.png", (5.6, 3.8))
     rows = check_deployment(results, out, ["teacher mlp:24 (hard-all)", "distilled mlp:24 (soft-10%, T=3, alpha=1)",
                                             "student alone mlp:24 (hard-10%)"])
     for name, role in zip(rows, ("hard-all", "soft-10%", "hard-10%")):  # the first seed's models
@@ -91,7 +91,7 @@ def test_specialists_experiment_from_the_cli(tmp_path, capsys):
     assert "test_accuracy_special" in results["models"]["generalist+specialists"]
     assert results["accuracy_change"]["mean"] == pytest.approx(
         seed["combined"]["accuracy"] - seed["generalist"]["accuracy"])
-    assert (out / "specialists.png").is_file()
+    check_png(out / "specialists.png", (8, 3.6))
     k, n = results["chosen"]["top_k"], len(seed["clusters"])
     rows = check_deployment(results, out, [f"teacher generalist mlp:32 + {n} specialist{'s' * (n > 1)} (top-{k})",
                                             "distilled mlp:32 (T=2, alpha=0.7)",

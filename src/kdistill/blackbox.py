@@ -32,6 +32,7 @@ from torch import nn
 
 from .data.dataset import TensorData
 from .io import atomic_path
+from .models.outputs import LogitsOnly
 from .teachers import CachedTeacher, Teacher
 
 LOGITS_FORMATS = (".safetensors", ".npy")
@@ -339,7 +340,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, in_shape: Sequence[in
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"onnx: output file {path} must end in .onnx")
-    net = copy.deepcopy(model).cpu().eval()
+    net = LogitsOnly(copy.deepcopy(model).cpu()).eval()  # a dict/tuple/ModelOutput forward exports its logits
     example = torch.zeros(2, *in_shape)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

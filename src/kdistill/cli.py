@@ -72,20 +72,13 @@ def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     return config_mod.apply_overrides(cfg, args.set)
 
 
-RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "metrics.csv", "checkpoint.safetensors",
-             "model.safetensors", "results.json", "results.md", "teacher_views.safetensors")
-"""The files a train/distill run writes into ``--out``."""
-_RESTARTABLE = {"config.yaml", "environment.json", "metrics.jsonl", "metrics.csv", "teacher_views.safetensors"}
-
-
-def _is_tmp(p: Path) -> bool:
-    return p.name.startswith(".") and p.name.endswith(".tmp")
-
-
-def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an ``--out`` that cannot hold this run, before any work: a file, a place we cannot write, or the
-    directory of a finished, unfinished or foreign run (unless ``--resume`` or ``--overwrite``)."""
+def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = None) -> None:
+    """Refuse an ``--out`` that cannot hold this run, before any work: a file, a place we cannot write, nothing
+    to resume, or ``--config`` pointing at the config.yaml the run would replace. What the directory holds is
+    checked under its lock (:func:`kdistill.engine.rundir.claim`)."""
     import os
+
+    from .engine.rundir import check_config_file
 
     if resume and overwrite:
         raise ValueError("--overwrite: --resume continues the run in --out, --overwrite replaces it; give one")
@@ -98,32 +91,16 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"--out: {base} is a file, so {out} cannot be made a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"--out: cannot write to {base} (permission denied)")
-    if resume:
-        if not (out / "checkpoint.safetensors").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-        return
-    if not out.exists() or overwrite:
-        return
-    names = sorted(p.name for p in out.iterdir() if not _is_tmp(p))
-    if not names or set(names) <= _RESTARTABLE:
-        return  # empty, or a run killed before its first checkpoint: nothing would be lost
-    if "model.safetensors" in names or "results.json" in names:
-        raise ValueError(f"--out: {out} holds a finished run (model.safetensors, results.json); choose another "
-                         "directory, or --overwrite to replace it")
-    if "checkpoint.safetensors" in names:
-        raise ValueError(f"--out: {out} holds an unfinished run (checkpoint.safetensors); --resume to continue it, "
-                         "or --overwrite to start over")
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    raise ValueError(f"--out: {out} is not empty (holds {shown}); choose a new or empty directory, or --overwrite "
-                     "to write the run there")
+    if resume and not (out / "checkpoint.safetensors").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    check_config_file(config, out)
 
 
 def _clear_run(out: Path) -> None:
     """Delete a previous run's files (``--overwrite``); anything else in the directory stays."""
-    if out.is_dir():
-        for p in out.iterdir():
-            if (p.name in RUN_FILES or _is_tmp(p)) and p.is_file():
-                p.unlink()
+    from .engine.rundir import clear_run
+
+    clear_run(out)
 
 
 def _discard(out: Path, existed: bool) -> None:
@@ -195,15 +172,12 @@ def _teacher_model(cfg: dict[str, Any], bundle):
 
 
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
-    from dataclasses import asdict
+    import os
 
     from . import schema
-    from .distributed import init_from_env
     from .engine.config import check_device
-    from .engine.loop import preflight, remove_stale_tmp
-    from .models import build_model
-    from .report import write_run_files
-    from .train import fit, resolve_device
+    from .engine.rundir import claim
+    from .train import resolve_device
 
     extra: dict[str, Any] = {"model": args.model}
     if distill:
@@ -232,7 +206,28 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
         raise ValueError(f"method.alpha: --unlabelled drops the labels, so {method.name} must train on soft targets only "
                          f"(kd with alpha 1), got {method.extra_repr()}")
     out = Path(args.out)
-    _check_out(out, args.resume, args.overwrite)
+    _check_out(out, args.resume, args.overwrite, args.config)
+    existed = out.exists()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes, so only rank 0 holds the lock
+        return _train_run(args, cfg, method, tcfg, device, distill, out, existed, None)
+    # One run at a time in --out, from here to its end; what the directory holds is checked under the lock.
+    with claim(out, args.resume, args.overwrite) as held:
+        return _train_run(args, cfg, method, tcfg, device, distill, out, existed, held)
+
+
+def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, device, distill: bool, out: Path,
+               existed: bool, held) -> int:
+    """The run itself, once its settings are typed and ``out`` is locked: data, models and teacher checked
+    against each other, then the files written and the model trained."""
+    from dataclasses import asdict
+
+    from .distributed import init_from_env
+    from .engine.loop import preflight
+    from .engine.rundir import remove_stale_tmp
+    from .models import build_model
+    from .report import write_run_files
+    from .train import fit
+
     # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
     rank = init_from_env(cuda=device.type == "cuda")
     bundle = _load_data(cfg)
@@ -263,10 +258,11 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
 
     cfg["train"] = asdict(tcfg)  # the resolved config: every default written out
     cfg["method"] = {"name": method.name, **method.options()}
-    existed = out.exists()
     t0 = time.perf_counter()
     try:
         if rank == 0:
+            if held is not None:
+                held.record()  # the lock file names this run from now on
             if args.overwrite:
                 _clear_run(out)
             remove_stale_tmp(out)
@@ -533,12 +529,28 @@ def error_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line for Ctrl-C: how to go on from what the run kept (checkpoints are written atomically, so
+    the last one is whole)."""
+    out = getattr(args, "out", None)
+    if out and getattr(args, "resume", None) is not None:
+        if args.command in ("train", "distill") and not (Path(out) / "checkpoint.safetensors").is_file():
+            return f"interrupted before the first checkpoint; run the same command again to start over in {out}"
+        return f"interrupted; resume with --resume (the same command with --resume continues {out})"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if os.environ.get("KDISTILL_DEBUG"):
+            raise
+        print(f"kdistill: {_interrupted(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
     except (ValueError, OSError, ImportError) as exc:
         if os.environ.get("KDISTILL_DEBUG"):
             raise

@@ -31,11 +31,11 @@ class Distiller:
         self.history: list[dict[str, Any]] = []
 
     def fit(self, train, config: TrainConfig | None = None, *, val=None, test=None, out_dir=None, resume: bool = False,
-            callbacks=(), progress: bool = True, **train_options: Any) -> FitResult:
+            callbacks=(), progress: bool = True, overwrite: bool = False, **train_options: Any) -> FitResult:
         """Train the student; ``train_options`` (``epochs=``, ``lr=``, ...) override fields of ``config``."""
         cfg = replace(config or TrainConfig(), **train_options) if train_options else (config or TrainConfig())
         result = fit(self.student, train, cfg, teacher=self.teacher, method=self.method, val=val, test=test,
-                     out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress)
+                     out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress, overwrite=overwrite)
         from .data.convert import as_split
 
         split = as_split(train, name="train")

@@ -9,14 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.dataset import TensorData
+from .data.stream import Inputs, inputs_len, inputs_rows, inputs_to
 from .losses import soft_loss
 from .models.layout import as_layout, use_channels_last
+from .models.outputs import forward_logits
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: Inputs, batch_size: int | None = None) -> torch.Tensor:
     """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, on the CPU.
 
+    ``x``: a tensor, or a dict of tensors passed as keyword arguments; the model may return logits, a
+    ``(logits, ...)`` tuple, a dict or a ``ModelOutput`` (:func:`~kdistill.models.outputs.forward_logits`).
     Batches default to 256 images for convolutional models (faster than bigger ones on a CPU: the
     activations stay in cache) and 2048 rows otherwise.
     """
@@ -26,9 +30,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = N
     device = p.device if p is not None else torch.device("cpu")
     nhwc = use_channels_last(model)
     batch_size = batch_size or (256 if nhwc else 2048)
+
+    def batch(i: int) -> Inputs:
+        rows = inputs_to(inputs_rows(x, slice(i, i + batch_size)), device)
+        return rows if isinstance(rows, dict) else as_layout(rows, nhwc)
+
     try:
-        return torch.cat([model(as_layout(x[i : i + batch_size].to(device), nhwc)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat([forward_logits(model, batch(i)).float().cpu() for i in range(0, inputs_len(x), batch_size)])
     finally:
         model.train(was_training)
 

@@ -7,6 +7,7 @@ state dicts) are read with ``torch.load(weights_only=True)``, which refuses arbi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -188,10 +190,46 @@ def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                          f"({type(err).__name__}: {reason})") from None
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's dtype, shape and every byte of its values (what two equal tensors share, nothing else)."""
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    head = f"{t.dtype}:{tuple(t.shape)};".encode()
+    return head + (t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _files_of(dataset: Any) -> list[str] | None:
+    """The file behind each item of a streamed dataset, where it says (kdistill's folder data: ``files``;
+    torchvision's ``ImageFolder``/``DatasetFolder``: ``samples``), through ``Subset``s; else None."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = _files_of(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    files = getattr(dataset, "files", None)
+    if files is None and isinstance(getattr(dataset, "samples", None), (list, tuple)):
+        files = [s[0] if isinstance(s, (tuple, list)) else s for s in dataset.samples]
+    if not isinstance(files, (list, tuple)) or len(files) != len(dataset):
+        return None
+    return [str(f) for f in files] if all(isinstance(f, (str, os.PathLike)) for f in files) else None
+
+
+def _hash_files(h, files: list[str]) -> None:
+    """Each file's path, size and modification time (ns): a replaced or edited image changes them, and no
+    pixel needs decoding."""
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{f}:missing;".encode())
+
+
 def data_fingerprint(split) -> str:
-    """sha256 (32 hex digits) of what identifies a split's samples: input shape, class count, sample ids,
-    labels (when known) and the inputs of up to 256 evenly spaced samples (in-memory splits). Checkpoints and
-    logits files record it, so data of the same name but other samples is told apart."""
+    """sha256 (64 hex digits) of what a run trains on: input shape, class count, sample ids, labels (when
+    known), and every input of an in-memory split (all bytes: one edited value changes it); for a streamed
+    split, the path, size and modification time of every file behind it (folder data, torchvision
+    ``ImageFolder``), or, for a dataset that names no files, its type and length only. Checkpoints record it
+    (``--resume`` refuses other data) and so do logits files."""
     import hashlib
 
     h = hashlib.sha256(f"{tuple(split.input_shape)}:{split.num_classes};".encode())
@@ -201,11 +239,73 @@ def data_fingerprint(split) -> str:
         h.update(b";y:")
         h.update(torch.as_tensor(labels).detach().cpu().long().contiguous().numpy().tobytes())
     x = getattr(split, "x", None)
-    if x is not None and len(x):  # up to 256 evenly spaced samples' inputs: other pixels, same ids and labels
+    if x is not None:
+        h.update(b";x:")
+        h.update(_tensor_bytes(x))
+        return h.hexdigest()
+    dataset = getattr(split, "dataset", None)
+    files = _files_of(dataset) if dataset is not None else None
+    if files is not None:
+        h.update(b";files:")
+        _hash_files(h, files)
+    else:
+        h.update(f";{type(dataset).__name__}:{len(split)}".encode())
+    return h.hexdigest()
+
+
+def legacy_data_fingerprint(split) -> str:
+    """The 32-digit fingerprint of checkpoints written before every input was hashed (256 rows sampled), so
+    such a checkpoint can still be resumed with the same data."""
+    import hashlib
+
+    h = hashlib.sha256(f"{tuple(split.input_shape)}:{split.num_classes};".encode())
+    h.update(torch.as_tensor(split.index).detach().cpu().long().contiguous().numpy().tobytes())
+    labels = split.y if hasattr(split, "y") else getattr(split, "labels", None)
+    if labels is not None:
+        h.update(b";y:")
+        h.update(torch.as_tensor(labels).detach().cpu().long().contiguous().numpy().tobytes())
+    x = getattr(split, "x", None)
+    if x is not None and len(x):
         rows = torch.linspace(0, len(x) - 1, min(256, len(x))).long().to(x.device)
         h.update(b";x:")
         h.update(x[rows].detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def teacher_fingerprint(teacher: Any) -> dict[str, Any] | None:
+    """What identifies a teacher, for ``--resume`` to refuse another one: its kind, spec and a sha256 of its
+    weights (a network), of its logits and their ids (a logits file, or a teacher cached over the data), of
+    the file (ONNX), or of its members, mean and temperature (an ensemble). None without a teacher."""
+    import hashlib
+
+    from .teachers import CachedTeacher, ModuleTeacher
+
+    if teacher is None:
+        return None
+    if isinstance(teacher, ModuleTeacher):
+        teacher = teacher.module
+    h = hashlib.sha256()
+    if isinstance(teacher, nn.Module):
+        for k, v in teacher.state_dict().items():
+            h.update(k.encode() + b"=" + _tensor_bytes(v))
+        spec = getattr(teacher, "spec", None) or f"{type(teacher).__module__}.{type(teacher).__qualname__}"
+        return {"kind": "network", "spec": spec, "sha256": h.hexdigest()}
+    if isinstance(teacher, CachedTeacher):
+        ids = teacher.sorted_ids if teacher.row_of is None else teacher.row_of
+        h.update(_tensor_bytes(ids) + _tensor_bytes(teacher.logits_table))
+        return {"kind": "logits", "sha256": h.hexdigest()}
+    path = getattr(teacher, "path", None)
+    if path is not None and Path(path).is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return {"kind": type(teacher).__name__, "file": Path(path).name, "sha256": h.hexdigest()}
+    members = getattr(teacher, "members", None)
+    if members is not None:
+        parts = [teacher_fingerprint(m) for m in members]
+        return {"kind": "ensemble", "mean": getattr(teacher, "mean", None),
+                "temperature": getattr(teacher, "temperature", None), "members": parts}
+    return {"kind": type(teacher).__name__}
 
 
 WEIGHT_FORMATS = (
@@ -365,8 +465,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     for name, rng in state.pop("rng", {}).items():
         tensors[f"rng.{name}"] = rng
     meta = {"state": state, "param_groups": opt["param_groups"], "opt_scalars": opt_scalars, "spec": getattr(model, "spec", None)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"kdistill_checkpoint": json.dumps(meta, default=_jsonable)})
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"kdistill_checkpoint": json.dumps(meta, default=_jsonable)})
+    except Exception as exc:  # noqa: BLE001 - OSError or safetensors' own error (a Rust io error, e.g. ENOSPC)
+        if not isinstance(exc, (OSError, SafetensorError)):
+            raise
+        raise OSError(write_failure(path, exc, "the previous checkpoint, if any, is kept")) from None
+
+
+def write_failure(path: str | os.PathLike, exc: BaseException, kept: str) -> str:
+    """One line for a file that could not be written: the file, "disk full" when it was, and what survives."""
+    text = f"{getattr(exc, 'strerror', None) or ''} {exc}"
+    full = getattr(exc, "errno", None) == errno.ENOSPC or any(
+        s in text for s in ("No space left", "StorageFull", "os error 28", "code: 28"))
+    reason = "disk full" if full else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return f"cannot write {path}: {reason}; {kept}; free space (or fix the cause) and run again with --resume"
 
 
 def _checkpoint_meta(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:

@@ -132,7 +132,8 @@ def fit_many(
     sigs = [mlp_signature(m) for m in models]
     if None in sigs or len(set(sigs)) > 1:
         return [
-            fit(m, train, c, teacher=prepared, val=val, test=test, out_dir=out / nm if out else None, progress=progress)
+            fit(m, train, c, teacher=prepared, val=val, test=test, out_dir=out / nm if out else None, progress=progress,
+                overwrite=out is not None)  # a sweep owns its students' directories, as the stacked pass does
             for m, c, nm in zip(models, configs, names)
         ]
     return _fit_stacked(models, train, configs, prepared, val, test, out, names, progress, device)

@@ -8,14 +8,17 @@ teacher looks its outputs up by sample id, which is only valid when ``x`` is not
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .data.dataset import TensorData
+from .data.stream import Inputs, inputs_to
 from .models.fold import fold_batchnorm, has_hooks
 from .models.layout import as_layout, use_channels_last
+from .models.outputs import forward_logits
 
 
 @runtime_checkable
@@ -54,6 +57,7 @@ class ModuleTeacher:
     def __init__(self, module: nn.Module, batch_size: int | None = None) -> None:
         # What the caller gave, so that :meth:`release` can hand the module back exactly as it was.
         self._given = (module.training, [p.requires_grad for p in module.parameters()], "train" in vars(module))
+        self._modes = [m.training for m in module.modules()]  # each submodule's own mode (a frozen BN, say)
         self.module = freeze(module)
         self.module.train = types.MethodType(_stay_in_eval, self.module)  # type: ignore[method-assign]
         self.channels_last = use_channels_last(self.module)
@@ -62,6 +66,7 @@ class ModuleTeacher:
         self._compiled: nn.Module | None = None
         self.compile = False
         """Run the folded network through ``torch.compile`` (set by ``fit`` under ``train.compile``)."""
+        self._key = getattr(module, "logits_key", None) or "logits"  # the folded copy or compiled wrapper may lack it
 
     def release(self) -> nn.Module:
         """Undo the freezing: the module's own ``train()``, training mode and ``requires_grad`` flags come back."""
@@ -73,6 +78,8 @@ class ModuleTeacher:
         for p, flag in zip(self.module.parameters(), flags):
             p.requires_grad_(flag)
         self.module.train(training)
+        for m, mode in zip(self.module.modules(), self._modes):
+            m.training = mode  # as given, also where submodules differ from their parent
         return self.module
 
     def weights_hash(self) -> str:
@@ -113,9 +120,13 @@ class ModuleTeacher:
         return self._compiled
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, x: Inputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's logits for the batch ``x`` (a tensor, or a dict of tensors passed as keywords),
+        whatever its forward returns (:func:`~kdistill.models.outputs.forward_logits`)."""
+        if isinstance(x, Mapping):
+            return forward_logits(self.module, x).float()
         x = as_layout(x, self.channels_last)
-        return self._network(x)(x).float()
+        return forward_logits(self._network(x), x, self._key).float()
 
     @torch.no_grad()
     def predict(self, data) -> torch.Tensor:
@@ -123,7 +134,7 @@ class ModuleTeacher:
         from .data.stream import iterate
 
         device = next(self.module.parameters()).device
-        return torch.cat([self.logits(x.to(device)).cpu() for x, _, _ in iterate(data, self.batch_size)])
+        return torch.cat([self.logits(inputs_to(x, device)).cpu() for x, _, _ in iterate(data, self.batch_size)])
 
     def cache(self, data: TensorData) -> "CachedTeacher":
         """Run once over ``data`` and return a teacher that looks the logits up by sample id."""

@@ -6,7 +6,7 @@ outside data gets checked, so a bad label or dtype is reported once, by field na
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,11 +27,13 @@ def _as_array(v: Any, field: str) -> np.ndarray | torch.Tensor:
         raise ValueError(f"{field}: cannot be read as one array ({exc}); pass a numpy array or tensor") from exc
 
 
-def to_inputs(x: Any, field: str = "x") -> torch.Tensor:
+def to_inputs(x: Any, field: str = "x", keep_integers: bool = False) -> torch.Tensor:
     """Inputs as float32; ``uint8`` inputs (8-bit images) are scaled by 1/255 into [0, 1].
 
     Other integer, bool and float dtypes are cast as they are (no scaling): only uint8 is unambiguously
-    pixel data.
+    pixel data. With ``keep_integers`` (what :func:`to_tensor_data`, so ``fit``, asks for) signed and wider
+    unsigned integers (int8..int64, uint16..uint64) become int64 instead: token ids for an embedding layer
+    must reach the model as ids. ``uint8`` is still read as pixels, bool as 0/1 floats.
     """
     arr = _as_array(x, field)
     if isinstance(arr, np.ndarray):
@@ -47,6 +49,8 @@ def to_inputs(x: Any, field: str = "x") -> torch.Tensor:
         raise ValueError(f"{field}: need one row per sample, got a scalar")
     if arr.dtype == torch.uint8:
         return arr.to(torch.float32).div_(255.0)
+    if keep_integers and not arr.is_floating_point() and arr.dtype != torch.bool:
+        return arr.to(torch.long)
     return arr.to(torch.float32)
 
 
@@ -113,11 +117,12 @@ def to_tensor_data(
 ) -> TensorData:
     """An in-memory split from arrays, tensors or lists of any numeric dtype.
 
-    Inputs become float32 (``uint8`` is scaled by 1/255, see :func:`to_inputs`), labels int64
-    (see :func:`to_labels`). ``classes`` defaults to ``str(i)`` for every id up to the largest label;
+    Float inputs become float32, ``uint8`` is scaled by 1/255 into float32, other integers (token ids)
+    stay integers as int64 (see :func:`to_inputs`); labels become int64 (see :func:`to_labels`).
+    ``classes`` defaults to ``str(i)`` for every id up to the largest label;
     ``index`` (sample ids) defaults to ``0..N-1``.
     """
-    inputs, labels = to_inputs(x, "x"), to_labels(y, "y")
+    inputs, labels = to_inputs(x, "x", keep_integers=True), to_labels(y, "y")
     if len(inputs) != len(labels):
         raise ValueError(f"{name}: x has {len(inputs)} rows but y has {len(labels)} labels; pass one label per row")
     names = default_classes(labels) if classes is None else check_classes(labels, classes, "classes")
@@ -162,6 +167,25 @@ def _item_label(item: Any, i: int) -> int:
     return int(to_labels(label.reshape(1), f"dataset item {i} label")[0])
 
 
+def _input_shape(x: Any, name: str, fix: str) -> tuple[int, ...]:
+    """One item's input shape, checked numeric. A dict of tensors (keyword inputs such as ``input_ids`` and
+    ``attention_mask``) needs numeric values; its shape is its first entry's."""
+    if isinstance(x, Mapping):
+        if not x or not all(isinstance(k, str) for k in x):
+            raise ValueError(f"{name}: item 0's input is a dict; it needs string keys naming the model's keyword "
+                             f"arguments (e.g. input_ids, attention_mask), got {list(x)[:4]}")
+        shapes = [_input_shape(v, f"{name}: input {k!r}", fix) for k, v in x.items()]
+        return shapes[0]
+    try:
+        shape = tuple(np.shape(x))
+        arr = np.asarray(x) if not isinstance(x, torch.Tensor) else None
+        if arr is not None and arr.dtype.kind not in _NUMERIC_KINDS:
+            raise TypeError(arr.dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: item 0's input is a {type(x).__name__}, not a numeric array; {fix}") from exc
+    return shape
+
+
 def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -> StreamData:
     n = len(dataset)
     if n == 0:
@@ -171,13 +195,7 @@ def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -
     fix = "give the data set a transform that returns tensors (e.g. torchvision's ToTensor())"
     if type(first[0]).__module__.startswith("PIL"):
         raise ValueError(f"{name}: items are PIL images, not tensors; {fix}")
-    try:
-        shape = tuple(np.shape(first[0]))
-        arr = np.asarray(first[0]) if not isinstance(first[0], torch.Tensor) else None
-        if arr is not None and arr.dtype.kind not in _NUMERIC_KINDS:
-            raise TypeError(arr.dtype)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: item 0's input is a {type(first[0]).__name__}, not a numeric array; {fix}") from exc
+    shape = _input_shape(first[0], name, fix)
     names, labels = _stream_classes(dataset, classes)
     if names is None:  # nothing declared: read every label once (decodes every item, slow for big sets)
         labels = torch.tensor([_item_label(dataset[i], i) for i in range(n)], dtype=torch.long)

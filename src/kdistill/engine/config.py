@@ -15,7 +15,17 @@ SCHEDULES = ("constant", "cosine", "onecycle", "step")
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run; validated before any work starts."""
+    """Everything that decides a training run; validated before any work starts.
+
+    ``cache_teacher`` says whether a teacher network may run once over the training data and have its
+    outputs looked up by sample id, instead of running on every student batch. ``None`` (the default,
+    "auto"): cache only where the data is known to give the same inputs on every read: in-memory data,
+    and streamed data sets that declare no random transform and whose items read the same twice (items
+    that change, e.g. an ``ImageFolder`` with ``RandomCrop``, keep the teacher live, with a warning saying
+    why). ``True``: "my data is deterministic", cache it (refused, naming this field, when the data's
+    items are seen to change). ``False``: always run the teacher on the student's batches. kdistill's own
+    ``augment`` and ``teacher_views``, and methods reading the teacher's features, decide for themselves.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -36,7 +46,7 @@ class TrainConfig:
     temperature: float = 1.0
     alpha: float = 1.0
     loss: str = "kl"
-    cache_teacher: bool = True
+    cache_teacher: bool | None = None  # None: auto (cache only deterministic data); see the class docstring
     # Evaluation and bookkeeping.
     eval_every_steps: int = 0
     keep_best: bool = False

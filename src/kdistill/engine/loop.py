@@ -380,6 +380,7 @@ def fit(
     progress: bool = True,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     callbacks: Sequence[Callback] = (),
+    overwrite: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``train`` with ``method`` (distilling from ``teacher`` if given); return history and metrics.
 
@@ -387,7 +388,11 @@ def fit(
     (streamed through a ``DataLoader``). ``method``: a name (``"kd"``), ``{"name": "dkd", "beta": 8}``, or a
     :class:`~kdistill.methods.Method`; default KD from the config's ``temperature``/``alpha`` with a teacher.
     With ``out_dir``, every epoch rewrites ``metrics.jsonl``/``metrics.csv`` and ``checkpoint.safetensors``
-    (model, optimiser, method extras, keep-best state, RNG states); ``resume=True`` continues exactly.
+    (model, optimiser, method extras, keep-best state, RNG states); ``resume=True`` continues exactly, and
+    refuses a checkpoint of other settings, data or teacher. ``out_dir`` is locked for the run (a second run
+    into it is refused) and must be new, empty or a run killed before its first checkpoint; a finished or
+    unfinished run, or files kdistill did not write, need ``overwrite=True`` (which deletes only kdistill's
+    own files) or ``resume=True`` (:mod:`kdistill.engine.rundir`).
     Inside a process group the global batch is split between the processes (:mod:`kdistill.distributed`).
     The teacher module passed in is handed back as it was given (mode and ``requires_grad``).
     """
@@ -419,19 +424,31 @@ def fit(
     if resume and not (ckpt and ckpt.is_file()):
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt}; run without --resume first")
     # Before any work: data, model, teacher and (on resume) that the checkpoint is this run's.
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the run in out_dir, overwrite=True replaces it; give one")
     preflight(model, train, cfg, teacher=teacher, method=method, val=val, test=test,
               resume_from=ckpt if resume else None, dry_run_teacher=False)
-    if write:
-        remove_stale_tmp(out)
-    retain_freed_memory()  # from here, not only from the first step: caching the teacher's views reuses buffers too
-    cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
+    teacher_id = teacher_fingerprint(teacher) if write else None  # the checkpoint records it for --resume
+    held = claim(out, resume, overwrite, API) if write else None  # one run at a time in out_dir
+    teaching = backend = source = None
     try:
-        teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
-    except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
-        raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
-                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    backend = source = None
-    try:
+        if held is not None and held.fresh:  # called from Python (the CLI prepares its --out itself)
+            held.record()
+            if overwrite:
+                clear_run(out)
+            if not resume:
+                (out / "config.yaml").unlink(missing_ok=True)  # a killed earlier run's: this run writes its own
+        if write:
+            remove_stale_tmp(out)
+        retain_freed_memory()  # from here, not only from the first step: caching the teacher's views reuses buffers
+        cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
+        try:
+            teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
+        except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
+            raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
+                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        if teaching.live:  # one dry forward: a teacher with other classes fails here, not at the first step
+            check_teacher(teaching.teacher, train)
         method.validate(num_classes=train.num_classes, teacher_classes=teacher_classes(teaching.teacher),
                         has_unlabelled=train.has_unlabelled)
         if method.needs_teacher and teaching.teacher is None:
@@ -442,13 +459,16 @@ def fit(
         source = make_source(train, device, cfg.batch_size, aug, cfg.teacher_views, cfg.seed, rank, n_proc, cfg.workers)
         backend = _single_backend(model, method, teaching, source, aug, cfg, device, n_proc)
         return _train(backend, model, method, train, val, test, val_teacher, source, gen, cfg, out, write, ckpt,
-                      resume, progress, on_eval, callbacks, rank)
+                      resume, progress, on_eval, callbacks, rank, teacher_id)
     finally:
         if backend is not None:
             backend.close()
         if source is not None and hasattr(source, "close"):
             source.close()  # a streamed source's persistent DataLoader workers
-        teaching.release()
+        if teaching is not None:
+            teaching.release()
+        if held is not None:
+            held.release()
 
 
 def _diverged(state, what: str, ckpt: Path | None) -> ValueError:
@@ -484,7 +504,7 @@ def _single_backend(model, method, teaching, source, aug, cfg, device, n_proc):
 
 
 def _train(backend, model, method, train, val, test, val_teacher, source, gen, cfg, out, write, ckpt, resume,
-           progress, on_eval, callbacks, rank) -> FitResult:
+           progress, on_eval, callbacks, rank, teacher_id=None) -> FitResult:
     state = LoopState(epochs=cfg.epochs, steps_per_epoch=source.steps_per_epoch, histories=[[]])
     best: dict[str, Any] = {"errors": math.inf, "epoch": None, "state": None}
     method_opts = method_record(method)  # as stored
@@ -493,7 +513,8 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     val_y = labels_of(val) if val is not None else None
     if resume:
         saved = load_checkpoint(ckpt, model, backend.optimizer)
-        _check_resume(saved, cfg, method_opts, ckpt, spec, fingerprint)
+        _check_resume(saved, cfg, method_opts, ckpt, spec, fingerprint, teacher_id if write else saved.get("teacher"),
+                      train)
         method_state = {k[len("method."):]: v for k, v in saved["extra"].items() if k.startswith("method.")}
         if method_state:
             method.load_state_dict(method_state)
@@ -540,7 +561,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
                 extra.update({f"best.{k}": v for k, v in best["state"].items()})
             meta = {"epoch": state.epoch, "step": state.step, "history": state.histories[0], "config": asdict(cfg),
                     "method": method_opts, "rng": _rng_state(gen), "best_errors": best["errors"] if best["epoch"] else None,
-                    "best_epoch": best["epoch"], "data": fingerprint, "model": spec}
+                    "best_epoch": best["epoch"], "data": fingerprint, "model": spec, "teacher": teacher_id}
             save_checkpoint(ckpt, model, backend.optimizer, meta, extra)
 
     cbs: list[Callback] = []

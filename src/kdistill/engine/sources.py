@@ -15,16 +15,17 @@ import torch
 
 from ..data.augment import AugParams, Augment
 from ..data.dataset import StreamData, TensorData
-from ..data.stream import EpochBatches, loader
+from ..data.stream import EpochBatches, Inputs, inputs_to, loader
 
 
 class Batch(NamedTuple):
     """One step's inputs. In-memory sources give ``rows`` (gathered inside the step, so a CUDA graph can
-    replay it); streamed ones give ``x``, ``y``, ``ids`` already on the device. ``views``: which cached
-    teacher view each sample shows (with ``train.teacher_views``)."""
+    replay it); streamed ones give ``x`` (a tensor, or a dict of tensors for models taking keyword
+    inputs), ``y``, ``ids`` already on the device. ``views``: which cached teacher view each sample shows
+    (with ``train.teacher_views``)."""
 
     rows: torch.Tensor | None = None
-    x: torch.Tensor | None = None
+    x: Inputs | None = None
     y: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     params: AugParams | None = None
@@ -132,7 +133,7 @@ class StreamSource:
             params, views = self.draws.draw(bs, gen)
             params, views = self.draws.local(part, params, views, ids)
             nb = pin
-            yield Batch(x=x.to(self.device, non_blocking=nb), y=y.to(self.device, non_blocking=nb),
+            yield Batch(x=inputs_to(x, self.device, non_blocking=nb), y=y.to(self.device, non_blocking=nb),
                         ids=ids.to(self.device, non_blocking=nb),
                         params=None if params is None else params.to(self.device),
                         views=None if views is None else views.to(self.device))

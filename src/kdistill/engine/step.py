@@ -16,11 +16,13 @@ from torch import nn
 
 from ..cuda_graph import GraphedStep, graph_safe_teacher
 from ..data.augment import AugParams
+from ..data.stream import Inputs, chunk_inputs, inputs_to
 from ..distributed import mean_over_processes
 from ..evaluate import predict_split
 from ..methods.base import StepIO
 from ..models.layout import as_layout, use_channels_last
 from ..models.mlp import apply_max_norm
+from ..models.outputs import forward_logits
 from .features import FeatureTap
 from .optim import make_optimizer
 from .sources import Batch
@@ -35,6 +37,7 @@ class StudentStep:
         self.model, self.method, self.teacher, self.source, self.aug, self.cfg = model, method, teaching.teacher, source, aug, cfg
         self.device, self.n_proc = device, n_proc
         self.channels_last = use_channels_last(model)  # NHWC convolutions are faster on CPU (oneDNN) as on CUDA
+        self.logits_key = getattr(model, "logits_key", None) or "logits"  # DDP and compiled wrappers lack it
         self.uses_views = bool(getattr(self.teacher, "uses_views", False))
         method.to(device)
         self.s_tap = FeatureTap(model, method.student_features) if method.student_features else None
@@ -67,11 +70,11 @@ class StudentStep:
     @torch.no_grad()
     def _setup_method(self) -> None:
         """One dry forward of two training samples so the method can size its extras (FitNets' regressors)."""
-        x = _first_inputs(self.source, 2).to(self.device)
+        x = inputs_to(_first_inputs(self.source, 2), self.device)
         was = self.model.training
         self.model.eval()
         try:
-            s_logits = self.model(as_layout(x, self.channels_last))
+            s_logits = forward_logits(self.model, _layout(x, self.channels_last))
             t_logits = self.teacher.logits(x, None) if self.t_tap is not None else None
         finally:
             self.model.train(was)
@@ -92,14 +95,15 @@ class StudentStep:
             xb, yb, ib = batch.x, batch.y, batch.ids
         if batch.params is not None:
             xb = self.aug.apply(xb, batch.params)
-        xb = as_layout(xb, self.channels_last)
+        xb = _layout(xb, self.channels_last)
         k = self.cfg.accumulate
         self.optimizer.zero_grad(set_to_none=True)
         if k == 1:
             loss, terms = self._forward_backward(xb, yb, ib, batch.views, progress, 1.0)
         else:  # micro-batches, each loss weighted 1/k: the summed gradient is the whole batch's mean gradient
-            parts = [self._forward_backward(*chunk, progress, 1.0 / k) for chunk in zip(
-                xb.chunk(k), yb.chunk(k), ib.chunk(k), batch.views.chunk(k) if batch.views is not None else [None] * k)]
+            views = batch.views.chunk(k) if batch.views is not None else [None] * k
+            parts = [self._forward_backward(*chunk, progress, 1.0 / k)
+                     for chunk in zip(chunk_inputs(xb, k), yb.chunk(k), ib.chunk(k), views)]
             loss = sum(p[0] for p in parts) / k
             terms = {name: sum(p[1][name] for p in parts) / k for name in parts[0][1]}
         if self.n_proc > 1:
@@ -122,7 +126,7 @@ class StudentStep:
     def _forward_backward(self, xb, yb, ib, views, progress, weight: float):
         """Forward, the method's terms and backward of one (micro-)batch; returns the loss and its terms."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.use_graph):
-            logits = self.forward(xb)
+            logits = forward_logits(self.forward, xb, self.logits_key)
             t_logits = None
             if self.teacher is not None:
                 t_logits = self.teacher.logits(xb, ib, views) if self.uses_views else self.teacher.logits(xb, ib)
@@ -182,7 +186,12 @@ class StudentStep:
         return [self.model]
 
 
-def _first_inputs(source, k: int) -> torch.Tensor:
+def _layout(x: Inputs, channels_last: bool) -> Inputs:
+    """A tensor batch in the model's memory layout; a dict of keyword inputs as it is."""
+    return as_layout(x, channels_last) if isinstance(x, torch.Tensor) else x
+
+
+def _first_inputs(source, k: int) -> Inputs:
     data = source.data
     if hasattr(data, "x"):
         return data.x[:k]

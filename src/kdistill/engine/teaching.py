@@ -1,14 +1,18 @@
 """Getting the teacher ready for a run: wrapped, validated against the data and the method, cached where
-its outputs cannot change (no augmentation), or cached per augmented view, and handed back afterwards."""
+its outputs cannot change (no augmentation, and data whose items read the same every time), or cached per
+augmented view, and handed back afterwards. Everywhere else the teacher runs on the student's exact batch."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.dataset import TensorData
+from ..data.stream import changing_items
 from ..teachers import CachedTeacher, ModuleTeacher
 from .config import TrainConfig
 from .views import ViewTeacher, load_or_compute
@@ -62,7 +66,8 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
                                     cache_path, train.num_classes)
             views.check_covers(train)
             return Teaching(views.to(device), None, owned, compiled)
-        if isinstance(teacher, ModuleTeacher) and aug.is_identity and cfg.cache_teacher and not needs_features:
+        if isinstance(teacher, ModuleTeacher) and aug.is_identity and not needs_features \
+                and should_cache(train, cfg.cache_teacher):
             teacher = teacher.cache(train)
         if isinstance(teacher, CachedTeacher):
             if not aug.is_identity:
@@ -79,6 +84,32 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
         if owned is not None:
             owned.release()
         raise
+
+
+def should_cache(train, cache_teacher: bool | None) -> bool:
+    """Whether a teacher network may run once over ``train`` (``train.cache_teacher``: None = auto).
+
+    In memory, a sample is the same tensor every epoch: cached unless told not to. A streamed data set may
+    transform its items at random on every read (torchvision's ``RandomCrop``): then a cache would hold one
+    random view while the student sees others, so the teacher stays live (auto, with a warning saying why)
+    or, where the user asked for the cache, the run is refused before any work.
+    """
+    if cache_teacher is False:
+        return False
+    if isinstance(train, TensorData):
+        return True
+    why = changing_items(train)
+    if why is None:
+        return True
+    if cache_teacher:
+        raise ValueError(f"train.cache_teacher: true caches the teacher's outputs on one read of each sample, but "
+                         f"{train.name}'s items change between reads ({why}), so the teacher would not see the "
+                         "student's inputs; leave cache_teacher unset (auto: the teacher runs on each batch) or set "
+                         "it to false")
+    warnings.warn(f"train.cache_teacher: {train.name}'s items change between reads ({why}); the teacher runs on "
+                  "each student batch instead of once over the data (set cache_teacher: false to skip this check)",
+                  UserWarning, stacklevel=4)
+    return False
 
 
 def _reads_teacher_features(method) -> bool:

@@ -125,7 +125,8 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"], seed=s["seed"],
     )
     ctx.log(f"teacher {s['teacher']}: {tcfg.epochs} epochs, jitter ±{tcfg.jitter} px")
-    t_fit = fit(teacher, train, tcfg, val=val, test=test, out_dir=ctx.out / "teacher", progress=ctx.progress)
+    t_fit = fit(teacher, train, tcfg, val=val, test=test, out_dir=ctx.out / "teacher", progress=ctx.progress,
+                overwrite=True)  # retrained on every run (also on --resume) into the experiment's own directory
     ctx.log(f"teacher: {t_fit.test['errors']} test errors ({t_fit.wall_time_s:.0f} s)")
     frozen = ModuleTeacher(teacher)
     seeds = [s["seed"] + i for i in range(s["seeds"])]

@@ -1,10 +1,16 @@
 """Reduce a model's output to its logits tensor, so models from other libraries fit the trainer.
 
-Everything in kdistill (losses, trainer, evaluation) expects ``model(x)`` to be a logits tensor. Models
-from torchvision (GoogLeNet/Inception return namedtuples while training), timm, Hugging Face
-(``ModelOutput`` with ``.logits``) or a user's own code (``(logits, features)``) return more;
-:func:`ensure_logits` puts a forward hook on such a model that keeps only the logits, leaving its
-weights and ``state_dict`` untouched.
+Everything in kdistill (losses, trainer, evaluation) works on a logits tensor. Models from torchvision
+(GoogLeNet/Inception return namedtuples while training), timm, Hugging Face (``ModelOutput`` with
+``.logits``) or a user's own code (``(logits, features)``, ``{"logits": z}``) return more.
+
+Every place kdistill runs a model it was given (the student's training step and dry forward, a teacher
+network, evaluation, latency) goes through :func:`forward_logits`, which also passes a dict of input
+tensors as keyword arguments (``model(**x)``, as Hugging Face models take ``input_ids``/``attention_mask``).
+The user's module is left as it was: no hook stays on it after ``fit``, and a teacher keeps its
+BatchNorm-folded fast path (a hook would turn folding off). :class:`LogitsOnly` wraps a model for tracing
+(ONNX export); :func:`ensure_logits` puts a forward hook on a model that keeps only the logits (the model
+registry uses it for the models it builds).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["logits_of", "ensure_logits"]
+__all__ = ["logits_of", "ensure_logits", "forward_logits", "LogitsOnly"]
 
 
 def logits_of(output: Any, key: str = "logits") -> torch.Tensor:
@@ -57,3 +63,24 @@ def ensure_logits(model: nn.Module, key: str = "logits") -> nn.Module:
     if not any(hook is _logits_hook for hook in model._forward_hooks.values()):
         model.register_forward_hook(_logits_hook)
     return model
+
+
+def forward_logits(model: nn.Module, x: Any, key: str | None = None) -> torch.Tensor:
+    """``model``'s logits for the batch ``x``: a tensor goes in positionally, a dict of tensors as keyword
+    arguments (``model(**x)``); the output is reduced by :func:`logits_of` (``key``: the model's
+    ``logits_key`` attribute, else ``"logits"``)."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return logits_of(out, key or getattr(model, "logits_key", None) or "logits")
+
+
+class LogitsOnly(nn.Module):
+    """``model`` with a forward that returns only its logits tensor: what tracing (``torch.onnx.export``)
+    needs from a model whose forward returns a dict, a tuple or a ``ModelOutput``."""
+
+    def __init__(self, model: nn.Module, key: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.key = key or getattr(model, "logits_key", None) or "logits"
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return logits_of(self.model(*args, **kwargs), self.key)
