@@ -141,7 +141,8 @@ def test_logits_of_and_ensure_logits():
 def test_torchvision_builds_when_installed():
     need("torchvision")
     model = build_model("tv:resnet18", (3, 32, 32), 10)
-    assert model.spec == "tv:resnet18" and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # eval: in training mode BatchNorm refuses one sample of 1x1 features (ValueError, not this test's subject)
+    assert model.spec == "tv:resnet18" and model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ValueError, match="no model 'nonexistent_net'"):
         build_model("tv:nonexistent_net", (3, 32, 32), 10)
 
@@ -150,7 +151,7 @@ def test_torchvision_builds_when_installed():
 def test_timm_builds_when_installed():
     need("timm")
     model = build_model("timm:resnet18,drop_rate=0.1", (1, 32, 32), 10)
-    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+    assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("kind, module, extra", [("tv", "torchvision", "kdistill[tv]"), ("timm", "timm", "kdistill[timm]")])
@@ -246,7 +247,7 @@ def test_adapter_model_saves_and_reloads_from_another_cwd(nets_file, tmp_path, m
     other = tmp_path / "elsewhere"
     other.mkdir()
     monkeypatch.chdir(other)
-    again = load_model(tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors", trust_code=True)  # the file's py: spec runs code: opted in
     x = torch.randn(2, *SHAPE)
     assert torch.equal(again.eval()(x), model.eval()(x))
 
@@ -263,7 +264,7 @@ def test_custom_module_model_reloads_via_describe_model(tmp_path, monkeypatch):
     save_model(tmp_path / "m.safetensors", model, in_shape=list(SHAPE), num_classes=CLASSES)
     monkeypatch.delitem(sys.modules, "kd_user_nets")
     monkeypatch.chdir(tmp_path)
-    again = load_model(tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors", trust_code=True)
     assert _same(again.state_dict(), model.state_dict())
 
     class Local(nn.Module):  # not at module level: cannot be rebuilt by name

@@ -271,11 +271,13 @@ def test_keep_best_survives_a_resume(tmp_path):
                 raise KeyboardInterrupt
 
     cfg = TrainConfig(epochs=4, batch_size=16, lr=0.3, keep_best=True)
-    full = fit(SmallNet(8), (x, y), cfg, val=val, out_dir=tmp_path / "a", progress=False)
-    torch.manual_seed(0)
+    # Both runs start from the same seeded weights, whatever ran before this test (the resumed net's own
+    # initial weights are replaced by the checkpoint's).
+    full = fit(_seeded(SmallNet, 8), (x, y), cfg, val=val, out_dir=tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        fit(SmallNet(8), (x, y), cfg, val=val, out_dir=tmp_path / "b", progress=False, callbacks=[Stop()])
+        fit(_seeded(SmallNet, 8), (x, y), cfg, val=val, out_dir=tmp_path / "b", progress=False, callbacks=[Stop()])
     resumed = fit(SmallNet(8), (x, y), cfg, val=val, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert full.best_epoch in (1, 2)  # chosen before the interruption: the resumed run has it from the checkpoint
     assert resumed.best_epoch == full.best_epoch
     assert torch.equal(_params(resumed.model), _params(full.model))
 

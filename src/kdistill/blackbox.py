@@ -335,8 +335,14 @@ class OnnxTeacher:
         return CachedTeacher(data.index, self.predict(data))
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, in_shape: Sequence[int], opset: int = 17) -> Path:
-    """Write ``model`` (a CPU copy, eval mode) as ONNX with a dynamic batch dimension, atomically."""
+def export_onnx(model: nn.Module, path: str | os.PathLike, in_shape: Sequence[int], opset: int = 17,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a CPU copy, eval mode) as ONNX with a dynamic batch dimension, atomically.
+
+    ``metadata`` (e.g. ``class_names``, ``preprocessing``, ``input_shape`` from ``model.safetensors``) goes
+    into the model's ``metadata_props``, each value as JSON, so the file alone says how to feed it and what its
+    outputs mean (:func:`read_onnx_metadata`; ``kdistill predict --model M.onnx`` uses it).
+    """
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"onnx: output file {path} must end in .onnx")
@@ -348,7 +354,35 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, in_shape: Sequence[in
             net, (example,), str(tmp), input_names=["x"], output_names=["logits"], opset_version=opset,
             dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = str(key), json.dumps(value)
+            onnx.save(proto, str(tmp))
     return path
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON ``metadata_props`` of an ONNX model written by :func:`export_onnx` (``{}`` when it has none;
+    a value that is not JSON is kept as its string)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError("onnx: onnxruntime is not installed; `pip install kdistill[onnx]`") from exc
+    try:
+        props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ValueError(f"onnx: {path} is not a loadable ONNX model ({str(exc)[:200]})") from None
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _as_list(value: Any) -> list[str]:
@@ -357,14 +391,30 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def _weights_teacher(path: str, train) -> nn.Module:
-    """A teacher network from a kdistill weights file, refused when it was made for other inputs or classes."""
+def _check_class_names(path: str, recorded: Any, train) -> None:
+    """Refuse a teacher trained on classes of other names, or of the same names in another order, than ``train``
+    (its logit i would be taught as class i of the data). Names ``0..C-1`` (data without names) say nothing."""
+    ours = [str(c) for c in getattr(train, "classes", None) or ()]
+    if not isinstance(recorded, (list, tuple)) or not ours or len(recorded) != len(ours):
+        return
+    theirs = [str(c) for c in recorded]
+    default = [str(i) for i in range(len(ours))]
+    if theirs != ours and default not in (theirs, ours):
+        how = "in another order" if sorted(theirs) == sorted(ours) else "other names"
+        raise ValueError(f"teacher: {path} was trained on classes {theirs}, but {train.name} has {ours} ({how}: its "
+                         "outputs would teach the wrong classes); give a teacher trained on this data's classes")
+
+
+def _weights_teacher(path: str, train, trust_code: bool = False) -> nn.Module:
+    """A teacher network from a kdistill weights file, refused when it was made for other inputs or classes;
+    a ``py:`` spec recorded in the file runs only with ``trust_code``."""
     from .io import load_model, read_model_meta
 
     shape = classes = None
     if Path(path).suffix.lower() == ".safetensors" and Path(path).is_file():
         meta = read_model_meta(path)
         shape, classes = meta.get("in_shape"), meta.get("num_classes")
+        _check_class_names(path, meta.get("class_names"), train)
         if isinstance(shape, (list, tuple)) and tuple(shape) != tuple(train.input_shape):
             raise ValueError(f"teacher: {path} was trained on inputs shaped {list(shape)}, but {train.name} has "
                              f"{list(train.input_shape)}; give a teacher trained on this data")
@@ -373,16 +423,18 @@ def _weights_teacher(path: str, train) -> nn.Module:
                              "give a teacher trained on this data")
     # A checkpoint records its spec but not the data's shape: the transfer set's is the only one it can fit.
     return load_model(path, in_shape=None if shape else list(train.input_shape),
-                      num_classes=None if classes else train.num_classes)
+                      num_classes=None if classes else train.num_classes, trust_code=trust_code)
 
 
-def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, temperature: float = 1.0) -> Any:
+def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, temperature: float = 1.0, *,
+                    trust_code: bool = False) -> Any:
     """The teacher named by a distill config, its files read and checked against ``train`` before training.
 
     ``teacher`` (weights), ``teacher_logits`` and ``teacher_onnx`` may each be one path or a list; one
     teacher in all is used as is, several become an :class:`~kdistill.ensemble.EnsembleTeacher` with
     ``ensemble_mean`` (default arithmetic) combined at ``temperature`` (the training temperature), cached
-    when the inputs are not augmented.
+    when the inputs are not augmented. ``trust_code``: build ``py:`` specs recorded in weights files
+    (``--trust-code``).
     """
     from .io import load_model
 
@@ -393,7 +445,7 @@ def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, tem
         raise ValueError("train.augment: saved teacher logits were computed on un-augmented inputs and cannot "
                          "follow augmented ones; drop train.augment / train.jitter / train.teacher_views, or give a "
                          "teacher network")
-    members: list[Any] = [_weights_teacher(w, train) for w in weights]
+    members: list[Any] = [_weights_teacher(w, train, trust_code) for w in weights]
     members += [logits_teacher(f, train) for f in logits]
     for f in onnx:
         teacher = OnnxTeacher(f)

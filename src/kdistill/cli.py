@@ -53,6 +53,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def add_trust_code(p: argparse.ArgumentParser) -> None:
+    """``--trust-code``: build a ``py:`` model spec recorded in a weights file (it imports and runs that code)."""
+    p.add_argument("--trust-code", action="store_true",
+                   help="run the Python code a weights file names (its py:FILE.py:FACTORY spec); without it such a "
+                        "file is refused, as a weights file must not run code you did not choose")
+
+
 def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     from .schema import normalize_sections
 
@@ -242,12 +249,16 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
 
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
         augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
+        from .data.preprocess import check_teacher_files
+
+        check_teacher_files(cfg, train)  # a teacher trained on other normalisation is refused, naming the fix
         if cfg.get("teacher_model"):
             if any(cfg.get(k) for k in ("teacher", "teacher_logits", "teacher_onnx")):
                 raise ValueError("--teacher-model: give one teacher network this way, or several with --teacher")
             teacher = _teacher_model(cfg, bundle)
         else:
-            teacher = resolve_teacher(cfg, train, augmented, getattr(method, "temperature", 1.0))  # checked against the data
+            teacher = resolve_teacher(cfg, train, augmented, getattr(method, "temperature", 1.0),  # checked against the data
+                                      trust_code=args.trust_code)
         train = drop_labels(train) if cfg.get("unlabelled") else train
     _check_size(cfg["model"], bundle.input_shape, bundle.train.num_classes)
     model = build_model(cfg["model"], bundle.input_shape, bundle.train.num_classes, seed=tcfg.seed)
@@ -341,13 +352,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not 0 < check_number(args.temperature, "--temperature") <= 1e4:
         raise ValueError(f"--temperature: must be in (0, 1e4], got {args.temperature}")
     check_inputs(split, args.split)
-    model = load_model(args.model)
+    model = load_model(args.model, trust_code=args.trust_code)
     _check_outputs(model, split, next(iter(model.parameters()), torch.empty(0)).device)
     teacher = None
     if args.teacher:
         if not Path(args.teacher).is_file():
             raise FileNotFoundError(f"--teacher: no file {args.teacher}")
-        teacher = load_model(args.teacher)
+        teacher = load_model(args.teacher, trust_code=args.trust_code)
         check_teacher(teacher, split)
     teacher_logits = predict_split(teacher, split) if teacher is not None else None
     metrics = evaluate_model(model, split, teacher_logits, args.temperature)
@@ -415,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", "-T", type=float)
     p.add_argument("--alpha", type=float, help="soft-target weight in [0, 1]; 1 - alpha goes to the hard labels")
     p.add_argument("--loss", choices=["kl", "soft_ce", "logit_mse", "prob_mse"])
+    add_trust_code(p)
     _add_common(p)
     p.set_defaults(func=lambda a: _train_like(a, distill=True))
 
@@ -428,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher weights, for KL and agreement")
     p.add_argument("--temperature", "-T", type=float, default=1.0)
     p.add_argument("--full", action="store_true", help="include the confusion matrix")
+    add_trust_code(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("run", help="run a named experiment (see --list)")

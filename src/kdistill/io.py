@@ -69,19 +69,25 @@ def _jsonable(obj: Any) -> Any:
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
-    """Weights plus the metadata needed to rebuild the model (``spec``, ``in_shape``, ``num_classes``).
+    """Weights plus the metadata needed to rebuild the model (``spec``, ``in_shape``, ``num_classes``, and
+    whatever else ``meta`` holds, e.g. ``class_names``).
 
-    A model without a ``.spec`` (built from the user's own class) is described as ``py:FILE.py:CLASS``
-    when possible (:func:`~kdistill.models.adapters.describe_model`); otherwise its class path is kept
-    under ``class`` and :func:`load_model` asks for a spec.
+    A model without a ``.spec`` (built by ``timm.create_model``, a torchvision builder, transformers or the
+    user's own class) is described as ``timm:``/``tv:``/``hf:``/``py:`` when possible
+    (:func:`~kdistill.models.adapters.describe_model`); otherwise its class path is kept under ``class`` and
+    :func:`load_model` asks for a spec. A transformers model's config is kept under ``hf_config``, so it
+    rebuilds offline.
     """
     from .models.adapters import describe_model
+    from .models.hf import config_of
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    spec = getattr(model, "spec", None) or describe_model(model)
+    spec = getattr(model, "spec", None) or describe_model(model, meta.get("in_shape"), meta.get("num_classes"))
     info: dict[str, Any] = {"spec": spec}
     if spec is None:
         info["class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    elif spec.startswith("hf:") and config_of(model) is not None:
+        info["hf_config"] = config_of(model)
     metadata = {"kdistill": json.dumps({**info, **meta}, default=_jsonable)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -395,8 +401,14 @@ def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor], s
     unexpected = [k for k in state if k not in want]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
               if k in state and state[k].shape != want[k].shape]
+    # load_state_dict would cast silently: an integer or bool tensor (a step count, a mask) read into a float
+    # one, or float values truncated into an integer buffer. Only a float precision change is a plain cast.
+    dtypes = [f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(want[k].dtype).removeprefix('torch.')}"
+              for k in want if k in state and state[k].dtype != want[k].dtype
+              and not (state[k].is_floating_point() and want[k].is_floating_point())]
     problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes),
+                        ("dtype mismatch (file vs model)", dtypes)):
         if keys:
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
             problems.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
@@ -405,13 +417,30 @@ def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor], s
                          + "; check --model / in_shape / num_classes")
 
 
-def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, num_classes=None) -> nn.Module:
+def _refuse_code(path: Path, spec: str) -> None:
+    """A file's own ``py:`` spec would import and run Python code the file names: refused unless trusted."""
+    raise ValueError(f"weights: {path} records the model spec {spec!r}, which imports and runs that Python code; "
+                     "a weights file never runs code unless you trust it: pass --trust-code (command line) or "
+                     "trust_code=True (kdistill.io.load_model / the Python API), or give the spec yourself "
+                     "(--teacher-model SPEC --teacher-weights FILE)")
+
+
+def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, num_classes=None, *,
+               trust_code: bool = False) -> nn.Module:
     """Rebuild and load a model from any file :func:`load_weights` reads (arguments override the stored
-    metadata; a plain state dict needs all three)."""
+    metadata; a plain state dict needs all three).
+
+    A ``py:`` spec read from the file is built (its code imported and run) only with ``trust_code=True``;
+    one passed as ``spec`` is the caller's choice. ``tv:``/``timm:``/``hf:`` specs call library builders (never
+    with remote code). Tensors must keep their kind: an integer or bool tensor is never read into a float one
+    (or the reverse); only float precision may change.
+    """
     from .models import build_model
+    from .models.adapters import runs_code
 
     path = Path(path)
     state, meta = load_weights(path)
+    from_file = not spec
     spec = spec or meta.get("spec")
     in_shape = in_shape or meta.get("in_shape")
     num_classes = num_classes or meta.get("num_classes")
@@ -425,6 +454,11 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
         raise ValueError(f"weights: {path}: no model {'/'.join(missing)} stored; pass them explicitly")
     if not isinstance(spec, str):
         raise ValueError(f"weights: {path}: the stored model spec {spec!r} is not a string (corrupt metadata)")
+    if from_file and runs_code(spec) and not trust_code:
+        _refuse_code(path, spec)
+    hf_config = meta.get("hf_config") if from_file and spec.strip().startswith("hf:") else None
+    if hf_config is not None and not isinstance(hf_config, dict):
+        raise ValueError(f"weights: {path}: its hf_config {type(hf_config).__name__} is not a mapping (corrupt metadata)")
     if not (isinstance(in_shape, (list, tuple)) and 1 <= len(in_shape) <= 5
             and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1_000_000 for d in in_shape)):
         raise ValueError(f"weights: {path}: in_shape {in_shape!r} is not a sample shape (1 to 5 positive sizes)")
@@ -435,7 +469,7 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
     skeleton = build_on_meta(spec, in_shape, num_classes)  # shapes first: nothing allocated for a file that
     if skeleton is not None:  # does not fit (a small file whose metadata claims a huge model, say)
         _check_state(path, skeleton, state, spec)
-    model = build_model(spec, in_shape, num_classes)
+    model = build_model(spec, in_shape, num_classes, hf_config=hf_config)
     _check_state(path, model, state, spec)
     bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
     if bad:

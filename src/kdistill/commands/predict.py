@@ -1,12 +1,14 @@
 """Teachers other than one saved module, from the command line.
 
-* ``kdistill predict``: a teacher's logits for a data split, saved for black-box distillation;
+* ``kdistill predict``: a saved model's top classes for image files (``FILE_OR_DIR...``), or a teacher's
+  logits for a data split (``--save-logits``), saved for black-box distillation;
 * ``kdistill export-onnx``: a saved model as ONNX (a teacher others can run without PyTorch);
 * ``kdistill specialists``: specialists for a saved generalist, evaluated with it, and (``--save-logits``)
   the combined distribution saved for ``kdistill distill --teacher-logits``.
 
-The split is loaded exactly as ``kdistill distill`` loads it (same ``--data``, ``--data-path``,
-``--val-size`` and ``--data-seed`` defaults), so the saved rows line up with its transfer set by sample id.
+The split is loaded exactly as ``kdistill distill`` loads it (by default the data of the run that wrote the
+model, from the ``config.yaml`` beside it, with the model's recorded normalisation), so the saved rows line up
+with its transfer set by sample id.
 """
 
 from __future__ import annotations
@@ -19,21 +21,39 @@ from pathlib import Path
 def _predict(args: argparse.Namespace) -> int:
     from .. import data
     from ..blackbox import OnnxTeacher, save_logits
-    from ..evaluate import classification_metrics, predict_logits, predict_split
-    from ..io import load_model
+    from ..data.preprocess import parse_normalize
+    from ..evaluate import classification_metrics, predict_split
+    from . import _predict as files
 
     if bool(args.model) == bool(args.onnx):
-        raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors or --onnx MODEL.onnx")
+        raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors (or .onnx) or --onnx MODEL.onnx")
+    if args.model and args.model.lower().endswith(".onnx"):
+        args.model, args.onnx = None, args.model
+    if args.inputs:
+        return files.classify_files(args)
+    if not args.save_logits:
+        raise ValueError("predict: give image files or folders to classify (kdistill predict --model M FILE_OR_DIR...), "
+                         "or --save-logits FILE to save the logits of a data split")
     out = Path(args.save_logits)
     if out.suffix.lower() not in (".safetensors", ".npy"):
         raise ValueError(f"--save-logits: {out} must end in .safetensors or .npy")
-    options = {"path": args.data_path} if args.data_path else {}
-    bundle = data.load(args.data, val_size=args.val_size, seed=args.data_seed, **options)
+    pred = files.load_predictor(args.model or args.onnx, getattr(args, "trust_code", False))
+    d = files.split_data(args, pred.preprocessing)
+    norm = parse_normalize(d.pop("normalize", None))  # applied once the data is known to fit the model
+    options = {k: v for k, v in d.items() if k not in ("name", "val_size", "seed") and v is not None}
+    bundle = data.load(d["name"], val_size=d.get("val_size"), seed=d.get("seed") or 0, **options)
     split = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[args.split]
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
+    split = files.fit_split(pred, split, norm)
     if args.model:
-        logits = predict_split(load_model(args.model), split)
+        import torch
+
+        from ..engine.loop import _check_outputs
+
+        model = pred.module
+        _check_outputs(model, split, next(iter(model.parameters()), torch.empty(0)).device)
+        logits = predict_split(model, split)
         source = str(args.model)
     else:
         teacher = OnnxTeacher(args.onnx)
@@ -57,10 +77,13 @@ def _export(args: argparse.Namespace) -> int:
     from ..io import load_model, read_model_meta
 
     model = load_model(args.model)
-    in_shape = read_model_meta(args.model).get("in_shape")
+    meta = read_model_meta(args.model)
+    in_shape = meta.get("in_shape")
     if not in_shape:
         raise ValueError(f"--model: {args.model} records no input shape; save it with `kdistill train`")
-    export_onnx(model, args.onnx, in_shape)
+    # What the file alone must say to be used (kdistill predict --model M.onnx, or any ONNX runtime).
+    extra = {k: meta[k] for k in ("class_names", "preprocessing") if meta.get(k) is not None}
+    export_onnx(model, args.onnx, in_shape, metadata={"input_shape": list(in_shape), **extra})
     print(json.dumps({"onnx": str(args.onnx), "in_shape": in_shape}))
     return 0
 
@@ -123,15 +146,26 @@ def _specialists(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="save a teacher's logits for a data split (black-box distillation)")
-    p.add_argument("--model", help="teacher weights (.safetensors written by `kdistill train`)")
+    from ..data.folder import MAX_PIXELS
+
+    p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
+                       "data split (black-box distillation)")
+    p.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
+                   help="image files (.png/.jpg/.jpeg/.bmp) or folders of them to classify")
+    p.add_argument("--model", help="weights (.safetensors written by `kdistill train`/`distill`) or an .onnx model")
     p.add_argument("--onnx", help="or: an ONNX teacher, run with onnxruntime")
-    p.add_argument("--data", default="mnist")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="refuse images whose header declares more pixels (decompression bombs)")
+    p.add_argument("--data", help="with --save-logits: the data set (default: the data of the run that wrote --model, "
+                   "from its config.yaml)")
     p.add_argument("--data-path")
     p.add_argument("--split", choices=["train", "val", "test"], default="train")
-    p.add_argument("--val-size", type=float, default=None, help="as in distill (default: the data set's own)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation split, as in distill's data.seed")
-    p.add_argument("--save-logits", required=True, metavar="FILE", help=".safetensors (logits + sample ids) or .npy")
+    p.add_argument("--val-size", type=float, default=None, help="as in distill (default: the run's, else the data set's)")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the validation split (default: the run's "
+                   "data.seed, else 0)")
+    p.add_argument("--save-logits", metavar="FILE", help=".safetensors (logits + sample ids) or .npy")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export-onnx", help="write a saved model as ONNX")

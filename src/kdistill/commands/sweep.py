@@ -98,7 +98,7 @@ def _sweep(args: argparse.Namespace) -> int:
     d = dict(cfg["data"])
     options = {"path": d["path"]} if d.get("path") else {}
     bundle = data.load(d["name"], val_size=d.get("val_size"), seed=d.get("seed", 0), **options)
-    teacher = load_model(teacher_path) if teacher_path else None
+    teacher = load_model(teacher_path, trust_code=args.trust_code) if teacher_path else None
     models = [build_model(cfg["student"], bundle.input_shape, bundle.train.num_classes, seed=s[1].seed) for s in students]
     out = Path(args.out)
     write_run_files(out, cfg, None)  # only once every input has been validated
@@ -166,4 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-models", action="store_true", help="write each student's weights and metrics under OUT/students/")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
+    from ..cli import add_trust_code
+
+    add_trust_code(p)
     p.set_defaults(func=_sweep)

@@ -256,3 +256,27 @@ def check_teacher_preprocessing(path: str, record: Mapping[str, Any] | None, spl
                      f"run's data ({split.name}) uses {mine.describe()}; the {what} would see other numbers than it "
                      f"learnt from. Set --set data.normalize='{fix}' to match it, or use a {what} trained with "
                      f"this run's preprocessing")
+
+
+def _paths(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
+    """Every teacher of a distill config that records its preprocessing (``--teacher``/``--teacher-weights``
+    kdistill ``.safetensors``, ``--teacher-onnx`` exported by kdistill) checked against the run's data."""
+    from pathlib import Path
+
+    from ..io import read_model_meta
+
+    for key in ("teacher", "teacher_weights"):
+        for path in _paths(cfg.get(key)):
+            if path.lower().endswith(".safetensors") and Path(path).is_file():
+                check_teacher_preprocessing(path, read_model_meta(path).get("preprocessing"), split)
+    for path in _paths(cfg.get("teacher_onnx")):
+        if Path(path).is_file():
+            from ..blackbox import read_onnx_metadata
+
+            check_teacher_preprocessing(path, read_onnx_metadata(path).get("preprocessing"), split, "teacher_onnx")

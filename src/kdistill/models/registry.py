@@ -5,8 +5,9 @@ counts) or ``key=value``. Builders receive ``in_shape``, ``num_classes``, the po
 the keyword options, so a spec plus the data's shape fully determines the architecture.
 
 Models from outside the registry go through adapters (see :mod:`kdistill.models.adapters`):
-``tv:NAME[,key=value...]`` (torchvision), ``timm:NAME[,key=value...]`` and ``py:FILE.py:FACTORY[,...]`` /
-``py:package.module:FACTORY[,...]`` (the user's code, called as ``FACTORY(in_shape, num_classes, **options)``).
+``tv:NAME[,key=value...]`` (torchvision), ``timm:NAME[,key=value...]``, ``hf:TYPE|CONFIG.json|./DIR[,task=...]``
+(transformers, offline) and ``py:FILE.py:FACTORY[,...]`` / ``py:package.module:FACTORY[,...]`` (the user's code,
+called as ``FACTORY(in_shape, num_classes, **options)``).
 Their outputs are reduced to logits (option ``logits_key=NAME`` picks a dict entry / attribute).
 """
 
@@ -61,7 +62,7 @@ def _value(text: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed spec. For adapter specs ``name`` is ``tv``/``timm``/``py`` and ``target`` the model name
+    """A parsed spec. For adapter specs ``name`` is ``tv``/``timm``/``hf``/``py`` and ``target`` the model name
     or ``FILE.py:FACTORY`` / ``package.module:FACTORY``; ``options`` then may hold ``logits_key``."""
 
     name: str
@@ -89,7 +90,7 @@ class ModelSpec:
             raise ValueError(
                 f"model: unknown model {name!r} in spec {spec!r}{closest(name, _REGISTRY)}; "
                 f"choose one of {available()}, "
-                f"or tv:NAME (torchvision), timm:NAME, py:FILE.py:FACTORY"
+                f"or tv:NAME (torchvision), timm:NAME, hf:TYPE (transformers), py:FILE.py:FACTORY"
             )
         ints: list[int] = []
         options: dict[str, Any] = {}
@@ -106,14 +107,16 @@ class ModelSpec:
         return cls(name, tuple(ints), options)
 
 
-def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
+def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int | None = None, *,
+                hf_config: dict[str, Any] | None = None) -> nn.Module:
     """Build the model ``spec`` for inputs shaped ``in_shape`` and ``num_classes`` outputs.
 
-    With ``seed``, the initial weights depend on it alone (the global RNG is seeded first).
+    With ``seed``, the initial weights depend on it alone (the global RNG is seeded first). ``hf_config``:
+    the transformers config a saved ``hf:`` model recorded (it rebuilds from that, offline).
     """
     parsed = ModelSpec.parse(spec)
     if parsed.is_adapter:
-        return _build_adapter(spec, parsed, in_shape, num_classes, seed)
+        return _build_adapter(spec, parsed, in_shape, num_classes, seed, hf_config)
     builder = _REGISTRY[parsed.name]
     options = _typed_options(spec, parsed, builder)
     if seed is not None:
@@ -179,15 +182,16 @@ def build_on_meta(spec: str, in_shape: Sequence[int], num_classes: int) -> nn.Mo
 
 
 def _build_adapter(spec: str, parsed: ModelSpec, in_shape: Sequence[int], num_classes: int,
-                   seed: int | None) -> nn.Module:
-    """tv:/timm:/py: models: built by their library or factory, outputs reduced to logits."""
+                   seed: int | None, hf_config: dict[str, Any] | None = None) -> nn.Module:
+    """tv:/timm:/hf:/py: models: built by their library or factory, outputs reduced to logits."""
     options = dict(parsed.options)
     logits_key = options.pop("logits_key", "logits")
     if not isinstance(logits_key, str) or not logits_key:
         raise ValueError(f"model: {spec!r}: logits_key must be a name, got {logits_key!r}")
     if seed is not None:
         torch.manual_seed(seed)
-    model = _built(spec, in_shape, num_classes, lambda: adapters.build_adapter(spec, in_shape, num_classes, options))
+    model = _built(spec, in_shape, num_classes,
+                   lambda: adapters.build_adapter(spec, in_shape, num_classes, options, hf_config))
     ensure_logits(model, logits_key)
     model.spec = adapters.canonical_spec(spec)  # type: ignore[attr-defined]
     return model
