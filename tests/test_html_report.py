@@ -35,21 +35,34 @@ def _metrics(path, epochs=3):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
 
 
-def make_run(root, name="hinton-mnist", sub_metrics=True):
+def _row(spec, params, ms, accuracy, teacher=None, check="ok"):
+    """A deployment row with every column `kdistill distill` writes (torch and onnx at batches 1 and 256)."""
+    row = {"spec": spec, "params": params, "size_bytes": 4 * params + 300, "flops": 2 * params,
+           "latency_ms_torch_b1": ms, "latency_ms_torch_b256": 40 * ms, "throughput_torch_sps": 256e3 / (40 * ms),
+           "latency_ms_onnx_b1": ms / 2, "latency_ms_onnx_b256": 20 * ms, "throughput_onnx_sps": 256e3 / (20 * ms),
+           "accuracy": accuracy, "errors": round((1 - accuracy) * 1000), "nll": 0.05, "ece": 0.01,
+           "teacher_agreement": 0.99, "latency_spread_pct": 7.0, "latency_repeats": 15, "latency_check": check}
+    t = teacher or row
+    row.update({"x_smaller": t["params"] / params, "x_fewer_flops": t["flops"] / row["flops"],
+                "x_faster_b1": t["latency_ms_torch_b1"] / ms, "x_faster_b256": t["latency_ms_torch_b256"] / (40 * ms),
+                "accuracy_kept": accuracy / t["accuracy"]})
+    return row
+
+
+def make_run(root, name="hinton-mnist", sub_metrics=True, student_check="ok"):
     """A run directory as `kdistill run` leaves it (results, metrics, a plot, config, environment)."""
     root.mkdir(parents=True)
+    teacher = _row("mlp:1200,1200", 1000, 0.5, 0.99)
     deployment = {
-        "rows": {"teacher": {"params": 1000, "size_bytes": 4200, "flops": 2000, "latency_ms_torch_b1": 0.5,
-                             "throughput_torch_sps": 1e5, "accuracy": 0.99, "x_smaller": 1.0},
-                 "student": {"params": 100, "size_bytes": 600, "flops": 200, "latency_ms_torch_b1": 0.1,
-                             "throughput_torch_sps": 1e6, "accuracy": 0.98, "x_smaller": 10.0}},
+        "rows": {"teacher": teacher, "student": _row("mlp:30", 100, 0.1, 0.98, teacher, student_check)},
         "teacher": "teacher", "machine": {"processor": "x86_64", "cpu_count": 2, "torch_threads": 1, "torch": "2"},
-        "settings": {"latency_batches": [1], "repeats": 3, "budget_s": 1, "test_count": 10},
+        "settings": {"latency_batches": [1, 256], "repeats": 15, "budget_s": 1, "test_count": 10, "retries": 2,
+                     "spread_limit": 0.25, "load_margin": 0.5},
     }
     results = {"experiment": name, "profile": "quick", "wall_time_s": 12.5,
                "models": {"teacher": {"test_errors": 67, "test_accuracy": 0.9933, "params": 1000},
                           "distilled": {"test_errors": {"mean": 74.0, "std": 2.0, "values": [72.0, 76.0]},
-                                        "test_accuracy": 0.9926}},
+                                        "test_accuracy": 0.9926, "method": "kd"}},
                "temperature": 20.0, "validation_errors_by_alpha": {"0.5": 76}, "deployment": deployment}
     (root / "results.json").write_text(json.dumps(results))
     (root / "config.yaml").write_text("experiment: hinton-mnist\nnote: <script>alert('x')</script> & more\n")
@@ -79,9 +92,15 @@ def test_one_run_report_via_cli(tmp_path, capsys):
     assert out["report"] == str(page) and page.is_file()
     text = page.read_text()
     srcs = _check_self_contained(text)
-    assert len(srcs) == 3  # curves of metrics.jsonl and students/s1/metrics.jsonl, plus accuracy_vs_T.png
+    assert len(srcs) == 4  # accuracy vs cost, curves of metrics.jsonl and students/s1/metrics.jsonl, accuracy_vs_T.png
     assert "<h1>hinton-mnist (quick profile)</h1>" in text
     assert "Deployment (CPU)" in text and "<td>student</td>" in text and "10.00×" in text
+    assert "<h4>Size and accuracy</h4>" in text and "<h4>Speed</h4>" in text  # the wide table split in two
+    summary = text.split("<h2>Summary</h2>", 1)[1].split("<h2>", 1)[0]
+    assert ("<td>kd</td><td>mlp:1200,1200 → mlp:30</td><td>0.9800</td><td>0.9900</td><td>0.990</td>"
+            "<td>10.00×</td><td>5.00×</td><td>5.00×</td>") in summary
+    assert "<h2>Accuracy versus cost</h2>" in text
+    assert "<details><summary>Config (config.yaml)</summary>" in text  # raw config and environment folded
     assert "<td>distilled</td>" in text and "74.00 ± 2.00 (n=2)" in text and "<td>0.9933</td>" in text
     assert "accuracy_vs_T.png" in text and "students/s1/metrics.jsonl" in text
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text and "<script" not in text
@@ -105,11 +124,33 @@ def test_two_runs_side_by_side(tmp_path, monkeypatch, capsys):
     _check_self_contained(text)
     assert "<h2>Summary</h2>" in text and text.count('<section class="run"') == 2
     summary = text.split("<h2>Summary</h2>", 1)[1].split("<section", 1)[0]
-    assert "hinton-mnist (quick profile)" in summary and "&lt;lambda-sweep&gt; (quick profile)" in summary
-    assert summary.count("<td>distilled</td>") == 2
+    assert '<a href="#run-0">a</a>' in summary and '<a href="#run-1">b</a>' in summary  # a row per run, linked
+    assert summary.count("<td>mlp:1200,1200 → mlp:30</td>") == 2 and summary.count("<td>kd</td>") == 2
+    assert '<h2>hinton-mnist (quick profile)</h2>' in text and "<h2>&lt;lambda-sweep&gt; (quick profile)</h2>" in text
     assert "<lambda-sweep>" not in text
     path = write_report([a], tmp_path / "elsewhere" / "one.html")
-    assert path.is_file() and "<h2>Summary</h2>" not in path.read_text()
+    assert path.is_file() and text.count('<section class="run"') == 2
+
+
+def test_unreliable_timing_is_flagged_on_the_page(tmp_path):
+    run = make_run(tmp_path / "run", student_check="unreliable: load 3.1 on 2 cores (torch b1)")
+    text = write_report([run]).read_text()
+    flag = '<span class="flag">⚠ unreliable: load 3.1 on 2 cores (torch b1)</span>'
+    summary = text.split("<h2>Summary</h2>", 1)[1].split("<h2>", 1)[0]
+    speed = text.split("<h4>Speed</h4>", 1)[1].split("</table>", 1)[0]
+    assert flag in summary and flag in speed and 'student <span class="flag">⚠</span>' in speed
+    assert '<span class="ok">ok</span>' in speed  # the teacher's timing passed
+    assert "`student`: latency unreliable: load 3.1 on 2 cores (torch b1)" in text  # and in the notes
+
+
+def test_cli_run_is_titled_by_method_and_models(tmp_path):
+    run = make_run(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    results.update({"experiment": "distill", "profile": "cli"})
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "config.yaml").write_text("data:\n  name: digits\nmethod:\n  name: dkd\nmodel: mlp:30\n")
+    text = write_report([run]).read_text()
+    assert "<h1>kd: mlp:1200,1200 → mlp:30 on digits</h1>" in text  # results' method first, then the config's
 
 
 def test_bad_run_directories_are_clear_errors(tmp_path, capsys):
@@ -128,7 +169,11 @@ window.addEventListener("load", function () {
   out.textContent = JSON.stringify({
     images: imgs.length,
     loaded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
-    tables: document.querySelectorAll("table").length
+    tables: document.querySelectorAll("table").length,
+    overflowing: Array.prototype.slice.call(document.querySelectorAll("div.wide")).filter(function (d) {
+      return d.scrollWidth > d.clientWidth + 1;
+    }).map(function (d) { return d.firstChild.className; }),
+    page_wider_than_window: document.documentElement.scrollWidth > window.innerWidth
   });
   document.body.appendChild(out);
 });
@@ -147,10 +192,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch would fail, breaking an image
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()]
+           "--window-size=1280,2000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.search(r'<pre id="kdistill-check">(.*?)</pre>', done.stdout, re.S)
     assert found, done.stdout[-2000:]
     check = json.loads(html.unescape(found.group(1)))
-    assert check == {"images": 3, "loaded": 3, "tables": expected_tables}
+    # Every table fits a 1280 px window: the deployment table (14 columns at two batch sizes) is split in two.
+    assert check == {"images": 4, "loaded": 4, "tables": expected_tables, "overflowing": [],
+                     "page_wider_than_window": False}

@@ -33,7 +33,6 @@ from .evaluate import classification_metrics, predict_logits
 from .io import save_model, write_json, write_text
 from .models.counting import count_flops, count_parameters
 from .models.layout import as_layout, use_channels_last
-from .models.outputs import forward_logits
 
 BACKENDS = ("torch", "onnx")
 _MD_BEGIN, _MD_END = "<!-- kdistill:deployment -->", "<!-- /kdistill:deployment -->"
@@ -175,7 +174,7 @@ def torch_latency(net: nn.Module, x: torch.Tensor, batches: Sequence[int], *, re
     with torch.inference_mode():
         for b in batches:
             xb = as_layout(_batch(x, b), nhwc)
-            out[b] = measure_latency(lambda: forward_logits(net, xb), repeats=repeats, budget_s=budget_s,
+            out[b] = measure_latency(lambda: net(xb), repeats=repeats, budget_s=budget_s,
                                      retries=retries)
     return out
 
@@ -193,8 +192,9 @@ def onnx_measure(net: nn.Module, x: torch.Tensor, in_shape: Sequence[int], batch
                  retries: int = RETRIES) -> dict[str, Any]:
     """Export ``net`` to ONNX in a temporary directory and time it in onnxruntime (CPU, torch's threads).
 
-    Returns ``{"latency": {batch: ms}, "stats": {batch: measure_latency(...)}, "max_abs_diff": float}`` (the largest logit difference from
-    ``reference`` on the first batch, a check that the export computes the same function) or
+    Returns ``{"latency": {batch: ms}, "stats": {batch: measure_latency(...)}, "max_abs_diff": float}`` (the
+    largest logit difference from ``reference`` on the first batch, a check that the export computes the
+    same function) or
     ``{"note": why}`` when the export or the session fails; the table then keeps the torch numbers only.
     """
     from .blackbox import export_onnx
@@ -255,7 +255,8 @@ def machine_info(onnx_used: bool) -> dict[str, Any]:
 
 def _measure_model(net: nn.Module, test: TensorData, in_shape: Sequence[int], batches: Sequence[int], *,
                    repeats: int, budget_s: float, onnx: bool, teacher_logits: torch.Tensor | None,
-                   weights_path: str | os.PathLike | None, retries: int = RETRIES) -> tuple[dict[str, Any], torch.Tensor]:
+                   weights_path: str | os.PathLike | None,
+                   retries: int = RETRIES) -> tuple[dict[str, Any], torch.Tensor]:
     """One row (without the ratios to the teacher) and the model's test logits."""
     logits = predict_logits(net, test.x)
     m = classification_metrics(logits, test.y, teacher_logits)

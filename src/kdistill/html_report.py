@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 
@@ -46,7 +47,15 @@ figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
 figcaption{font-size:.85em;color:#555}img{max-width:100%;height:auto}
 .note{color:#666;font-size:.9em}section.run{margin-bottom:3em}.wide{overflow-x:auto}
 table.environment td,table.extras td{text-align:left}
+td{white-space:nowrap}th{vertical-align:bottom}table.environment td{white-space:normal;word-break:break-all}
+.flag{color:#b00020;font-weight:600;white-space:normal;display:inline-block;text-align:left}.ok{color:#1b7f3b}
+details{margin:.6em 0}summary{cursor:pointer;font-weight:600;color:#444}
+table.summary td:last-child,table.summary th:last-child{white-space:normal;text-align:left}
 """
+
+
+class Html(str):
+    """A table cell that is already markup (a link, a flagged value): :func:`html_table` does not escape it."""
 
 
 @dataclass
@@ -61,8 +70,26 @@ class Run:
     plots: list[Path] = field(default_factory=list)
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The run's resolved ``config.yaml`` as a mapping (empty when missing or unreadable)."""
+        try:
+            cfg = yaml.safe_load(self.config) if self.config else None
+        except yaml.YAMLError:
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
     def title(self) -> str:
+        """``kd: cnn:16,32 → cnn:4,8 on digits`` for a CLI run, ``hinton-mnist (quick profile)`` for an experiment."""
         r = self.results or {}
+        if r.get("profile") == "cli" and r.get("experiment") in ("distill", "train"):
+            cfg = self.settings
+            data = (cfg.get("data") or {}).get("name") if isinstance(cfg.get("data"), dict) else None
+            where = f" on {data}" if data else ""
+            if r["experiment"] == "train":
+                return f"train {cfg.get('model') or self.path.resolve().name}{where}"
+            pair = run_pair(self)
+            return f"{run_method(self)}: {pair[0]} → {pair[1]}{where}"
         what = r.get("experiment") or self.path.resolve().name
         return f"{what} ({r['profile']} profile)" if r.get("profile") else str(what)
 
@@ -194,7 +221,8 @@ def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = 
     """A ``<table>`` with escaped header and cells."""
     attr = f' class="{esc(cls)}"' if cls else ""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Html) else esc(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
     return f'<div class="wide"><table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -226,8 +254,38 @@ def results_section(results: dict[str, Any]) -> str:
     return "<h3>Results</h3>" + "".join(parts) if parts else ""
 
 
+SPEED_PREFIXES = ("latency_", "throughput_", "x_faster_")
+"""Deployment columns shown in the speed table; the others go into the size-and-accuracy table."""
+
+
+def _check_cell(value: Any) -> Html:
+    """``latency_check`` spelled out: green ``ok`` or the red reason, so an unreliable number is seen."""
+    if value is None:
+        return Html("–")
+    text = str(value)
+    return Html(f'<span class="ok">ok</span>' if text == "ok" else f'<span class="flag">⚠ {esc(text)}</span>')
+
+
+def _deployment_table(rows: dict[str, dict[str, Any]], cols, cls: str) -> str:
+    """One of the deployment tables: a row per model (marked ⚠ when its timing is unreliable)."""
+    def name(n: str, row: dict[str, Any]) -> Any:
+        bad = str(row.get("latency_check", "ok")) != "ok" and cls == "speed"
+        return Html(f'{esc(n)} <span class="flag">⚠</span>') if bad else n
+
+    def cell(key: str, f, row: dict[str, Any]) -> Any:
+        return _check_cell(row.get(key)) if key == "latency_check" else f(row.get(key))
+
+    return html_table(["model", *(h for h, _, _ in cols)],
+                      ([name(n, row), *(cell(k, f, row) for _, k, f in cols)] for n, row in rows.items()),
+                      f"deployment {cls}")
+
+
 def deployment_section(table: dict[str, Any]) -> str:
-    """The deployment table written by :func:`kdistill.deploy.write_deployment`, with its notes."""
+    """The deployment table written by :func:`kdistill.deploy.write_deployment`, with its notes.
+
+    Split in two so that it fits a page without sideways scrolling: size and accuracy (with the ratios
+    to the teacher), then speed (latencies, throughput, × faster, the timings' spread and trust).
+    """
     from .deploy import deployment_columns, deployment_notes
 
     rows = table.get("rows")
@@ -238,10 +296,174 @@ def deployment_section(table: dict[str, Any]) -> str:
         notes = deployment_notes(table)
     except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited table: show it raw
         return "<h3>Deployment (CPU)</h3><pre>" + esc(json.dumps(table, indent=2, default=str)) + "</pre>"
-    body = html_table(["model", *(h for h, _, _ in cols)],
-                      ([name, *(f(row.get(k)) for _, k, f in cols)] for name, row in rows.items()), "deployment")
-    return ("<h3>Deployment (CPU)</h3>" + body + "<ul class=\"note\">"
-            + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    rows = {n: r if isinstance(r, dict) else {} for n, r in rows.items()}
+    speed = [c for c in cols if c[1].startswith(SPEED_PREFIXES)]
+    size = [c for c in cols if c not in speed]
+    parts = ["<h3>Deployment (CPU)</h3>"]
+    if size:
+        parts.append("<h4>Size and accuracy</h4>" + _deployment_table(rows, size, "size"))
+    if speed:
+        parts.append("<h4>Speed</h4>" + _deployment_table(rows, speed, "speed"))
+    return "".join(parts) + '<ul class="note">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
+
+
+# ---------------------------------------------------------------------------------- summary and cost
+
+
+def _deployment(run: Run) -> dict[str, Any]:
+    dep = (run.results or {}).get("deployment")
+    return dep if isinstance(dep, dict) and isinstance(dep.get("rows"), dict) else {}
+
+
+def run_method(run: Run) -> str:
+    """The distillation method of a run: its results' ``method`` entries, else its config's ``method.name``."""
+    named = [m["method"] for m in _models(run).values() if isinstance(m.get("method"), str)]
+    if named:
+        return named[0]
+    method = run.settings.get("method")
+    return str(method.get("name")) if isinstance(method, dict) and method.get("name") else "–"
+
+
+def _spec(row: Any, fallback: str) -> str:
+    return str(row.get("spec")) if isinstance(row, dict) and row.get("spec") else fallback
+
+
+def run_pair(run: Run) -> tuple[str, str]:
+    """``(teacher, student)`` as model specs where the run records them, else their roles."""
+    dep, cfg = _deployment(run), run.settings
+    rows = dep.get("rows", {})
+    teacher = _spec(rows.get(dep.get("teacher")), str(cfg.get("teacher_model") or "teacher"))
+    students = [n for n in rows if n != dep.get("teacher")]
+    student = _spec(rows.get(students[0]) if students else None, str(cfg.get("model") or "student"))
+    return teacher, student
+
+
+def _batches(runs: Sequence[Run]) -> list[int]:
+    found = {int(k.rsplit("_b", 1)[1]) for run in runs for row in _deployment(run).get("rows", {}).values()
+             if isinstance(row, dict) for k in row if k.startswith("x_faster_b") and k.rsplit("_b", 1)[1].isdigit()}
+    return sorted(found)
+
+
+def _summary_rows(run: Run, link: Any, batches: Sequence[int]) -> list[list[Any]]:
+    """One row per student of the run's deployment table, else one per model of its ``results.json``."""
+    from .deploy import _num, _times
+
+    dep, method = _deployment(run), run_method(run)
+    rows, teacher = dep.get("rows", {}), dep.get("teacher")
+    t = rows.get(teacher) if isinstance(rows.get(teacher), dict) else {}
+    out = []
+    for name, row in rows.items():
+        if name == teacher or not isinstance(row, dict):
+            continue
+        pair = f"{_spec(t, str(teacher or '–'))} → {_spec(row, name)}"
+        out.append([link, method, pair, _num(4)(row.get("accuracy")), _num(4)(t.get("accuracy")), _num(3)(row.get("accuracy_kept")), _times(row.get("x_smaller")),
+                    *(_times(row.get(f"x_faster_b{b}")) for b in batches), _check_cell(row.get("latency_check"))])
+    if out:
+        return out
+    for role, m in (_models(run) or {"–": {}}).items():
+        acc = m.get("test_accuracy")
+        out.append([link, str(m.get("method") or method), str(m.get("spec") or role),
+                    _cell(acc) if acc is not None else "–", "–", "–", "–", *("–" for _ in batches), "–"])
+    return out
+
+
+def summary_section(runs: Sequence[Run], anchors: Sequence[str]) -> str:
+    """A row per run (per student): method, teacher → student, accuracy, accuracy kept, × smaller, × faster."""
+    batches = _batches(runs)
+    rows = []
+    for run, anchor in zip(runs, anchors):
+        name = run.path.resolve().name
+        link = Html(f'<a href="#{esc(anchor)}">{esc(name)}</a>') if len(runs) > 1 else name
+        rows += _summary_rows(run, link, batches)
+    header = ["run", "method", "teacher → student", "accuracy", "teacher accuracy", "accuracy kept", "× smaller",
+              *(f"× faster b{b}" for b in batches), "timing"]
+    return "<h2>Summary</h2>" + html_table(header, rows, "summary")
+
+
+def cost_points(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Every model of the runs' deployment tables as a point: label, params, torch latency, accuracy.
+
+    A teacher measured by several runs (same spec, size and accuracy) is one point.
+    """
+    points, seen = [], set()
+    for run in runs:
+        dep = _deployment(run)
+        batch = min((int(b) for b in dep.get("settings", {}).get("latency_batches", []) or []), default=1)
+        for name, row in dep.get("rows", {}).items():
+            if not isinstance(row, dict) or not isinstance(row.get("accuracy"), (int, float)):
+                continue
+            is_teacher = name == dep.get("teacher")
+            key = (is_teacher, row.get("spec"), row.get("params"), round(float(row["accuracy"]), 6))
+            if is_teacher and key in seen:
+                continue
+            seen.add(key)
+            who = "teacher" if is_teacher else f"{run_method(run)}"
+            points.append({"label": f"{who} {_spec(row, name)}", "teacher": is_teacher, "params": row.get("params"),
+                           "latency": row.get(f"latency_ms_torch_b{batch}"), "batch": batch,
+                           "accuracy": float(row["accuracy"]),
+                           "unreliable": _timing_unreliable(row, f"torch_b{batch}")})
+    return points
+
+
+def _timing_unreliable(row: dict[str, Any], timing: str) -> bool:
+    """Whether the row's ``timing`` (``torch_b1``) was marked unreliable (the row's check when no per-timing stats)."""
+    stats = row.get("latency_stats")
+    if isinstance(stats, dict) and isinstance(stats.get(timing), dict):
+        return bool(stats[timing].get("unreliable"))
+    return str(row.get("latency_check", "ok")) != "ok"
+
+
+def _scatter(ax, points: Sequence[dict[str, Any]], key: str, xlabel: str) -> None:
+    """Accuracy against ``key`` (a log axis when it spans more than 10x); teachers are squares, unreliable
+    timings hollow."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from .deploy import human
+
+    drawn = [pt for pt in points if isinstance(pt.get(key), (int, float)) and pt[key] > 0]
+    for i, pt in enumerate(drawn):
+        color = "tab:gray" if pt["teacher"] else f"C{i % 10}"
+        hollow = key == "latency" and pt["unreliable"]
+        ax.scatter(pt[key], pt["accuracy"], s=60, marker="s" if pt["teacher"] else "o",
+                   facecolors="none" if hollow else color, edgecolors=color, linewidths=1.5, zorder=3)
+        ax.annotate(pt["label"] + (" (unreliable)" if hollow else ""), (pt[key], pt["accuracy"]), fontsize=7,
+                    xytext=(5, 4), textcoords="offset points")
+    xs = [pt[key] for pt in drawn]
+    if xs and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        xlabel += ", log"
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+    ax.margins(x=0.3, y=0.12)
+    ax.set(xlabel=xlabel, ylabel="test accuracy")
+    ax.grid(True, alpha=0.3)
+
+
+def cost_png(points: Sequence[dict[str, Any]]) -> bytes | None:
+    """Accuracy versus parameters (left) and versus CPU latency (right) of every model, as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    if not any(isinstance(p.get("params"), (int, float)) for p in points):
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    _scatter(left, points, "params", "parameters")
+    _scatter(right, points, "latency", f"torch latency at batch {points[0]['batch']} (ms)")
+    left.set_title("accuracy vs size", fontsize=10)
+    right.set_title("accuracy vs CPU latency (hollow: unreliable timing)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def cost_section(runs: Sequence[Run]) -> str:
+    """The accuracy-versus-cost plot of every model on the page (empty without deployment tables)."""
+    png = cost_png(cost_points(runs))
+    if png is None:
+        return ""
+    return "<h2>Accuracy versus cost</h2>" + _figure(png_data_uri(png), "every model on this page: "
+                                                      "teachers square, students round; further left is cheaper")
 
 
 def _figure(uri: str, caption: str) -> str:
@@ -293,11 +515,12 @@ def run_section(run: Run, anchor: str, heading: bool = True) -> str:
     else:
         parts.append('<p class="note">no results.json (the run may still be going)</p>')
     parts += [curves_section(run), plots_section(run)]
-    if run.config is not None:
-        parts.append("<h3>Config</h3><pre>" + esc(run.config) + "</pre>")
+    if run.config is not None:  # folded away: wanted to reproduce a run, not to read it
+        parts.append("<details><summary>Config (config.yaml)</summary><pre>" + esc(run.config) + "</pre></details>")
     if run.environment is not None:
         env_rows = ([k, _cell(v)] for k, v in run.environment.items())
-        parts.append("<h3>Environment</h3>" + html_table(["key", "value"], env_rows, "environment"))
+        parts.append("<details><summary>Environment (environment.json)</summary>"
+                     + html_table(["key", "value"], env_rows, "environment") + "</details>")
     return "".join(parts) + "</section>"
 
 
@@ -307,24 +530,12 @@ def _models(run: Run) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
 
 
-def summary_section(runs: Sequence[Run]) -> str:
-    """Side-by-side headline metrics of several runs: one row per (run, model)."""
-    per_run = [_models(run) for run in runs]
-    keys = [k for k in HEADLINE if any(k in m for models in per_run for m in models.values())]
-    rows = []
-    for run, models in zip(runs, per_run):
-        for role, m in (models or {"–": {}}).items():
-            rows.append([run.title, run.path.name, role, *(_cell(m[k]) if k in m else "–" for k in keys)])
-    return "<h2>Summary</h2>" + html_table(["run", "directory", "model", *keys], rows, "summary")
-
-
 def render(runs: Sequence[Run]) -> str:
-    """The whole page for ``runs`` (a summary table first when there are several)."""
+    """The whole page for ``runs``: a summary row per run and the accuracy-versus-cost plot, then each run."""
     title = runs[0].title if len(runs) == 1 else f"{len(runs)} kdistill runs"
-    body = [f"<h1>{esc(title)}</h1>"]
-    if len(runs) > 1:
-        body.append(summary_section(runs))
-    body += [run_section(run, f"run-{i}", heading=len(runs) > 1) for i, run in enumerate(runs)]
+    anchors = [f"run-{i}" for i in range(len(runs))]
+    body = [f"<h1>{esc(title)}</h1>", summary_section(runs, anchors), cost_section(runs)]
+    body += [run_section(run, anchor, heading=len(runs) > 1) for run, anchor in zip(runs, anchors)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n")
