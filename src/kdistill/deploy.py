@@ -33,6 +33,7 @@ from .evaluate import classification_metrics, predict_logits
 from .io import save_model, write_json, write_text
 from .models.counting import count_flops, count_parameters
 from .models.layout import as_layout, use_channels_last
+from .models.outputs import forward_logits
 
 BACKENDS = ("torch", "onnx")
 _MD_BEGIN, _MD_END = "<!-- kdistill:deployment -->", "<!-- /kdistill:deployment -->"
@@ -174,7 +175,7 @@ def torch_latency(net: nn.Module, x: torch.Tensor, batches: Sequence[int], *, re
     with torch.inference_mode():
         for b in batches:
             xb = as_layout(_batch(x, b), nhwc)
-            out[b] = measure_latency(lambda: net(xb), repeats=repeats, budget_s=budget_s,
+            out[b] = measure_latency(lambda: forward_logits(net, xb), repeats=repeats, budget_s=budget_s,
                                      retries=retries)
     return out
 
