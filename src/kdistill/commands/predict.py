@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..blackbox import export_onnx
     from ..io import load_model, read_model_meta
 
-    model = load_model(args.model)
+    model = load_model(args.model, trust_code=args.trust_code)
     meta = read_model_meta(args.model)
     in_shape = meta.get("in_shape")
     if not in_shape:
@@ -111,7 +111,7 @@ def _specialists(args: argparse.Namespace) -> int:
     bundle = data.load(args.data, val_size=args.val_size, seed=args.data_seed, **options)
     if bundle.val is None:
         raise ValueError("--val-size: specialists need a validation split (clusters and early stopping use it)")
-    generalist = load_model(args.generalist)
+    generalist = load_model(args.generalist, trust_code=args.trust_code)
     val_lp = torch.log_softmax(predict_logits(generalist, bundle.val.x), dim=1)
     if val_lp.shape[1] != bundle.train.num_classes:
         raise ValueError(f"--generalist: predicts {val_lp.shape[1]} classes, {args.data} has {bundle.train.num_classes}")
@@ -147,6 +147,7 @@ def _specialists(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..data.folder import MAX_PIXELS
+    from ..cli import add_trust_code
 
     p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
                        "data split (black-box distillation)")
@@ -166,11 +167,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-seed", type=int, default=None, help="seed of the validation split (default: the run's "
                    "data.seed, else 0)")
     p.add_argument("--save-logits", metavar="FILE", help=".safetensors (logits + sample ids) or .npy")
+    add_trust_code(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export-onnx", help="write a saved model as ONNX")
     p.add_argument("--model", required=True, help="weights (.safetensors written by `kdistill train`)")
     p.add_argument("--onnx", required=True, help="output file (.onnx)")
+    add_trust_code(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("specialists", help="train specialists for a generalist's confusable classes and combine them")
@@ -191,4 +194,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-logits", metavar="FILE", help="save the combined distribution's log-probabilities on train")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=_specialists)
