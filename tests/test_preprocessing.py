@@ -57,7 +57,8 @@ def test_normalize_forms_apply_once_to_every_split_in_memory_and_streamed(tmp_pa
         mem = data.load(f"folder:{imgs}", in_memory=True, val_size=6, normalize=setting)
         disk = data.load(f"folder:{imgs}", in_memory=False, val_size=6, normalize=setting)
         assert isinstance(mem.train, TensorData) and isinstance(disk.train, StreamData)
-        for a, b, r in ((mem.train, disk.train, raw.train), (mem.val, disk.val, raw.val), (mem.test, disk.test, raw.test)):
+        for part in ("train", "val", "test"):
+            a, b, r = getattr(mem, part), getattr(disk, part), getattr(raw, part)
             want = (r.x - _channels(mean)) / _channels(std)
             assert torch.allclose(a.x, want, atol=1e-6), setting
             streamed = torch.stack([b.dataset[i][0] for i in range(len(b))])
@@ -72,7 +73,8 @@ def test_normalize_forms_apply_once_to_every_split_in_memory_and_streamed(tmp_pa
     ("imagenett", 3, r"data.normalize: unknown setting 'imagenett' \(did you mean 'imagenet'\?\)"),
     ("imagenet", 1, r"imagenet has 3 channels' mean/std but imgs-train inputs have 1 \(shape \[1, 8, 8\]\)"),
     ({"mean": [0.5], "std": [0]}, 3, r"data.normalize.std: every std must be > 0"),
-    ({"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]}, 3, r"not on the \[0, 1\] scale.*divide 0-255 values by 255"),
+    ({"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]}, 3,
+     r"not on the \[0, 1\] scale.*divide 0-255 values by 255"),
     ({"mean": [0.5, 0.5]}, 3, r"give both mean and std"),
 ])
 def test_bad_normalize_is_refused_naming_the_fix(tmp_path, setting, channels, match):
@@ -98,7 +100,8 @@ def test_model_and_onnx_export_record_classes_and_preprocessing(teacher_run, tmp
     pre = meta["preprocessing"]
     assert pre["normalize"]["name"] == "cifar10" and pre["normalize"]["mean"] == pytest.approx(CIFAR_MEAN)
     assert pre["normalize"]["std"] == pytest.approx(CIFAR_STD)
-    assert pre["scale"] == pytest.approx(1 / 255) and pre["input_shape"] == [3, 8, 8] and pre["input_dtype"] == "float32"
+    assert pre["scale"] == pytest.approx(1 / 255) and pre["input_shape"] == [3, 8, 8]
+    assert pre["input_dtype"] == "float32"
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from kdistill.blackbox import read_onnx_metadata
@@ -125,3 +128,14 @@ def test_teacher_with_other_preprocessing_is_refused_unrecorded_one_kept(teacher
     save_model(bare, load_model(run / "model.safetensors"), in_shape=meta["in_shape"], num_classes=3)
     assert "preprocessing" not in read_model_meta(bare)
     assert main([*student, "--teacher", str(bare), "--out", str(tmp_path / "c")]) == 0
+
+
+def test_evaluate_on_named_data_keeps_the_models_normalisation(teacher_run, capsys):
+    imgs, run = teacher_run
+    model = str(run / "model.safetensors")
+    results = []
+    for extra in ([], ["--data", f"folder:{imgs}"]):  # the run's own data, then the same data named by --data
+        capsys.readouterr()
+        assert main(["evaluate", "--model", model, *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["nll"] == pytest.approx(results[0]["nll"], rel=1e-6)

@@ -372,8 +372,8 @@ def _run_data(args: argparse.Namespace) -> dict[str, Any]:
     d: dict[str, Any] = {}
     if run_cfg.is_file():
         d = dict((config_mod.load_yaml(run_cfg).get("data") or {}))
-    if args.data:
-        d = {"name": args.data}
+    if args.data:  # other data, fed as the model was trained: its run's data.normalize stays
+        d = {"name": args.data, **{k: d[k] for k in ("normalize",) if d.get(k) is not None}}
     elif not d:
         raise ValueError(f"--data: {args.model} has no config.yaml beside it to say its data; give --data NAME")
     if args.data_path:

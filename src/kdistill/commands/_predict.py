@@ -60,8 +60,7 @@ def load_predictor(path: str, trust_code: bool = False) -> Predictor:
     from ..evaluate import predict_logits
     from ..io import load_model, read_model_meta
 
-    # --trust-code reaches load_model only when given (kdistill.io's flag for running a file's py: spec)
-    model = load_model(path, **({"trust_code": True} if trust_code else {}))
+    model = load_model(path, trust_code=trust_code)  # --trust-code: may build the py: spec the file names
     meta = read_model_meta(path)
     shape = meta.get("in_shape")
 
@@ -165,7 +164,7 @@ def classify_files(args: argparse.Namespace) -> int:
     if args.max_pixels < 1:
         raise ValueError(f"--max-pixels: a positive number of pixels, got {args.max_pixels}")
     files = image_files(args.inputs)
-    pred = load_predictor(args.onnx or args.model, getattr(args, "trust_code", False))
+    pred = load_predictor(args.onnx or args.model, args.trust_code)
     notes: list[str] = []
     shape, norm = _image_setup(pred, notes)
     for f in files:  # every header checked before anything is decoded or run
@@ -184,7 +183,8 @@ def classify_files(args: argparse.Namespace) -> int:
                 names = [str(j) for j in range(k)]
         rows += _rows(part, torch.softmax(logits.float(), dim=1), names, min(args.top, len(names)), resized)
     if resized:
-        notes.append(f"{len(resized)} image(s) marked * were resized to {shape[1]}x{shape[2]} (HxW), the model's input, "
+        notes.append(f"{len(resized)} image(s) marked * were resized to {shape[1]}x{shape[2]} (HxW), the model's "
+                     "input, "
                      "as data.image_size resizes training images")
     if args.json:
         print(json.dumps({"model": pred.path, "input_shape": list(shape), "normalize": norm.record(),

@@ -32,12 +32,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.inputs:
         return files.classify_files(args)
     if not args.save_logits:
-        raise ValueError("predict: give image files or folders to classify (kdistill predict --model M FILE_OR_DIR...), "
-                         "or --save-logits FILE to save the logits of a data split")
+        raise ValueError("predict: give image files or folders to classify (kdistill predict --model M "
+                         "FILE_OR_DIR...), or --save-logits FILE to save the logits of a data split")
     out = Path(args.save_logits)
     if out.suffix.lower() not in (".safetensors", ".npy"):
         raise ValueError(f"--save-logits: {out} must end in .safetensors or .npy")
-    pred = files.load_predictor(args.model or args.onnx, getattr(args, "trust_code", False))
+    pred = files.load_predictor(args.model or args.onnx, args.trust_code)
     d = files.split_data(args, pred.preprocessing)
     norm = parse_normalize(d.pop("normalize", None))  # applied once the data is known to fit the model
     options = {k: v for k, v in d.items() if k not in ("name", "val_size", "seed") and v is not None}

@@ -79,7 +79,8 @@ def _numbers(value: Any, where: str) -> tuple[float, ...]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{where}: expected a number or a list of numbers (one per channel), got {reprlib.repr(value)}")
+        raise ValueError(f"{where}: expected a number or a list of numbers (one per channel), "
+                         f"got {reprlib.repr(value)}")
     out = []
     for i, v in enumerate(value):
         try:
@@ -240,7 +241,8 @@ def same_preprocessing(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
                                                         for x, y in zip(full[i], full[i + 1])) for i in (0, 2))
 
 
-def check_teacher_preprocessing(path: str, record: Mapping[str, Any] | None, split: Split, what: str = "teacher") -> None:
+def check_teacher_preprocessing(path: str, record: Mapping[str, Any] | None, split: Split,
+                                what: str = "teacher") -> None:
     """Refuse a teacher (or model) whose recorded preprocessing differs from the run's data; a model that
     records none, or data without a record, passes as before."""
     ours = getattr(split, "preprocessing", None)
@@ -248,7 +250,8 @@ def check_teacher_preprocessing(path: str, record: Mapping[str, Any] | None, spl
         return
     theirs, mine = recorded_normalization(record), recorded_normalization(ours)
     fix = theirs.setting() if theirs is not None else "none"
-    fix = fix if isinstance(fix, str) else f"mean={','.join(map(str, fix['mean']))};std={','.join(map(str, fix['std']))}"
+    if not isinstance(fix, str):
+        fix = f"mean={','.join(map(str, fix['mean']))};std={','.join(map(str, fix['std']))}"
     scale = ""
     if record.get("scale") != ours.get("scale"):
         scale = f" and pixel scale {record.get('scale')} (this data's: {ours.get('scale')})"
