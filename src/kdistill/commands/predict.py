@@ -152,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
                        "data split (black-box distillation)")
     p.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
-                   help="image files (.png/.jpg/.jpeg/.bmp) or folders of them to classify")
+                   help="image files (.png/.jpg/.jpeg/.bmp) or folders of them to classify (default: none; "
+                        "then --save-logits saves a data split's logits)")
     p.add_argument("--model", help="weights (.safetensors written by `kdistill train`/`distill`) or an .onnx model")
     p.add_argument("--onnx", help="or: an ONNX teacher, run with onnxruntime")
     p.add_argument("--top", type=int, default=3, help="classes shown per image")
