@@ -288,3 +288,74 @@ def test_transformers_text_classifier_distils_from_a_teacher_on_dict_batches():
     assert type(out.model(**one)).__name__ == "SequenceClassifierOutput"  # the module is handed back unchanged
     with pytest.raises(ValueError, match=r"model: outputs \(1, 3\) for one sample, but train has 2 classes"):
         fit(_bert(2, labels=3), train, cfg, progress=False)
+
+
+# ------------------------------------------------ the README's "Bring your own model and data", verbatim
+
+
+@pytest.mark.ecosystem
+def test_readme_imagefolder_with_random_transforms(tmp_path):
+    tv = need("torchvision")
+    for split, seed in (("train", 0), ("test", 1)):
+        _pngs(tmp_path / split, per_class=8, seed=seed)
+    root = tmp_path  # the README reads Path("data")
+    datasets, T, models = tv.datasets, tv.transforms, tv.models
+    # --- README snippet begins
+    augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+    train = datasets.ImageFolder(root / "train", transform=augment)
+    test = datasets.ImageFolder(root / "test", transform=T.ToTensor())
+
+    teacher = models.resnet18(num_classes=len(train.classes))  # in practice: your trained network
+    student = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(16, len(train.classes)))
+    result = fit(student, train, TrainConfig(epochs=2, batch_size=8, lr=0.05), teacher=teacher, test=test)
+    print(result.test["accuracy"])
+    # --- README snippet ends
+    assert result.test["count"] == len(test) and 0.0 <= result.test["accuracy"] <= 1.0
+    assert len(result.history) == 2 and np.isfinite(result.history[-1]["train_loss"])
+
+
+class Sentences(torch.utils.data.Dataset):
+    """Items ``({"input_ids", "attention_mask"}, label)``: the model is called as ``model(**inputs)``."""
+
+    def __init__(self, input_ids, attention_mask, labels):
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}, int(self.labels[i])
+
+
+def _encoded(seed: int):
+    """What a tokenizer gives for 64 padded sentences (``input_ids``, ``attention_mask``) and their labels."""
+    data = _Sentences(seed=seed)
+    mask = torch.as_tensor(np.arange(8)[None] < data.lengths[:, None]).long()
+    return {"input_ids": torch.as_tensor(data.ids), "attention_mask": mask}, torch.as_tensor(data.y)
+
+
+@pytest.mark.ecosystem
+def test_readme_transformers_token_ids():
+    transformers = need("transformers")
+    AutoModelForSequenceClassification, BertConfig = transformers.AutoModelForSequenceClassification, \
+        transformers.BertConfig
+    (enc, labels), (test_enc, test_labels) = _encoded(0), _encoded(1)
+    torch.manual_seed(0)
+    # --- README snippet begins
+    train = Sentences(enc["input_ids"], enc["attention_mask"], labels)
+    test = Sentences(test_enc["input_ids"], test_enc["attention_mask"], test_labels)
+
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)
+    cfg = TrainConfig(epochs=6, batch_size=16, optimizer="adamw", lr=3e-3)
+    teacher = fit(AutoModelForSequenceClassification.from_config(config), train, cfg).model  # or your fine-tuned one
+    student = AutoModelForSequenceClassification.from_config(config)
+    result = fit(student, train, cfg, teacher=teacher, test=test)
+    print(result.test["accuracy"])
+
+    # Token ids held in memory (int64 stays int64) take the fast path; the model gets them positionally.
+    result = fit(AutoModelForSequenceClassification.from_config(config), (enc["input_ids"], labels), cfg,
+                 teacher=teacher, test=(test_enc["input_ids"], test_labels))
+    # --- README snippet ends
+    assert result.test["accuracy"] > 0.9
