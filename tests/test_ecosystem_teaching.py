@@ -158,6 +158,15 @@ def test_items_that_change_between_reads_are_detected_without_a_declared_transfo
     assert torch.equal(torch.get_rng_state(), before)  # probing leaves the run's random draws alone
 
 
+def test_cache_teacher_is_tri_state_in_the_config():
+    assert TrainConfig().cache_teacher is None  # auto
+    assert TrainConfig.from_dict({"cache_teacher": None}).cache_teacher is None  # YAML `cache_teacher: null`
+    assert TrainConfig.from_dict({"cache_teacher": "true"}).cache_teacher is True  # --set train.cache_teacher=true
+    assert TrainConfig(cache_teacher=False).cache_teacher is False
+    with pytest.raises(ValueError, match=r"train\.cache_teacher: must be true or false or null"):
+        TrainConfig.from_dict({"cache_teacher": "sometimes"})
+
+
 # ------------------------------------------------------------------------------- 2. what a model returns
 
 
