@@ -61,13 +61,13 @@ def add_trust_code(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    from .schema import normalize_sections
+    from .schema import normalize_sections, short_repr
 
     loaded = normalize_sections(config_mod.load_yaml(args.config)) if args.config else {}
     for key in ("data", "method", "train"):  # a section that is not a mapping would be replaced by the flags'
         if loaded.get(key) is not None and not isinstance(loaded[key], dict):
             raise ValueError(f"{key}: must be a mapping of settings in {args.config}, got "
-                             f"{type(loaded[key]).__name__} {loaded[key]!r}")
+                             f"{type(loaded[key]).__name__} {short_repr(loaded[key])}")
     cfg = config_mod.merge(DEFAULTS, loaded)
     flags = {"data": {"name": args.data, "path": args.data_path}, "train": {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer,

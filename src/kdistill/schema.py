@@ -22,6 +22,7 @@ import functools
 import inspect
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -50,8 +51,22 @@ class Field:
 
 def closest(word: str, choices) -> str:
     """`` (did you mean 'x'?)`` for the nearest of ``choices``, else ``""``."""
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    text = word if isinstance(word, str) else short_repr(word, 100)  # a huge value is neither printed nor compared
+    match = difflib.get_close_matches(text[:100], [str(c) for c in choices], n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 120, 120, 40
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters: a few levels and items of a
+    container, the ends of a long string. Never expands the whole value (a YAML "billion laughs" value built
+    from shared lists would take minutes and gigabytes to ``repr``)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _union_args(hint: Any) -> tuple[Any, ...] | None:
@@ -91,9 +106,9 @@ def describe(hint: Any) -> str:
 def check_number(value: float, where: str) -> float:
     """``value`` unless it is NaN, infinite or beyond :data:`FLOAT_LIMIT` (a ValueError naming ``where``)."""
     if not math.isfinite(value):
-        raise ValueError(f"{where}: must be a finite number, got {value!r}")
+        raise ValueError(f"{where}: must be a finite number, got {short_repr(value)}")
     if abs(value) > FLOAT_LIMIT:
-        raise ValueError(f"{where}: {value!r} is out of range (at most {FLOAT_LIMIT:g} in magnitude)")
+        raise ValueError(f"{where}: {short_repr(value)} is out of range (at most {FLOAT_LIMIT:g} in magnitude)")
     return value
 
 
@@ -148,11 +163,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         finite = [e for e in errors if "finite" in str(e) or "out of range" in str(e)]
         if finite:  # a number, but not a usable one: say so rather than "must be an integer or a number"
             raise finite[-1]
-        raise ValueError(f"{where}: must be {describe(hint)}, got {value!r}")
+        raise ValueError(f"{where}: must be {describe(hint)}, got {short_repr(value)}")
     if hint is type(None):
         if value is None:
             return None
-        raise ValueError(f"{where}: must be null, got {value!r}")
+        raise ValueError(f"{where}: must be null, got {short_repr(value)}")
     if value is None:
         raise ValueError(f"{where}: must be {describe(hint)}, got null")
     if hint is bool:
@@ -160,26 +175,26 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
-        raise ValueError(f"{where}: must be true or false, got {value!r}")
+        raise ValueError(f"{where}: must be true or false, got {short_repr(value)}")
     if hint is int:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: must be an integer, got {value!r} (a bool is not a number)")
+            raise ValueError(f"{where}: must be an integer, got {short_repr(value)} (a bool is not a number)")
         if isinstance(value, int):
             return value
         number = _as_float(value)
         if number is None:
-            raise ValueError(f"{where}: must be an integer, got {value!r}")
+            raise ValueError(f"{where}: must be an integer, got {short_repr(value)}")
         if not math.isfinite(number):
-            raise ValueError(f"{where}: must be a finite integer, got {value!r}")
+            raise ValueError(f"{where}: must be a finite integer, got {short_repr(value)}")
         if not number.is_integer():
-            raise ValueError(f"{where}: must be an integer, got {value!r}")
+            raise ValueError(f"{where}: must be an integer, got {short_repr(value)}")
         return int(number)
     if hint is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: must be a number, got {value!r} (a bool is not a number)")
+            raise ValueError(f"{where}: must be a number, got {short_repr(value)} (a bool is not a number)")
         number = float(value) if isinstance(value, int) else _as_float(value)
         if number is None:
-            raise ValueError(f"{where}: must be a number, got {value!r}")
+            raise ValueError(f"{where}: must be a number, got {short_repr(value)}")
         return check_number(number, where)
     if hint is str:
         if isinstance(value, str):
@@ -188,22 +203,22 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return os.fspath(value)
         if type(value).__module__ == "torch" and type(value).__name__ == "device":  # device=torch.device("cuda")
             return str(value)
-        raise ValueError(f"{where}: must be a string, got {value!r}")
+        raise ValueError(f"{where}: must be a string, got {short_repr(value)}")
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         if value in choices:
             return value
-        raise ValueError(f"{where}: must be one of {list(choices)}{closest(value, choices)}, got {value!r}")
+        raise ValueError(f"{where}: must be one of {list(choices)}{closest(value, choices)}, got {short_repr(value)}")
     if hint in (list, tuple) or origin in (list, tuple, Sequence):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: must be a list, got {value!r}")
+            raise ValueError(f"{where}: must be a list, got {short_repr(value)}")
         inner = typing.get_args(hint)
         if inner and not (origin is tuple and len(inner) == 2 and inner[1] is Ellipsis) and origin is tuple:
             if len(inner) != len(value):
-                raise ValueError(f"{where}: must be a list of {len(inner)} values, got {value!r}")
+                raise ValueError(f"{where}: must be a list of {len(inner)} values, got {short_repr(value)}")
             items = [coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner))]
         else:
             elem = inner[0] if inner else Any
@@ -211,7 +226,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(items) if (hint is tuple or origin is tuple) else list(items)
     if hint in (dict, Mapping) or origin in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: must be a mapping, got {value!r}")
+            raise ValueError(f"{where}: must be a mapping, got {short_repr(value)}")
         return _finite_anything(dict(value), where)
     if hint is Path and isinstance(value, (str, os.PathLike)):
         return Path(value)
@@ -244,7 +259,7 @@ def check_keys(values: Mapping[str, Any], known, where: str, what: str = "option
     for key in values:
         if key not in known:
             prefix = f"{where}.{key}" if where else str(key)
-            raise ValueError(f"{prefix}: unknown {what} {key!r}{closest(key, known)}; "
+            raise ValueError(f"{prefix}: unknown {what} {short_repr(key)}{closest(key, known)}; "
                              f"{where or 'the config'} takes {sorted(map(str, known)) or 'nothing'}")
 
 
@@ -252,7 +267,7 @@ def coerce_fields(values: Mapping[str, Any], fields: Mapping[str, Field], where:
                   what: str = "option") -> dict[str, Any]:
     """Every value of ``values`` coerced to its field's type; unknown keys refused (closest name given)."""
     if not isinstance(values, Mapping):
-        raise ValueError(f"{where}: must be a mapping of settings, got {type(values).__name__} {values!r}")
+        raise ValueError(f"{where}: must be a mapping of settings, got {type(values).__name__} {short_repr(values)}")
     check_keys(values, fields, where, what)
     return {k: coerce(v, fields[k].hint, f"{where}.{k}" if where else k) for k, v in values.items()}
 
@@ -339,11 +354,11 @@ def method_section(section: Any) -> dict[str, Any]:
     opts = dict(section)
     name = opts.pop("name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"method.name: say which method, e.g. kd or {{name: kd, temperature: 4}}, got {name!r}")
+        raise ValueError(f"method.name: say which method, e.g. kd or {{name: kd, temperature: 4}}, got {short_repr(name)}")
     fields = method_fields(name)
     for key in opts:
         if key not in fields:
-            raise ValueError(f"method.{key}: {name} has no option {key!r}{closest(key, fields)}; "
+            raise ValueError(f"method.{key}: {name} has no option {short_repr(key)}{closest(key, fields)}; "
                              f"it takes {sorted(fields) or 'no options'}")
     return {"name": name, **{k: coerce(v, fields[k].hint, f"method.{k}") for k, v in opts.items()}}
 
@@ -369,7 +384,7 @@ def data_loader(name: str):
     if name in data.LOADERS:
         return data.LOADERS[name], 0, repr(name)
     raise ValueError(
-        f"data.name: unknown data set {name!r}{closest(name, data.LOADERS)}; choose one of {sorted(data.LOADERS)} "
+        f"data.name: unknown data set {short_repr(name)}{closest(name, data.LOADERS)}; choose one of {sorted(data.LOADERS)} "
         f"or a file spec {', '.join(f'{p}:PATH' for p in sorted(data.SOURCES))}"
     )
 
@@ -389,7 +404,7 @@ def coerce_loader_options(name: str, options: Mapping[str, Any], where: str = "d
         fields = {"path": Field("path", str | None, None), **fields}
     for key in options:
         if key not in fields:
-            raise ValueError(f"{where}.{key}: data set {label} has no option {key!r}{closest(key, fields)}; "
+            raise ValueError(f"{where}.{key}: data set {label} has no option {short_repr(key)}{closest(key, fields)}; "
                              f"it accepts {sorted(fields) or 'no options'}")
     out = {}
     for k, v in options.items():
@@ -408,11 +423,11 @@ def data_section(section: Any) -> dict[str, Any]:
         section = {"name": section}
     if not isinstance(section, Mapping):
         raise ValueError(f"data: a data set name or a mapping (name, path, val_size, seed, options), "
-                         f"not {type(section).__name__} {section!r}")
+                         f"not {type(section).__name__} {short_repr(section)}")
     d = dict(section)
     name = d.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"data.name: give a data set, e.g. digits, mnist or npz:FILE.npz, got {name!r}")
+        raise ValueError(f"data.name: give a data set, e.g. digits, mnist or npz:FILE.npz, got {short_repr(name)}")
     load_fields = signature_fields(data.load, 1, named_only=True)
     out: dict[str, Any] = {"name": name.strip()}
     for key in ("val_size", "seed"):
@@ -420,14 +435,14 @@ def data_section(section: Any) -> dict[str, Any]:
             out[key] = coerce(d.pop(key), load_fields[key].hint, f"data.{key}")
     d.pop("name")
     if out.get("val_size") is not None and out["val_size"] < 0:
-        raise ValueError(f"data.val_size: a count or a fraction >= 0, got {out['val_size']!r}")
+        raise ValueError(f"data.val_size: a count or a fraction >= 0, got {short_repr(out['val_size'])}")
     if out.get("seed") is not None and not 0 <= out["seed"] < 2**31:
-        raise ValueError(f"data.seed: must be in [0, 2**31), got {out['seed']!r}")
+        raise ValueError(f"data.seed: must be in [0, 2**31), got {short_repr(out['seed'])}")
     has_path = "path" in d
     path = d.pop("path", None)
     if path is not None:
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-            raise ValueError(f"data.path: must be a path, got {path!r}")
+            raise ValueError(f"data.path: must be a path, got {short_repr(path)}")
         d["path"] = os.fspath(path)
     options = coerce_loader_options(out["name"], d)
     if has_path:
@@ -470,7 +485,7 @@ def normalize_sections(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "student" in out:
         student = out.pop("student")
         if out.get("model") not in (None, student) and student is not None:
-            raise ValueError(f"student: the config names two students, model {out['model']!r} and student {student!r}")
+            raise ValueError(f"student: the config names two students, model {short_repr(out['model'])} and student {short_repr(student)}")
         if out.get("model") is None:
             out["model"] = student
     return out
@@ -494,7 +509,7 @@ def check_config(cfg: Mapping[str, Any], distill: bool) -> dict[str, Any]:
             out[key] = data_section(value if value is not None else {})
         elif key in ("train", "method"):
             if value is not None and not isinstance(value, Mapping):
-                raise ValueError(f"{key}: must be a mapping of settings, got {type(value).__name__} {value!r}")
+                raise ValueError(f"{key}: must be a mapping of settings, got {type(value).__name__} {short_repr(value)}")
             out[key] = dict(value or {})
         else:
             out[key] = coerce(value, CONFIG_KEYS[key], key)

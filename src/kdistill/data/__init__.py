@@ -16,6 +16,7 @@ from .convert import as_split, to_tensor_data
 from .dataset import UNLABELLED, DataBundle, Split, StreamData, TensorData
 from .mnist import load_fashion_mnist, load_mnist
 from .splits import (
+    check_eval_split,
     drop_labels,
     keep_classes,
     omit_classes,
@@ -164,15 +165,17 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, norma
             f"{', '.join(f'{p}:PATH' for p in sorted(SOURCES))}"
         )
     bundle = preprocess_bundle(bundle, norm, scale)
-    if bundle.val is not None:
-        return bundle
-    size = default if val_size is None else val_size
-    try:
-        return with_validation(bundle, size, seed) if size else bundle
-    except ValueError as exc:
-        if str(exc).startswith("val_size"):
-            raise ValueError(f"data.{exc}") from None
-        raise
+    if bundle.val is None:
+        size = default if val_size is None else val_size
+        try:
+            bundle = with_validation(bundle, size, seed) if size else bundle
+        except ValueError as exc:
+            if str(exc).startswith("val_size"):
+                raise ValueError(f"data.{exc}") from None
+            raise
+    for role in ("val", "test"):  # found now, not after training: every row present and labelled
+        check_eval_split(getattr(bundle, role), role, name)
+    return bundle
 
 
 from .cifar import load_cifar10  # noqa: E402

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..schema import short_repr
 from .dataset import UNLABELLED, DataBundle, Split, TensorData
 
 
@@ -54,21 +55,56 @@ def split_validation(train: Split, size: int | float, seed: int = 0) -> tuple[Sp
         mask = torch.zeros(n, dtype=torch.bool)
         mask[rows] = True
         return train.subset(torch.nonzero(~mask).flatten()), train.subset(rows, name=f"{train.name}-val")
-    rows = stratified_rows(labels.cpu(), count / n, seed)
-    # Rounding per class may miss the exact count by a few; top up or trim deterministically.
-    g = torch.Generator().manual_seed(seed + 1)
-    if len(rows) != count:
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[rows] = True
-        if len(rows) > count:
-            rows = rows[torch.randperm(len(rows), generator=g)[:count]].sort().values
-        else:
-            rest = torch.nonzero(~mask).flatten()
-            extra = rest[torch.randperm(len(rest), generator=g)[: count - len(rows)]]
-            rows = torch.cat([rows, extra]).sort().values
+    labels = labels.cpu()
+    pool = torch.nonzero(labels != UNLABELLED).flatten()  # a validation row must have a label to be scored
+    if not count < len(pool):
+        raise ValueError(f"val_size: {size} asks for {count} validation rows, but only {len(pool)} training rows have "
+                         f"a label ({n - len(pool)} are unlabelled, {UNLABELLED}); use a smaller val_size, or 0")
+    rows = pool[_exact_stratified(labels[pool], count, seed)]
     mask = torch.zeros(n, dtype=torch.bool)
     mask[rows] = True
     return train.subset(torch.nonzero(~mask).flatten()), train.subset(rows, name=f"{train.name}-val")
+
+
+def _exact_stratified(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Exactly ``count`` sorted rows of ``labels``, stratified by class (seeded)."""
+    n = len(labels)
+    rows = stratified_rows(labels, count / n, seed)
+    # Rounding per class may miss the exact count by a few; top up or trim deterministically.
+    g = torch.Generator().manual_seed(seed + 1)
+    if len(rows) > count:
+        rows = rows[torch.randperm(len(rows), generator=g)[:count]].sort().values
+    elif len(rows) < count:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[rows] = True
+        rest = torch.nonzero(~mask).flatten()
+        extra = rest[torch.randperm(len(rest), generator=g)[: count - len(rows)]]
+        rows = torch.cat([rows, extra]).sort().values
+    return rows
+
+
+def check_eval_split(split: Split | None, role: str, origin: str) -> None:
+    """A validation or test split must hold rows, each with a label (``-1`` marks an unlabelled row, which
+    only a training split may hold): checked when the data is loaded, not after training."""
+    if split is None:
+        return
+    if len(split) == 0:
+        raise ValueError(f"data: {origin}'s {role} split is empty; it needs rows to score the model on")
+    labels = _known_labels(split)
+    if labels is not None and bool((labels == UNLABELLED).any()):
+        n = int((labels == UNLABELLED).sum())
+        raise ValueError(f"data: {origin}'s {role} split has {n} unlabelled row(s) (label {UNLABELLED}); every "
+                         f"{role} row needs a class to be scored: label them, or move them to the training split")
+
+
+def check_same_classes(train: Split, split: Split, role: str) -> None:
+    """Refuse a validation or test split whose class names differ from the training split's: its label ids
+    would mean other classes. A split naming only the first classes (a prefix of the names) is fine."""
+    names, mine = tuple(train.classes), tuple(split.classes)
+    if mine != names[: len(mine)]:
+        raise ValueError(f"{role}: {split.name} names its classes {short_repr(list(mine))}, but the training split "
+                         f"{train.name} names them {short_repr(list(names))}; build the {role} split with "
+                         f"classes=train.classes (the same names, in the same order)")
 
 
 def with_validation(bundle: DataBundle, size: int | float, seed: int = 0) -> DataBundle:

@@ -7,7 +7,11 @@ archive is read with ``allow_pickle=False`` so a data file can never run code.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,11 @@ from .splits import split_validation
 NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 NPZ_OPTIONAL = ("x_val", "y_val", "classes")
 SPLIT_NAMES = ("train", "val", "test")
+MAX_UNUSED_IDS = 1000
+"""How many class ids below the largest label may go unused before the ids are refused as gapped
+(see :func:`check_label_ids`): a file's labels may miss a few classes, not most of them."""
+_ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What numpy raises on a truncated or corrupted ``.npz`` (a bad CRC is a BadZipFile, bad data a zlib.error)."""
 
 
 def existing_file(path: str | os.PathLike, source: str) -> Path:
@@ -34,6 +43,22 @@ def _same_features(splits: dict[str, TensorData], origin: str) -> None:
     shapes = {name: d.input_shape for name, d in splits.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{origin}: every split needs the same sample shape, got {shapes}")
+
+
+def check_label_ids(labels: torch.Tensor, origin: str, fix: str) -> None:
+    """Refuse class ids that leave most ids below the largest unused (``{0, 1, 100000}``): kdistill makes one
+    class per id ``0..max``, so these would train a 100,001-class model. Runs before any class name is made,
+    so a label of 10**9 costs nothing. ``fix`` says how this file could name its classes instead."""
+    known = labels[labels >= 0]
+    if not len(known):
+        return
+    top = int(known.max())
+    used = len(torch.unique(known))
+    if top + 1 - used > max(MAX_UNUSED_IDS, used):
+        raise ValueError(
+            f"{origin}: the labels use {used} distinct class ids but run up to {top}, and kdistill makes one class "
+            f"per id 0..{top}; renumber them 0..{used - 1} (ids, y = np.unique(y, return_inverse=True)) or {fix}"
+        )
 
 
 def _npz_classes(archive: np.lib.npyio.NpzFile, origin: str) -> list[str] | None:
@@ -62,8 +87,8 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
     origin = str(p)
     try:
         archive = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{origin}: not a readable numpy .npz archive ({exc})") from exc
+    except _ARCHIVE_ERRORS as exc:
+        raise ValueError(f"{origin}: not a readable numpy .npz archive ({exc}); write it again with np.savez") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{origin}: holds a single array; save the splits with np.savez(path, x_train=..., ...)")
     with archive:
@@ -80,8 +105,11 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
         splits = [s for s in SPLIT_NAMES if f"x_{s}" in present]
         try:
             raw = {s: (archive[f"x_{s}"], archive[f"y_{s}"]) for s in splits}
-        except ValueError as exc:
-            raise ValueError(f"{origin}: arrays stored as Python objects cannot be read; save numeric arrays") from exc
+        except _ARCHIVE_ERRORS as exc:
+            if isinstance(exc, ValueError) and "pickle" in str(exc):
+                raise ValueError(f"{origin}: arrays stored as Python objects cannot be read; save numeric arrays") from exc
+            raise ValueError(f"{origin}: an array is corrupt or cut short ({exc}); write the file again with "
+                             "np.savez") from exc
     labels = {}
     for s, (_, y) in raw.items():
         try:
@@ -89,6 +117,8 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
         except ValueError as exc:
             raise ValueError(f"{origin}: {exc}") from exc
     every = torch.cat(list(labels.values()))
+    if names is None:
+        check_label_ids(every, origin, "save the names as `classes` (one per id 0..max)")
     classes = default_classes(every) if names is None else check_classes(every, names, f"{origin}: classes")
     out = {}
     for s, (x, _) in raw.items():
@@ -103,10 +133,22 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
     return DataBundle(train=out["train"], test=out["test"], val=out.get("val"))
 
 
+def _read_text(p: Path) -> str:
+    """The file as text: UTF-8 (a byte-order mark is fine); UTF-16 or other encodings are refused naming the fix."""
+    raw = p.read_bytes()
+    save = "save it as UTF-8 (Excel: 'CSV UTF-8'; pandas: df.to_csv(path, index=False), which writes UTF-8)"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
+        raise ValueError(f"{p}: the file is UTF-16 text (or binary), not a UTF-8 CSV; {save}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}); {save}") from None
+
+
 def _read_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(line number, cells)`` of every non-blank row."""
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+    reader = csv.reader(io.StringIO(_read_text(p), newline=""))
+    try:
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{p}: the file is empty; expected a header row naming the columns")
@@ -120,9 +162,26 @@ def _read_rows(p: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                     f"{p}: line {reader.line_num} has {len(cells)} cells, the header has {len(header)} columns"
                 )
             rows.append((reader.line_num, cells))
+    except csv.Error as exc:
+        raise ValueError(f"{p}: line {reader.line_num} is not readable CSV ({exc})") from None
     if not rows:
         raise ValueError(f"{p}: no data rows below the header")
     return header, rows
+
+
+def _check_header(header: list[str], label_column: str, p: Path) -> None:
+    """Refuse a repeated column name, and a copy of the label column (``label.1``, as pandas names a second
+    ``label``): either would be read as a feature, and a copy of the label is a feature equal to the answer."""
+    for i, name in enumerate(header):
+        if name in header[:i]:
+            leak = "; as a feature, the second label column would hand the model its answer" if name == label_column else ""
+            raise ValueError(f"{p}: column {name!r} appears twice in the header (columns {header.index(name) + 1} "
+                             f"and {i + 1}){leak}; drop or rename one")
+    copies = [h for h in header if re.fullmatch(re.escape(label_column) + r"\.[0-9]+", h)]
+    if copies:
+        raise ValueError(f"{p}: column {copies[0]!r} looks like a second copy of the label column {label_column!r} "
+                         "(pandas names a repeated header 'label.1'); as a feature it would hand the model its "
+                         "answer: drop the column")
 
 
 def _column(header: list[str], name: str, option: str, p: Path) -> int:
@@ -149,6 +208,7 @@ def _parse_labels(values: list[str], lines: list[int], p: Path, column: str) -> 
         ids.append(int(f))
     else:
         labels = to_labels(ids, column)
+        check_label_ids(labels, f"{p}: column {column!r}", "write class names instead of ids in the column")
         return ids, default_classes(labels)
     names = tuple(sorted(set(values)))
     lookup = {n: i for i, n in enumerate(names)}
@@ -185,6 +245,7 @@ def load_csv(
     """
     p = existing_file(path, "csv")
     header, rows = _read_rows(p)
+    _check_header(header, label_column, p)
     label_at = _column(header, label_column, "label_column", p)
     split_at = None
     if split_column is not None:

@@ -69,13 +69,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Coerce every field to its declared type (``lr="1e-3"`` becomes 0.001; a bool is not an integer; NaN,
         infinity and magnitudes beyond :data:`kdistill.schema.FLOAT_LIMIT` are refused), then check the values."""
-        from ..schema import coerce_object
+        from ..schema import coerce_object, short_repr
 
         coerce_object(self, "train")
 
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
+                raise ValueError(f"train.{name}: {msg} (got {short_repr(getattr(self, name))})")
 
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
@@ -126,14 +126,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from a mapping (a YAML ``train:`` section): unknown keys are refused naming the closest field."""
-        from ..schema import closest
+        from ..schema import closest, short_repr
 
         if not isinstance(values, dict):
             raise ValueError(f"train: must be a mapping of settings (epochs, lr, ...), got {type(values).__name__}")
         known = [f.name for f in fields(cls)]
         for key in values:
             if key not in known:
-                raise ValueError(f"train.{key}: unknown option {key!r}{closest(key, known)}; "
+                shown = short_repr(key, 60)  # a key pasted by mistake may be kilobytes long
+                name = key if isinstance(key, str) and len(key) <= 60 else shown
+                raise ValueError(f"train.{name}: unknown option {shown}{closest(key, known)}; "
                                  f"train takes {sorted(known)}")
         return cls(**values)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.convert import as_split
 from ..data.preprocess import model_record
+from ..data.splits import check_same_classes
 from ..data.stream import describe_inputs, inputs_to, integer_hint, labels_of
 from ..distributed import process_device, world
 from ..evaluate import classification_metrics, predict_split
@@ -236,7 +237,11 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
     for split, name in ((val, "val"), (test, "test")):
         if split is not None:
             check_data(split, name, num_classes=train.num_classes)
+            check_same_classes(train, split, name)
     check_augmentation(cfg, train)
+    if next(iter(model.parameters()), None) is None:  # else the optimizer's "empty parameter list", after files
+        raise ValueError(f"model: {getattr(model, 'spec', type(model).__name__)} has no parameters, so there is "
+                         "nothing to train; give the student layers with weights (e.g. nn.Linear, or mlp:64)")
     _check_outputs(model, train, next(iter(model.parameters()), torch.empty(0)).device)
     check_teacher(teacher, train, dry_run=dry_run_teacher)
     check_shared_parameters(model, teacher)
