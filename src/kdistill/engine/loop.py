@@ -34,7 +34,7 @@ from .config import FitResult, TrainConfig, check_device
 from .denormal import flushed_denormals
 from .heap import retain_freed_memory
 from .optim import lr_factor, resolve_device
-from .rundir import API, claim, clear_run
+from .rundir import API, claim
 from .rundir import remove_stale_tmp as _remove_stale_tmp
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
@@ -437,14 +437,8 @@ def fit(
     held = claim(out, resume, overwrite, API) if write else None  # one run at a time in out_dir
     teaching = backend = source = None
     try:
-        if held is not None and held.fresh:  # called from Python (the CLI prepares its --out itself)
-            held.record()
-            if overwrite:
-                clear_run(out)
-            if not resume:
-                (out / "config.yaml").unlink(missing_ok=True)  # a killed earlier run's: this run writes its own
-        if write:
-            remove_stale_tmp(out)
+        if held is not None:
+            held.prepare(resume, overwrite)  # stale temporary files gone; overwrite / a killed run's config cleared
         retain_freed_memory()  # from here, not only from the first step: caching the teacher's views reuses buffers
         cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
         try:

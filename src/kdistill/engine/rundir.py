@@ -266,6 +266,20 @@ class Claim:
         if self.lock is not None:
             self.lock.record()
 
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Ready the directory for a run started from Python (a CLI run has done this before calling ``fit``):
+        name the holder, delete kdistill's files (``overwrite``) or a killed run's config.yaml (a new run writes
+        its own), and the temporary files of interrupted writes."""
+        if self.lock is None:
+            return
+        if self.fresh:
+            self.record()
+            if overwrite:
+                clear_run(self.lock.out)
+            if not resume:
+                (self.lock.out / "config.yaml").unlink(missing_ok=True)
+        remove_stale_tmp(self.lock.out)
+
     def release(self) -> None:
         if self.lock is None:
             return
