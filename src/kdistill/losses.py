@@ -1,15 +1,34 @@
 """Distillation losses: pure functions of logits.
 
-With p = softmax(teacher / T) and q = softmax(student / T):
+The soft-target kinds (``kl``, ``reverse_kl``, ``jsd``, ``tv``, ``soft_ce``, ``logit_mse``, ``prob_mse``)
+live in :mod:`kdistill.divergences`, one registered function each; ``LOSS_KINDS`` is a live view of
+their names. Their temperature and T^2 conventions are in each function's docstring; in short, with
+p = softmax(teacher / T) and q = softmax(student / T), ``kl`` is T^2 * KL(p || q) and the KL family
+carries T^2 because its gradients scale as 1/T^2 (Hinton et al. 2015, section 2).
 
-* ``kl``:        T^2 * KL(p || q), summed over classes, averaged over the batch ("batchmean");
-* ``soft_ce``:   T^2 * mean over the batch of -sum p log q (KL plus the teacher's entropy: same gradient);
-* ``logit_mse``: mean over batch and classes of (s - t)^2 (Caruana's logit matching; T does not enter);
-* ``prob_mse``:  mean over batch and classes of (q - p)^2.
+Positions. :func:`soft_loss` and :func:`distillation_loss` take logits (B, C) -- one prediction per
+sample -- or (B, L, C), or any number of position dimensions before the class dimension (a language
+model's per-token logits). ``labels`` has the logits' shape without the class dimension, with -100
+for "ignore" (the PyTorch / Hugging Face convention); ``mask`` (same shape, bool or 0/1, nonzero =
+keep) is an attention mask. A position is *valid* when the mask keeps it and, when labels are given,
+its label is not -100; both the soft and the hard term use the same valid positions (as TRL's GKD and
+DistillKit: padding and prompt tokens carry label -100). Each term is its per-position value summed
+over valid positions, divided by their number (a batch with none gives 0), or by ``normalizer`` when
+one is given: the valid-position count of the whole batch, so that micro-batch losses (gradient
+accumulation, DDP shards) add up to the whole batch's loss whatever the split and padding. (DDP
+averages gradients over its W ranks: there pass the global count / W, which gives each rank's
+gradient the weight of its valid positions.)
 
-The soft terms' gradients scale as 1/T^2, hence the T^2 factor: it keeps their weight relative to the
-hard-label cross-entropy unchanged when T changes (Hinton et al. 2015, section 2). Everything is
-computed from ``log_softmax``, so logits of any magnitude give finite values.
+For (B, C) logits with no mask, no normalizer and no -100 label, the original kinds (kl, soft_ce,
+logit_mse, prob_mse) take the code path (and so give every bit of the result) kdistill always had:
+batchmean KL, mean soft cross-entropy, mean squared error over batch and classes, cross-entropy
+averaged over the batch; that path is not chunked. Telling it apart reads the labels once (a host
+synchronisation on an accelerator, only for 2-D logits with labels).
+
+Memory. On (B, L, V) logits with a large vocabulary the soft term is computed in chunks of positions
+(``chunk_bytes``, 64 MiB of float64 work by default) with each chunk's exact gradient taken at once,
+so peak memory holds the logits, one gradient buffer and one chunk's float64 temporaries instead of
+several full-size float64 copies (``benchmarks/loss_memory.py`` measures it).
 
 Beyond logits matching: :func:`dkd_loss` (decoupled KD, Zhao et al. 2022), :func:`hint_loss` (FitNets,
 Romero et al. 2015) and :func:`attention_transfer_loss` (Zagoruyko & Komodakis 2017) on feature maps.
@@ -18,11 +37,18 @@ Romero et al. 2015) and :func:`attention_transfer_loss` (Zagoruyko & Komodakis 2
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-LOSS_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")
+from .divergences import KIND_NAMES, resolve
+
+LOSS_KINDS = KIND_NAMES  # the registered kinds' names (live); see kdistill.divergences
+_STACKED_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")  # what the multi-student losses implement
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+_TEMPS_PER_ROW = 8  # float64 (rows, C) temporaries a kind's forward and backward hold at once (estimate)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -36,22 +62,16 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.softmax(logits / temperature, dim=-1)
 
 
-def soft_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float, kind: str = "kl"
-) -> torch.Tensor:
-    """The soft-target term alone (already T^2-scaled for ``kl`` and ``soft_ce``)."""
-    _check_temperature(temperature)
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind: {kind!r} is not one of {LOSS_KINDS}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
-            "must have the same shape (batch, classes)"
-        )
+def _work(t: torch.Tensor) -> torch.dtype:
+    # The soft term costs O(positions x classes): compute it in float64 (where the device has it) so
+    # that T^2 does not amplify float32 cancellation in log p - log q at high temperatures.
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _legacy_soft(student_logits, teacher_logits, temperature: float, kind: str) -> torch.Tensor:
+    """kdistill's original (B, C) soft term, kept verbatim so existing runs reproduce bit for bit."""
     out_dtype = student_logits.dtype
-    # The soft term costs O(batch x classes): compute it in float64 (where the device has it) so that
-    # T^2 does not amplify float32 cancellation in log p - log q at high temperatures.
-    work = torch.float32 if student_logits.device.type == "mps" else torch.float64
+    work = _work(student_logits)
     s, t = student_logits.to(work), teacher_logits.detach().to(work)
     t2 = temperature * temperature
     if kind == "logit_mse":
@@ -67,6 +87,164 @@ def soft_loss(
     return loss.to(out_dtype)
 
 
+def _check_positions(student_logits, teacher_logits, labels, mask) -> None:
+    """One clear error for logits, labels or mask of the wrong shape or type."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            "must have the same shape (batch, classes) or (batch, positions..., classes)"
+        )
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits: need (batch, classes) or (batch, positions..., classes), "
+                         f"got {tuple(student_logits.shape)}")
+    positions = tuple(student_logits.shape[:-1])
+    if labels is not None:
+        if tuple(labels.shape) != positions:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' positions {positions}"
+                             " (labels have the logits' shape without the class dimension)")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels: need integer class indices (-100 to ignore), got {labels.dtype}")
+    if mask is not None and tuple(mask.shape) != positions:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the logits' positions {positions}")
+
+
+def _denominator(valid: torch.Tensor, normalizer, dtype: torch.dtype) -> torch.Tensor:
+    """``normalizer`` (checked) or the number of valid positions (at least 1), as a 0-d ``dtype`` tensor."""
+    if normalizer is None:
+        return valid.sum().clamp(min=1).to(dtype)
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer: need one number (the whole batch's valid-position count), "
+                             f"got shape {tuple(normalizer.shape)}")
+        return normalizer.reshape(()).to(device=valid.device, dtype=dtype)
+    if not (isinstance(normalizer, (int, float)) and math.isfinite(normalizer) and normalizer > 0):
+        raise ValueError(f"normalizer: must be a finite number > 0 (the whole batch's valid-position count), "
+                         f"got {normalizer!r}")
+    return torch.tensor(float(normalizer), dtype=dtype, device=valid.device)
+
+
+def _valid(student_logits, labels, mask) -> torch.Tensor:
+    """The (positions,) bool tensor of valid positions: kept by the mask, label not -100."""
+    valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    if mask is not None:
+        valid = valid & (mask.to(student_logits.device) != 0)
+    if labels is not None:
+        valid = valid & (labels.to(student_logits.device) != IGNORE_INDEX)
+    return valid
+
+
+def _is_legacy(student_logits, labels, mask, normalizer, kind: str) -> bool:
+    """Whether the original (B, C) code path applies (reads labels once: a sync on an accelerator)."""
+    if student_logits.dim() != 2 or mask is not None or normalizer is not None or kind not in _STACKED_KINDS:
+        return False
+    return labels is None or not bool((labels == IGNORE_INDEX).any())
+
+
+def _chunk_rows(n_classes: int, itemsize: int, chunk_bytes: int | None) -> int | None:
+    """Rows per chunk so that one chunk's float work stays near ``chunk_bytes``; None: no chunking."""
+    if chunk_bytes is None:
+        return None
+    if not (isinstance(chunk_bytes, int) and chunk_bytes > 0):
+        raise ValueError(f"chunk_bytes: must be a positive integer or None (no chunking), got {chunk_bytes!r}")
+    return max(1, chunk_bytes // (n_classes * itemsize * _TEMPS_PER_ROW))
+
+
+RowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _masked_sum(run: RowFn, s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Sum over the valid rows of ``run`` on (rows, C) logits, in ``work``; invalid rows add exactly 0."""
+    values = run(s.to(work), t.to(work))
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """:func:`_masked_sum` chunk by chunk of rows, each chunk's exact gradient taken during the forward.
+
+    Only one chunk's float64 temporaries are alive at a time; what survives until the backward is one
+    gradient buffer in the logits' dtype (the backward scales it by the incoming gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, valid, run, rows, work):  # noqa: D401 - autograd signature
+        total = torch.zeros((), dtype=work, device=s.device)
+        grad = torch.empty_like(s)
+        for start in range(0, s.shape[0], rows):
+            stop = start + rows
+            with torch.enable_grad():
+                z = s[start:stop].detach().to(work).detach().requires_grad_(True)
+                part = _masked_sum(run, z, t[start:stop], valid[start:stop], work)
+                (g,) = torch.autograd.grad(part, z)
+            total += part.detach()
+            grad[start:stop] = g
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def _soft_term(student_logits, teacher_logits, valid, denom, temperature, div, options, chunk_bytes) -> torch.Tensor:
+    """The soft term over valid positions: sum of ``div`` per position / ``denom``, chunked over positions."""
+    work = _work(student_logits)
+    c = student_logits.shape[-1]
+    s, t, v = student_logits.reshape(-1, c), teacher_logits.detach().reshape(-1, c), valid.reshape(-1)
+
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return div.fn(a, b, temperature, **options)
+
+    rows = _chunk_rows(c, torch.finfo(work).bits // 8, chunk_bytes)
+    if rows is None or rows >= s.shape[0]:
+        total = _masked_sum(run, s, t, v, work)
+    elif torch.is_grad_enabled() and s.requires_grad:
+        total = _ChunkedSum.apply(s, t, v, run, rows, work)
+    else:
+        total = sum(_masked_sum(run, s[i:i + rows], t[i:i + rows], v[i:i + rows], work)
+                    for i in range(0, s.shape[0], rows))
+    return (total / denom).to(student_logits.dtype)
+
+
+def _hard_term(student_logits, labels, valid, denom) -> torch.Tensor:
+    """Cross-entropy with ``labels`` summed over valid positions / ``denom`` (float32, as always)."""
+    c = student_logits.shape[-1]
+    y = labels.to(student_logits.device).long().masked_fill(~valid, IGNORE_INDEX).reshape(-1)
+    total = F.cross_entropy(student_logits.float().reshape(-1, c), y, reduction="sum")
+    return total / denom.to(total.dtype)
+
+
+def soft_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    kind: str = "kl",
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    **options: float,
+) -> torch.Tensor:
+    """The soft-target term alone: the registered ``kind`` averaged over valid positions.
+
+    Logits are (B, C) or (B, positions..., C); ``labels`` (optional here, -100 = ignore) and ``mask``
+    (nonzero = keep) have the logits' shape without C and only select positions; ``normalizer``
+    replaces the local valid count (see the module docstring). ``options`` are the kind's own (``beta``
+    for ``jsd``). ``chunk_bytes`` bounds one chunk's float64 work on the positions path (None: one
+    piece). The teacher is detached; the result has the student logits' dtype.
+    """
+    _check_temperature(temperature)
+    div, opts = resolve(kind, options)
+    _check_positions(student_logits, teacher_logits, labels, mask)
+    if _is_legacy(student_logits, labels, mask, normalizer, kind):
+        return _legacy_soft(student_logits, teacher_logits, temperature, kind)
+    valid = _valid(student_logits, labels, mask)
+    denom = _denominator(valid, normalizer, _work(student_logits))
+    return _soft_term(student_logits, teacher_logits, valid, denom, temperature, div, opts, chunk_bytes)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -75,23 +253,36 @@ def distillation_loss(
     temperature: float,
     alpha: float,
     kind: str = "kl",
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    **options: float,
 ) -> torch.Tensor:
     """``alpha`` * soft term + (1 - ``alpha``) * cross-entropy with the hard ``labels``.
 
     ``alpha`` is the weight of the soft targets: 1 means pure distillation (no labels needed),
-    0 means ordinary supervised training.
+    0 means ordinary supervised training. Both terms average over the same valid positions (mask
+    keeps it, label not -100) or divide by ``normalizer``; shapes and options as in :func:`soft_loss`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: the soft-target weight must be in [0, 1], got {alpha}")
-    if alpha < 1.0:
-        if labels is None:
-            raise ValueError(f"labels: required when alpha < 1 (alpha={alpha}); pass labels or set alpha=1")
-        if labels.shape != student_logits.shape[:1]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match batch {student_logits.shape[0]}")
-    soft = soft_loss(student_logits, teacher_logits, temperature=temperature, kind=kind)
+    _check_temperature(temperature)
+    div, opts = resolve(kind, options)
+    if alpha < 1.0 and labels is None:
+        raise ValueError(f"labels: required when alpha < 1 (alpha={alpha}); pass labels or set alpha=1")
+    _check_positions(student_logits, teacher_logits, labels, mask)
+    if _is_legacy(student_logits, labels, mask, normalizer, kind):
+        soft = _legacy_soft(student_logits, teacher_logits, temperature, kind)
+        if alpha == 1.0:
+            return soft
+        hard = F.cross_entropy(student_logits.float(), labels).to(soft.dtype)
+        return alpha * soft + (1.0 - alpha) * hard
+    valid = _valid(student_logits, labels, mask)
+    denom = _denominator(valid, normalizer, _work(student_logits))
+    soft = _soft_term(student_logits, teacher_logits, valid, denom, temperature, div, opts, chunk_bytes)
     if alpha == 1.0:
         return soft
-    hard = F.cross_entropy(student_logits.float(), labels).to(soft.dtype)
+    hard = _hard_term(student_logits, labels, valid, denom).to(soft.dtype)
     return alpha * soft + (1.0 - alpha) * hard
 
 
@@ -114,8 +305,8 @@ def _check_stacked(student_logits, teacher_logits, labels, temperature, alpha, k
     """
     if checked:
         return temperature, alpha, labels is not None
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind: {kind!r} is not one of {LOSS_KINDS}")
+    if kind not in _STACKED_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {_STACKED_KINDS}, the kinds the multi-student losses implement")
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits: need (students, batch, classes), got {tuple(student_logits.shape)}")
     n, b, c = student_logits.shape
