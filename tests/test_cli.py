@@ -148,7 +148,7 @@ def test_hinton_quick_plain_profile_is_the_settings_of_its_record():
 
     from kdistill.experiments import hinton_mnist
 
-    record = Path(__file__).resolve().parents[1] / "results" / "hinton-mnist-quick-plain" / "config.yaml"
+    record = Path(__file__).resolve().parents[1] / "results" / "hinton-mnist" / "quick-plain" / "config.yaml"
     if not record.is_file():
         pytest.skip("the results/ records are not in this checkout")
     settings = yaml.safe_load(record.read_text())["settings"]

@@ -92,11 +92,11 @@ RESULTS_DIR = Path(__file__).resolve().parents[3] / "results"
 
 
 def measured_time(name: str, profile: str) -> str:
-    """The wall time of the committed record ``results/NAME-PROFILE`` (or of a GPU run of it), if any."""
+    """The wall time of the committed record ``results/NAME/PROFILE`` (or of a GPU run of it), if any."""
     import json
 
     for suffix in ("", "-h100"):
-        path = RESULTS_DIR / f"{name}-{profile}{suffix}" / "results.json"
+        path = RESULTS_DIR / name / f"{profile}{suffix}" / "results.json"
         if path.is_file():
             try:
                 wall = json.loads(path.read_text()).get("wall_time_s")

@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # A pipeline check, not a result: 2,000 training / 500 validation / 1,000 test images, teachers 4 epochs,
     # students 2, one seed, one thread (two threads on a busy 2-core machine stall each other: 10x slower epochs
     # were seen). About 2-2.5 min on an idle core (estimated from the per-epoch times below; the measured run
-    # is in results/cifar10-kd-quick).
+    # is in results/cifar10-kd/quick).
     "quick": {
         **kd.COMMON,
         "pairs": _PAIRS,

@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "threads": 1,  # robust on a busy machine; full uses every core
     },
     # All 45,000 training images (5,000 held out for validation), the 10,000 test images, three seeds.
-    # Measured: 3,671 s on 2 cores (results/cifar10-mini-full; ~150 s per student on the idle machine, the
+    # Measured: 3,671 s on 2 cores (results/cifar10-mini/full; ~150 s per student on the idle machine, the
     # teacher ~14 min with the cores partly shared). Stops are kept: `--resume` continues.
     "full": {
         **_COMMON,
