@@ -434,6 +434,10 @@ def data_section(section: Any) -> dict[str, Any]:
         if key in d:
             out[key] = coerce(d.pop(key), load_fields[key].hint, f"data.{key}")
     d.pop("name")
+    if "normalize" in d:  # load()'s own option: none, a preset, or per-channel mean/std (data/preprocess.py)
+        from .data.preprocess import parse_normalize
+
+        out["normalize"] = parse_normalize(d.pop("normalize")).setting()
     if out.get("val_size") is not None and out["val_size"] < 0:
         raise ValueError(f"data.val_size: a count or a fraction >= 0, got {short_repr(out['val_size'])}")
     if out.get("seed") is not None and not 0 <= out["seed"] < 2**31:
@@ -449,10 +453,6 @@ def data_section(section: Any) -> dict[str, Any]:
         out["path"] = options.pop("path", None)
     out.update(options)
     return {k: out[k] for k in section if k in out}  # in the order given (config.yaml reads as written)
-    if "normalize" in d:  # load()'s own option: none, a preset, or per-channel mean/std (data/preprocess.py)
-        from .data.preprocess import parse_normalize
-
-        out["normalize"] = parse_normalize(d.pop("normalize")).setting()
 
 
 CONFIG_KEYS: dict[str, Any] = {
