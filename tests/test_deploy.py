@@ -1,6 +1,9 @@
 """Deployment table: sizes, FLOPs, bounded latency timing, metrics, ratios to the teacher, result files."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -211,3 +214,36 @@ def test_noisy_repeats_are_marked(monkeypatch):
     assert st["p25_ms"] == 1.0 and st["p75_ms"] == 3.0 and st["median_ms"] == 2.0
     assert st["unreliable"] == "IQR 100% of the median over 6 repeats"
     assert deploy.judge({"repeats": 4, "median_ms": 2.0, "p25_ms": 1.0, "p75_ms": 3.0}, None, 2, 1) is None  # too few
+
+
+def test_a_fast_model_under_load_is_not_read_as_an_idle_machine(monkeypatch):
+    """A sub-millisecond timing spans no clock tick of /proc/stat: the load is sampled over LOAD_WINDOW_S.
+    With a process spinning beside it (issue 26), other_load used to read 0.0 and the timing passed as ok."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.perf_counter() + 5.0
+        while time.perf_counter() < deadline and _cpu_seconds(burner.pid) < 0.1:
+            time.sleep(0.02)  # until it spins
+        windows = []
+        real = deploy.cpu_sample
+
+        def sample():
+            windows.append(time.perf_counter())
+            return real()
+
+        monkeypatch.setattr(deploy, "cpu_sample", sample)
+        st = deploy.measure_latency(lambda: sum(range(50)), repeats=5, budget_s=0.1, retries=0)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert windows[1] - windows[0] >= deploy.LOAD_WINDOW_S * 0.99
+    assert st["median_ms"] < 1.0 and st["other_load"] is not None and st["other_load"] > 0.3
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds a process has used (Linux /proc; 1.0 elsewhere, so the wait above ends)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 1.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

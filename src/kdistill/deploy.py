@@ -50,6 +50,9 @@ LOAD_MARGIN = 0.5
 """Unreliable when other processes used more than ``cores - torch threads + LOAD_MARGIN`` cores while timing."""
 RETRIES = 2
 """An unreliable latency is measured again up to this many times (each within the same budget)."""
+LOAD_WINDOW_S = 0.25
+"""Shortest span the machine's load is sampled over: ``/proc/stat`` and ``os.times`` count in clock ticks
+(10 ms), so a fast model's sub-millisecond timing would otherwise always read as an idle machine."""
 
 
 def time_calls(fn: Callable[[], Any], *, repeats: int, budget_s: float, warmup: int = 2) -> list[float]:
@@ -149,6 +152,8 @@ def measure_latency(fn: Callable[[], Any], *, repeats: int, budget_s: float,
     for attempt in range(1, max(0, retries) + 2):
         start = cpu_sample()
         stats = spread(time_calls(fn, repeats=repeats, budget_s=budget_s))
+        if start is not None:  # widen the load's sample to a span clock ticks can resolve
+            time.sleep(max(0.0, LOAD_WINDOW_S - (time.perf_counter() - start[2])))
         stats["other_load"] = other_load(start, cpu_sample())
         stats["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         stats["unreliable"] = judge(stats, stats["other_load"], n_cores, threads)
