@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from kdistill.cli import main
-from kdistill.html_report import loss_keys, read_metrics, write_report
+from kdistill.html_report import loss_keys, read_metrics, short_label, write_report
 
 IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
 EXTERNAL = re.compile(r"""(?:src|href|action|poster|srcset)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
@@ -181,12 +181,35 @@ window.addEventListener("load", function () {
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium not installed (Debian package chromium)")
     run = make_run(tmp_path / "run")
     page = write_report([run])
     expected_tables = page.read_text().count("<table")
+    check = _rendered(page, tmp_path)
+    # Every table fits a 1280 px window: the deployment table (14 columns at two batch sizes) is split in two.
+    assert check == {"images": 4, "loaded": 4, "tables": expected_tables, "overflowing": [],
+                     "page_wider_than_window": False}
+
+
+def test_a_long_model_spec_still_fits_the_window(tmp_path):
+    """A transformers spec has no spaces (`hf:bert,vocab_size=...`): its summary cell wraps instead of pushing
+    the summary table past 1280 px, and the cost plot's label is cut (issue 26)."""
+    long_spec = "hf:bert,vocab_size=100,hidden_size=8,num_hidden_layers=1,num_attention_heads=2,intermediate_size=16"
+    runs = [make_run(tmp_path / "a", sub_metrics=False), make_run(tmp_path / "b", sub_metrics=False)]
+    results = json.loads((runs[1] / "results.json").read_text())
+    results["deployment"]["rows"]["student"]["spec"] = long_spec
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    page = write_report(runs, tmp_path / "report.html")
+    assert long_spec in page.read_text()  # whole in the table
+    check = _rendered(page, tmp_path)
+    assert check["overflowing"] == [] and check["page_wider_than_window"] is False
+    assert short_label(long_spec) == long_spec[:31] + "…" and short_label("kd mlp:30") == "kd mlp:30"
+
+
+def _rendered(page, tmp_path):
+    """What headless chromium rendered of ``page`` in a 1280 px window (CHECK_SCRIPT's record)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (Debian package chromium)")
     probe = tmp_path / "probe.html"  # the report plus a test-only script reporting what the browser rendered
     probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -197,7 +220,4 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.search(r'<pre id="kdistill-check">(.*?)</pre>', done.stdout, re.S)
     assert found, done.stdout[-2000:]
-    check = json.loads(html.unescape(found.group(1)))
-    # Every table fits a 1280 px window: the deployment table (14 columns at two batch sizes) is split in two.
-    assert check == {"images": 4, "loaded": 4, "tables": expected_tables, "overflowing": [],
-                     "page_wider_than_window": False}
+    return json.loads(html.unescape(found.group(1)))

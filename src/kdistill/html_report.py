@@ -51,6 +51,8 @@ td{white-space:nowrap}th{vertical-align:bottom}table.environment td{white-space:
 .flag{color:#b00020;font-weight:600;white-space:normal;display:inline-block;text-align:left}.ok{color:#1b7f3b}
 details{margin:.6em 0}summary{cursor:pointer;font-weight:600;color:#444}
 table.summary td:last-child,table.summary th:last-child{white-space:normal;text-align:left}
+table.summary td:nth-child(3),table.summary th:nth-child(3){white-space:normal;overflow-wrap:anywhere;min-width:12em;text-align:left}
+h2{overflow-wrap:anywhere}
 """
 
 
@@ -413,6 +415,16 @@ def _timing_unreliable(row: dict[str, Any], timing: str) -> bool:
     return str(row.get("latency_check", "ok")) != "ok"
 
 
+LABEL_CHARS = 32
+"""Longest point label on the cost plot: a long spec (``hf:bert,vocab_size=...``) would otherwise widen the
+figure's text so far that ``tight_layout`` shrinks the axes to a sliver."""
+
+
+def short_label(label: str, limit: int = LABEL_CHARS) -> str:
+    """``label`` cut to ``limit`` characters, ending in an ellipsis when cut (the summary table has it whole)."""
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
 def _scatter(ax, points: Sequence[dict[str, Any]], key: str, xlabel: str) -> None:
     """Accuracy against ``key`` (a log axis when it spans more than 10x); teachers are squares, unreliable
     timings hollow."""
@@ -426,7 +438,8 @@ def _scatter(ax, points: Sequence[dict[str, Any]], key: str, xlabel: str) -> Non
         hollow = key == "latency" and pt["unreliable"]
         ax.scatter(pt[key], pt["accuracy"], s=60, marker="s" if pt["teacher"] else "o",
                    facecolors="none" if hollow else color, edgecolors=color, linewidths=1.5, zorder=3)
-        ax.annotate(pt["label"] + (" (unreliable)" if hollow else ""), (pt[key], pt["accuracy"]), fontsize=7,
+        text = short_label(pt["label"]) + (" (unreliable)" if hollow else "")
+        ax.annotate(text, (pt[key], pt["accuracy"]), fontsize=7,
                     xytext=(5, 4), textcoords="offset points")
     xs = [pt[key] for pt in drawn]
     if xs and max(xs) > 10 * min(xs):
