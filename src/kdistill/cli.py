@@ -20,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from . import config as config_mod
+from .losses import LOSS_KINDS
 
 DEFAULTS: dict[str, Any] = {
     "data": {"name": "mnist", "path": None, "val_size": None, "seed": 0},
@@ -425,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="keep a stratified share of the transfer set (seeded by data.seed)")
     p.add_argument("--temperature", "-T", type=float)
     p.add_argument("--alpha", type=float, help="soft-target weight in [0, 1]; 1 - alpha goes to the hard labels")
-    p.add_argument("--loss", choices=["kl", "soft_ce", "logit_mse", "prob_mse"])
+    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.divergences)")
     add_trust_code(p)
     _add_common(p)
     p.set_defaults(func=lambda a: _train_like(a, distill=True))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .divergences import KIND_NAMES, resolve
 
 LOSS_KINDS = KIND_NAMES  # the registered kinds' names (live); see kdistill.divergences
-_STACKED_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")  # what the multi-student losses implement
+STACKED_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")  # what the multi-student losses implement
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 _TEMPS_PER_ROW = 8  # float64 (rows, C) temporaries a kind's forward and backward hold at once (estimate)
@@ -135,7 +135,7 @@ def _valid(student_logits, labels, mask) -> torch.Tensor:
 
 def _is_legacy(student_logits, labels, mask, normalizer, kind: str) -> bool:
     """Whether the original (B, C) code path applies (reads labels once: a sync on an accelerator)."""
-    if student_logits.dim() != 2 or mask is not None or normalizer is not None or kind not in _STACKED_KINDS:
+    if student_logits.dim() != 2 or mask is not None or normalizer is not None or kind not in STACKED_KINDS:
         return False
     return labels is None or not bool((labels == IGNORE_INDEX).any())
 
@@ -305,8 +305,8 @@ def _check_stacked(student_logits, teacher_logits, labels, temperature, alpha, k
     """
     if checked:
         return temperature, alpha, labels is not None
-    if kind not in _STACKED_KINDS:
-        raise ValueError(f"kind: {kind!r} is not one of {_STACKED_KINDS}, the kinds the multi-student losses implement")
+    if kind not in STACKED_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {STACKED_KINDS}, the kinds the multi-student losses implement")
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits: need (students, batch, classes), got {tuple(student_logits.shape)}")
     n, b, c = student_logits.shape

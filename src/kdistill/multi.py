@@ -48,7 +48,7 @@ from .data.dataset import TensorData
 from .distributed import world
 from .evaluate import classification_metrics
 from .io import save_model
-from .losses import stacked_distillation_loss_and_grad
+from .losses import STACKED_KINDS, stacked_distillation_loss_and_grad
 from .stacked import StackedMLP, StackedOptimizer, mlp_signature
 from .teachers import ModuleTeacher, Teacher
 from .engine.callbacks import LoopState, MetricsFiles, ProgressBar
@@ -130,7 +130,7 @@ def fit_many(
     out = Path(out_dir) if out_dir else None
 
     sigs = [mlp_signature(m) for m in models]
-    if None in sigs or len(set(sigs)) > 1:
+    if None in sigs or len(set(sigs)) > 1 or any(c.loss not in STACKED_KINDS for c in configs):
         return [
             fit(m, train, c, teacher=prepared, val=val, test=test, out_dir=out / nm if out else None, progress=progress,
                 overwrite=out is not None)  # a sweep owns its students' directories, as the stacked pass does

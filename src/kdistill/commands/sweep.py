@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from ..losses import LOSS_KINDS
 
 GRID = (("temperature", "temperatures"), ("alpha", "alphas"), ("lr", "lrs"), ("weight_decay", "weight_decays"),
         ("seed", "seeds"))
@@ -160,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["constant", "cosine", "onecycle", "step"])
     p.add_argument("--jitter", type=int, help="random translation of up to this many pixels (shared per seed)")
-    p.add_argument("--loss", choices=["kl", "soft_ce", "logit_mse", "prob_mse"])
+    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.divergences)")
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.warmup=0.2")
     p.add_argument("--save-models", action="store_true", help="write each student's weights and metrics under OUT/students/")
