@@ -310,3 +310,34 @@ def test_cifar100_small_archive_fine_and_coarse(tmp_path, monkeypatch):
         cifar100.load_cifar100(missing, download_ok=False, strict=False)
     with pytest.raises(ValueError, match="whole number of 3074-byte"):
         cifar100.parse_records(b"\x00" * 3073, "x.bin", 100, 20)
+
+
+def test_uint8_items_are_scaled_streamed_as_in_memory():
+    """8-bit pixels read the same whichever way they come (issue 26): a Dataset yielding uint8 tensors (as
+    torchvision's PILToTensor does) reached the model as 0..255 floats, the same tensors in memory as 0..1."""
+    from torch import nn
+
+    from kdistill import TrainConfig, fit
+    from kdistill.data.stream import as_input
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 1, 2, 2), dtype=torch.uint8, generator=g)
+    y = torch.arange(16) % 2
+    assert torch.equal(as_input(x[0]), x[0].float() / 255) and as_input(torch.tensor([3])).dtype == torch.long
+
+    class Items(Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    seen = {}
+    for name, data_ in (("memory", TensorDataset(x, y)), ("streamed", Items())):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        rows = []
+        net.register_forward_hook(lambda m, i, o: rows.append(i[0].detach()))
+        fit(net, data_, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
+        seen[name] = torch.cat(rows)
+    assert seen["streamed"].max() <= 1.0 and seen["memory"].max() <= 1.0
+    assert torch.equal(seen["streamed"].sort(0).values, seen["memory"].sort(0).values)

@@ -3,8 +3,8 @@ a streamed :class:`~kdistill.data.dataset.StreamData` (workers decode while the 
 
 A batch's inputs are a tensor or, for models that take keyword arguments (Hugging Face's ``input_ids``,
 ``attention_mask``), a dict of tensors with one row per sample; the ``*_inputs`` helpers move, slice and
-compare either kind. Integer inputs (token ids) stay integers: only floats, ``uint8`` and ``bool`` become
-float32 when an item is read.
+compare either kind. Integer inputs (token ids) stay integers: only floats, ``uint8`` (scaled by 1/255, as
+in memory) and ``bool`` become float32 when an item is read.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 def as_input(x: Any) -> Inputs:
-    """One item's input as a tensor (or a dict of them): float, ``uint8`` and ``bool`` data as float32 (as
-    always), other integers as int64, so token ids reach an embedding layer as ids."""
+    """One item's input as a tensor (or a dict of them): float and ``bool`` data as float32, ``uint8``
+    (8-bit pixels, e.g. from ``PILToTensor``) scaled by 1/255 into float32 as in-memory arrays are, other
+    integers as int64, so token ids reach an embedding layer as ids."""
     if isinstance(x, Mapping):
         return {str(k): as_input(v) for k, v in x.items()}
     t = torch.as_tensor(x)
-    if t.is_floating_point() or t.dtype in (torch.uint8, torch.bool):
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32).div_(255.0)
+    if t.is_floating_point() or t.dtype == torch.bool:
         return t.to(torch.float32)
     return t.to(torch.long) if not t.is_complex() else t
 
