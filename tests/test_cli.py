@@ -155,3 +155,22 @@ def test_hinton_quick_plain_profile_is_the_settings_of_its_record():
     profile = hinton_mnist.PROFILES["quick-plain"]
     assert {k: profile[k] for k in settings} == settings
     assert {k: v for k, v in profile.items() if k not in settings} == {"plain_protocol": True, "student_jitter": 0}
+
+
+def test_evaluate_and_predict_say_why_a_run_of_fit_needs_data(tmp_path, capsys):
+    """A run of fit() on the user's own Dataset has a config.yaml without data (issue 26): the error says so
+    instead of claiming no config.yaml is there."""
+    import torch
+
+    from kdistill import TrainConfig, fit
+    from kdistill.models import build_model
+
+    x, y = torch.randn(24, 4), torch.arange(24) % 2
+    run = tmp_path / "run"
+    fit(build_model("mlp:8", (4,), 2), torch.utils.data.TensorDataset(x, y), TrainConfig(epochs=1, batch_size=8),
+        out_dir=run, progress=False)
+    assert (run / "config.yaml").is_file()
+    for argv in (["evaluate"], ["predict", "--save-logits", str(tmp_path / "l.npy")]):
+        assert main([*argv, "--model", str(run / "model.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert "its config.yaml names no data" in err and "give --data NAME" in err, err

@@ -376,7 +376,9 @@ def _run_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.data:  # other data, fed as the model was trained: its run's data.normalize stays
         d = {"name": args.data, **{k: d[k] for k in ("normalize",) if d.get(k) is not None}}
     elif not d:
-        raise ValueError(f"--data: {args.model} has no config.yaml beside it to say its data; give --data NAME")
+        why = "its config.yaml names no data (a run of fit() on your own Dataset)" if run_cfg.is_file() \
+            else "it has no config.yaml beside it to say its data"
+        raise ValueError(f"--data: {args.model}: {why}; give --data NAME")
     if args.data_path:
         d["path"] = args.data_path
     if args.val_size is not None:

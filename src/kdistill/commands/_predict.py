@@ -209,7 +209,9 @@ def split_data(args: argparse.Namespace, record: dict[str, Any] | None) -> dict[
     elif run:
         d = dict(run)
     else:
-        raise ValueError(f"--data: {model} has no config.yaml beside it to say its data; give --data NAME")
+        why = "its config.yaml names no data (a run of fit() on your own Dataset)" \
+            if (Path(model).parent / "config.yaml").is_file() else "it has no config.yaml beside it to say its data"
+        raise ValueError(f"--data: {model}: {why}; give --data NAME")
     norm = recorded_normalization(record)
     if norm is not None:
         d["normalize"] = norm.setting()
