@@ -193,3 +193,20 @@ def test_the_fingerprint_hashes_every_row_quickly():
     x[41234, 17] += 1e-3
     assert data_fingerprint(split) != a
     assert took < 5.0, took  # 188 MB of float32 (MNIST's size)
+
+
+def test_a_batchnorm_buffer_shared_by_teacher_and_student_is_refused_and_the_teacher_kept():
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    student[2].register_buffer("running_mean", teacher[2].running_mean)  # tied statistics, not parameters
+    before = teacher[2].running_mean.clone()
+    with pytest.raises(ValueError, match=r"shares the buffer 2\.running_mean with the student's 2\.running_mean.*"
+                                         r"deepcopy"):
+        fit(student, _xy(), TrainConfig(epochs=1, batch_size=20), teacher=teacher, progress=False)
+    assert torch.equal(teacher[2].running_mean, before)
+
+
+def test_a_student_with_every_parameter_frozen_is_one_value_error():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every parameter of Sequential has requires_grad=False.*requires_grad_"):
+        fit(student, _xy(), TrainConfig(epochs=1, batch_size=20), progress=False)

@@ -242,6 +242,10 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
     if next(iter(model.parameters()), None) is None:  # else the optimizer's "empty parameter list", after files
         raise ValueError(f"model: {getattr(model, 'spec', type(model).__name__)} has no parameters, so there is "
                          "nothing to train; give the student layers with weights (e.g. nn.Linear, or mlp:64)")
+    if not any(p.requires_grad for p in model.parameters()):  # else autograd's "does not require grad" mid-step
+        raise ValueError(f"model: every parameter of {getattr(model, 'spec', type(model).__name__)} has "
+                         "requires_grad=False, so there is nothing to train; unfreeze the layers to train "
+                         "(p.requires_grad_(True))")
     _check_outputs(model, train, next(iter(model.parameters()), torch.empty(0)).device)
     check_teacher(teacher, train, dry_run=dry_run_teacher)
     check_shared_parameters(model, teacher)
@@ -264,11 +268,17 @@ def _networks(teacher) -> list[nn.Module]:
 
 
 def check_shared_parameters(model: nn.Module, teacher) -> None:
-    """Refuse a teacher that shares a parameter with the student: the teacher is frozen for the run, so the
-    student's copy would never train."""
+    """Refuse a teacher that shares a parameter with the student (the teacher is frozen for the run, so the
+    student's copy would never train) or a buffer (the student's training would rewrite the teacher's)."""
     for net in _networks(teacher):
         mine = {id(p): name for name, p in net.named_parameters(remove_duplicate=False)}
         shared = [(name, mine[id(p)]) for name, p in model.named_parameters(remove_duplicate=False) if id(p) in mine]
+        buffers = {id(b): name for name, b in net.named_buffers(remove_duplicate=False)}
+        tied = [(name, buffers[id(b)]) for name, b in model.named_buffers(remove_duplicate=False) if id(b) in buffers]
+        if tied and not shared:  # a shared BatchNorm statistic: training the student would rewrite the teacher's
+            raise ValueError(f"teacher: shares the buffer {tied[0][1]} with the student's {tied[0][0]}; training the "
+                             "student would change the frozen teacher's statistics; give the teacher its own copy "
+                             "(copy.deepcopy(teacher))")
         if shared:
             (s_name, t_name), more = shared[0], f" and {len(shared) - 1} more" if len(shared) > 1 else ""
             module = s_name.rsplit(".", 1)[0] if "." in s_name else s_name
