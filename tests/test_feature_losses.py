@@ -253,3 +253,23 @@ def test_dkd_warmup_longer_than_the_run_warns_before_training(digits):
     with pytest.warns(ScheduleWarning, match="trains 20 "):  # as long as the run: full weight only at its end
         assert len(build_method("dkd").check_schedule(20)) == 1
     assert build_method("dkd").check_schedule(21) == []
+
+
+def test_a_warning_on_the_command_line_is_one_line(tmp_path):
+    """The CLI shows a method's warning as `kdistill: warning: ...`, one line, without Python's source path
+    (a subprocess: pytest records warnings instead of printing them)."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kdistill.cli", *args, "--no-progress"], capture_output=True,
+                              text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    teacher = tmp_path / "t"
+    assert run("train", "--data", "digits", "--model", "mlp:16", "--epochs", "1", "--out", str(teacher)).returncode == 0
+    done = run("distill", "--data", "digits", "--teacher", str(teacher / "model.safetensors"), "--student", "mlp:8",
+               "--method", "dkd", "--epochs", "2", "--out", str(tmp_path / "s"))
+    assert done.returncode == 0, done.stderr
+    err = [line for line in done.stderr.splitlines() if "method.warmup" in line]
+    assert len(err) == 1 and err[0].startswith("kdistill: warning: method.warmup: dkd ramps its loss in over 20")
+    assert "warnings.warn" not in done.stderr and ".py:" not in done.stderr

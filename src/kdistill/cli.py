@@ -176,6 +176,11 @@ def _teacher_model(cfg: dict[str, Any], bundle):
     if bool(spec) != bool(weights):
         raise ValueError("--teacher-model and --teacher-weights go together: the spec builds the network, the file "
                          "fills it (kdistill or plain safetensors, or a torch.save state dict read with weights_only)")
+    if str(weights).lower().endswith(".safetensors") and Path(weights).is_file():  # names it recorded: checked too
+        from .blackbox import _check_class_names
+        from .io import read_model_meta
+
+        _check_class_names(weights, read_model_meta(weights).get("class_names"), bundle.train)
     return load_model(weights, spec=spec, in_shape=bundle.input_shape, num_classes=bundle.train.num_classes)
 
 
@@ -556,10 +561,18 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "interrupted"
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line shows it: one line, ``kdistill: warning: ...``, no source path."""
+    return f"kdistill: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
+    import warnings
 
     args = build_parser().parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _warning_line
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -572,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdistill: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":
