@@ -213,3 +213,18 @@ def test_a_teacher_of_other_class_names_is_refused(tmp_path, capsys):
     capsys.readouterr()  # the same names: accepted
     assert main(["distill", "--data", _npz(tmp_path, ("ant", "bee", "cow"), "same.npz"), "--teacher", teacher,
                  "--student", "mlp:4", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+
+
+def test_teacher_model_with_teacher_weights_checks_the_class_names_the_file_records(tmp_path, capsys):
+    """--teacher-model SPEC --teacher-weights FILE builds the net from the spec, but the file still records the
+    classes it was trained on: a permuted order is refused as it is for --teacher."""
+    assert main(["train", "--data", _npz(tmp_path, ("ant", "bee", "cow"), "t.npz"), "--model", "mlp:8", "--epochs",
+                 "1", "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    weights = str(tmp_path / "t" / "model.safetensors")
+    args = ["distill", "--teacher-model", "mlp:8", "--teacher-weights", weights, "--student", "mlp:4", "--epochs", "1",
+            "--no-progress", "--out", str(tmp_path / "s")]
+    err = _error(capsys, args + ["--data", _npz(tmp_path, ("bee", "ant", "cow"), "b.npz")])
+    assert "in another order" in err and "['ant', 'bee', 'cow']" in err, err
+    assert not (tmp_path / "s").exists()
+    capsys.readouterr()
+    assert main(args + ["--data", _npz(tmp_path, ("ant", "bee", "cow"), "same.npz")]) == 0
