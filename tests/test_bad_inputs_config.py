@@ -15,6 +15,7 @@ import yaml
 
 from kdistill import config, data
 from kdistill.cli import main
+from kdistill.models import build_model
 
 TRAIN = ["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--no-progress"]
 
@@ -162,6 +163,9 @@ QUOTED = [
     ("data-option", lambda: data.load("synthetic", class_sep=BIG_LIST), "data.class_sep"),
     ("data-seed-laughs", lambda: data.load("digits", seed=LAUGHS), "data.seed"),
     ("set-big-item", lambda: config.apply_overrides({"train": 1}, [f"train.x={BIG_TEXT}"]), "is not a section"),
+    ("set-100k-digit-int", lambda: config.apply_overrides({}, ["train.seed=" + "9" * 100_000]),
+     "a number of 100,000 digits"),  # was int()'s "Exceeds the limit (4300 digits)", naming no field
+    ("model-huge-spec", lambda: build_model("a" * 100_000, [4], 3), "unknown model"),  # was the spec twice: 200 kB
 ]
 
 

@@ -20,6 +20,9 @@ from .schema import short_repr
 
 MAX_DEPTH = 32
 """Deepest nesting of mappings and lists a config may have (kdistill's own are three levels deep)."""
+MAX_DIGITS = 400
+"""Longest plain integer a config may hold (Python refuses to read one over 4,300 digits, naming no setting)."""
+_DIGITS = re.compile(r"[-+]?[0-9_]+")
 
 _AMBIGUOUS = re.compile(r"[-+]?(?:0[0-7_]+|0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
 """Plain scalars YAML 1.1 (PyYAML) reads as octal, binary or base-60 numbers, which YAML 1.2 does not."""
@@ -92,6 +95,9 @@ class ConfigLoader(yaml.SafeLoader):
             raise self._refuse(f"nested more than {MAX_DEPTH} levels deep; a config holds a few levels of "
                                "sections, settings and lists", event)
         if isinstance(event, yaml.ScalarEvent) and event.style is None and event.tag is None:
+            if len(event.value) > MAX_DIGITS and _DIGITS.fullmatch(event.value):  # else int()'s own ValueError
+                raise self._refuse(f"a number of {len(event.value):,} digits; no setting takes one that long "
+                                   "(write the value you mean)", event)
             why = ambiguous(event.value)
             if why:
                 raise self._refuse(why, event)

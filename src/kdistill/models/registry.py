@@ -85,10 +85,10 @@ class ModelSpec:
                 options[key.strip()] = _value(val.strip())
             return cls(name, (), options, target)
         if name not in _REGISTRY:
-            from ..schema import closest
+            from ..schema import closest, short_repr
 
             raise ValueError(
-                f"model: unknown model {name!r} in spec {spec!r}{closest(name, _REGISTRY)}; "
+                f"model: unknown model {short_repr(name, 60)} in spec {short_repr(spec)}{closest(name, _REGISTRY)}; "
                 f"choose one of {available()}, "
                 f"or tv:NAME (torchvision), timm:NAME, hf:TYPE (transformers), py:FILE.py:FACTORY"
             )
