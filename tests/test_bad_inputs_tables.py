@@ -195,3 +195,24 @@ def test_what_the_checks_leave_alone(tmp_path):
     np.savez(npz, x_train=X, y_train=np.where(Y == 2, 5000, Y), x_test=X[:6], y_test=Y[:6],
              classes=np.array([str(i) for i in range(5001)]))
     assert data.load(f"npz:{npz}").train.num_classes == 5001
+
+
+def test_an_npz_declaring_more_memory_than_there_is_is_refused_before_decompressing(tmp_path, monkeypatch, capsys):
+    """A few-kB compressed archive of zeros can declare gigabytes: its headers are read first and the file refused
+    by name (it was numpy's raw _ArrayMemoryError traceback, or all of the machine's memory)."""
+    from kdistill.data import tables
+
+    y = np.arange(40) % 2
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x_train=np.zeros((40, 4), np.float32), y_train=y,
+                        x_test=np.zeros((4_000, 1_000), np.float32), y_test=np.zeros(4_000, np.int64))
+    assert path.stat().st_size < 100_000
+    monkeypatch.setattr(tables, "_memory_limit", lambda: 8 * 2**20, raising=False)  # this process may hold 8 MiB more
+    read = []
+    monkeypatch.setattr(tables.np.lib.npyio.NpzFile, "__getitem__", lambda self, key: read.append(key))
+    capsys.readouterr()
+    assert main(["train", "--data", f"npz:{path}", "--model", "mlp:4", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bomb.npz" in err and "x_test: 15.3 MiB" in err, err
+    assert "decompression bomb" in err and read == [] and not (tmp_path / "o").exists()

@@ -61,6 +61,51 @@ def check_label_ids(labels: torch.Tensor, origin: str, fix: str) -> None:
         )
 
 
+def _memory_limit() -> int | None:
+    """Bytes this process may still allocate: the smaller of the machine's available memory and the address-space
+    limit (``ulimit -v``), or None when neither can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _check_declared_sizes(archive: np.lib.npyio.NpzFile, keys: list[str], origin: str) -> None:
+    """Refuse arrays whose headers declare more bytes than fit in memory, before any is decompressed: a few-MB
+    compressed ``.npz`` of zeros can declare gigabytes (a decompression bomb)."""
+    limit = _memory_limit()
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    declared = {}
+    for key in keys:
+        try:
+            with archive.zip.open(f"{key}.npy") as f:
+                reader = readers.get(np.lib.format.read_magic(f))
+                if reader is None:
+                    continue
+                shape, _, dtype = reader(f)
+        except (*_ARCHIVE_ERRORS, KeyError):
+            continue  # read (and refused by name) below
+        declared[key] = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    total = sum(declared.values())
+    if limit is not None and total > limit:
+        big = max(declared, key=declared.get)
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise ValueError(f"{origin}: its arrays declare {size(total)} ({big}: {size(declared[big])}), more than "
+                         f"the {size(limit)} this process can hold (a decompression bomb?); use "
+                         "a smaller file, or a folder: data set, which streams from disk")
+
+
 def _npz_classes(archive: np.lib.npyio.NpzFile, origin: str) -> list[str] | None:
     if "classes" not in archive.files:
         return None
@@ -103,8 +148,12 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
             )
         names = _npz_classes(archive, origin)
         splits = [s for s in SPLIT_NAMES if f"x_{s}" in present]
+        _check_declared_sizes(archive, [f"{a}_{s}" for s in splits for a in "xy"], origin)
         try:
             raw = {s: (archive[f"x_{s}"], archive[f"y_{s}"]) for s in splits}
+        except MemoryError:
+            raise ValueError(f"{origin}: its arrays do not fit in memory; use a smaller file, or a folder: data set, "
+                             "which streams from disk") from None
         except _ARCHIVE_ERRORS as exc:
             if isinstance(exc, ValueError) and "pickle" in str(exc):
                 raise ValueError(f"{origin}: arrays stored as Python objects cannot be read; save numeric arrays") from exc
