@@ -26,5 +26,15 @@ def _cpu_unless_asked():
 
 
 @pytest.fixture(autouse=True)
+def _ecosystem_node(request):
+    """Lets ``ecosystem.need`` check that the test calling it is marked ``ecosystem``."""
+    import ecosystem
+
+    ecosystem.current[0] = request.node
+    yield
+    ecosystem.current[0] = None
+
+
+@pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))

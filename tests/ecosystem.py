@@ -15,10 +15,18 @@ from types import ModuleType
 import pytest
 
 REQUIRED = os.environ.get("KDISTILL_REQUIRE_ECOSYSTEM") == "1"
+current: list = [None]  # the running test's node, set by conftest's autouse fixture
 
 
 def need(module: str) -> ModuleType:
-    """``module`` imported; skipped when missing unless the ecosystem environment is required."""
+    """``module`` imported; skipped when missing unless the ecosystem environment is required.
+
+    A test calling it must carry ``@pytest.mark.ecosystem``: CI's ecosystem run selects tests by that mark,
+    so an unmarked one would be skipped in one environment and never selected in the other."""
+    node = current[0]
+    if node is not None and node.get_closest_marker("ecosystem") is None:
+        pytest.fail(f"{node.nodeid} needs {module}: mark it @pytest.mark.ecosystem so that .ci/run's ecosystem "
+                    "environment runs it")
     if REQUIRED:
         return importlib.import_module(module)
     try:
