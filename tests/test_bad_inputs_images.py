@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,8 +55,8 @@ def test_class_of_unsupported_files_is_refused_naming_them(tmp_path):
     (root / "train" / "cow").mkdir()
     Image.new("RGB", (6, 5)).save(root / "train" / "cow" / "a.gif")
     (root / "train" / "cow" / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"train/cow holds no .png/.jpg/.jpeg/.bmp images, only a.gif, notes.txt; "
-                                         r"convert them"):
+    with pytest.raises(ValueError, match=r"train/cow holds no .png/.jpg/.jpeg/.bmp/.ppm/.pgm/.tif/.tiff/.webp images, "
+                                         r"only a.gif, notes.txt; convert them"):
         data.load(f"folder:{root}")
 
 
@@ -95,6 +96,8 @@ def test_folder_lists_the_same_files_as_torchvision_imagefolder(tmp_path):
     (root / "train" / "ant" / "sub").mkdir()
     Image.new("RGB", (6, 5)).save(root / "train" / "ant" / "sub" / "0.png")
     Image.new("RGB", (6, 5)).save(root / "train" / "ant" / "z.jpg")
+    for name in ("w.webp", "t.tif", "p.PPM", "g.pgm"):
+        Image.new("L" if name.endswith("pgm") else "RGB", (6, 5)).save(root / "train" / "bee" / name)
     ours, classes = list_split(root / "train", None)
     theirs = tv.datasets.ImageFolder(str(root / "train"))
     assert list(classes) == theirs.classes
@@ -142,3 +145,49 @@ def test_decompression_bomb_never_escapes_raw(tmp_path, capsys):
                  str(tmp_path / "run"), "--no-progress"]) == 2
     assert "declares more pixels than Pillow" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert MAX_PIXELS < 6000 * 6000
+
+
+IMAGEFOLDER_FORMATS = [(".webp", "WEBP"), (".tif", "TIFF"), (".tiff", "TIFF"), (".ppm", "PPM"), (".pgm", "PPM"),
+                       (".bmp", "BMP"), (".jpeg", "JPEG")]
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_every_extension_imagefolder_reads_is_read_not_dropped(tmp_path, memory):
+    """torchvision's ImageFolder reads .webp, .tif(f), .ppm, .pgm, .bmp, .jpeg; they were silently dropped here
+    (a class of .tif scans vanished from the data set). Lossless ones decode to the pixels written."""
+    root = _folder(tmp_path / "d", n=1, size=(5, 6))
+    rng = np.random.default_rng(1)
+    written = {}
+    for suffix, fmt in IMAGEFOLDER_FORMATS:
+        a = rng.integers(0, 256, (5, 6) if suffix == ".pgm" else (5, 6, 3), dtype=np.uint8)
+        Image.fromarray(a).save(root / "train" / "bee" / f"x{suffix}", format=fmt,
+                                **({"lossless": True} if fmt == "WEBP" else {}))
+        written[f"x{suffix}"] = a
+    bundle = data.load(f"folder:{root}", val_size=0, in_memory=memory)
+    files = [Path(f).name for f in bundle.train.dataset.files] if not memory else None
+    assert len(bundle.train) == 1 + 1 + len(IMAGEFOLDER_FORMATS), files
+    if not memory:
+        for name, a in written.items():
+            if name.endswith(".jpeg"):
+                continue  # lossy
+            x = bundle.train.dataset[files.index(name)][0]
+            want = torch.from_numpy(a.astype(np.float32) / 255)
+            want = want.expand(3, 5, 6) if a.ndim == 2 else want.permute(2, 0, 1)
+            assert torch.allclose(x, want), name
+
+
+def test_an_image_extension_that_does_not_decode_is_refused_naming_the_file(tmp_path, monkeypatch):
+    """A .tiff that is no image (a text file renamed) is refused naming it and the fix; a format this Pillow was
+    built without (WebP without libwebp) is refused when listed, before any image is decoded."""
+    from kdistill.data import folder
+
+    root = _folder(tmp_path / "d")
+    (root / "train" / "ant" / "scan.tiff").write_text("not an image")
+    with pytest.raises(ValueError, match=r"cannot decode .*train/ant/scan.tiff .*save it again \(e.g. as .png\), or "
+                                         r"remove it"):
+        data.load(f"folder:{root}", val_size=0, in_memory=True)
+    (root / "train" / "ant" / "scan.tiff").unlink()
+    Image.new("RGB", (6, 5)).save(root / "test" / "bee" / "z.webp")
+    monkeypatch.setattr(folder, "pillow_reads", lambda suffix: suffix != ".webp")  # a Pillow without WebP
+    with pytest.raises(ValueError, match=r"test/bee/z.webp is a .webp image, which this Pillow cannot decode.*convert"):
+        data.load(f"folder:{root}", val_size=0, in_memory=False)

@@ -47,6 +47,11 @@ CSV_CASES = [
     ("test-label-minus-1", _csv("a,b,label,split", _rows(labels=[-1 if i == 5 else i % 3 for i in range(30)],
                                                          split=SPLITS)).encode(),
      ["test split has 1 unlabelled row", "label -1"]),
+    ("label-1e19", _csv("a,b,label", _rows(labels=["1e19" if i == 4 else i % 3 for i in range(30)])).encode(),
+     ["label '1e19'", "line 6", "beyond int64's range"]),  # was "labels must be >= 0 ... found -9223372036854775808"
+    ("test-label-unseen", _csv("a,b,label,split", _rows(labels=[7 if i == 5 else i % 3 for i in range(30)],
+                                                        split=SPLITS)).encode(),
+     ["the test split has label(s) 7 that no training row has", "write class names"]),
 ]
 
 
@@ -109,6 +114,15 @@ NPZ_CASES = [
     ("test-empty", dict(x_test=np.zeros((0, 4), np.float32), y_test=np.zeros(0, np.int64)), None,
      ["test split is empty"]),
     ("test-corrupt", {}, "x_test.npy", ["corrupt or cut short", "x_test.npy"]),
+    ("uint64-2**63", dict(y_train=np.where(Y == 2, 2**63, Y).astype(np.uint64)), None,
+     ["y_train: label 9223372036854775808 is beyond int64's range"]),
+    ("float-1e19", dict(y_test=np.array([0, 1, 2, 1e19, 0, 1])), None, ["y_test: label 10000000000000000000 is beyond"]),
+    ("classes-repeated", dict(classes=np.array(["a", "b", "a"])), None,
+     ["class name 'a' is given twice (ids 0 and 2)"]),
+    ("test-label-unseen", dict(y_test=np.array([0, 1, 7, 0, 1, 2])), None,
+     ["the test split has label(s) 7 that no training row has", "save the class names as `classes`"]),
+    ("val-label-unseen", dict(x_val=X[:6], y_val=np.array([0, 1, 2, 3, 4, 5])), None,
+     ["the val split has label(s) 3, 4, 5 that no training row has"]),
     ("truncated", {}, "half", ["not a readable numpy .npz archive"]),
 ]
 
@@ -159,6 +173,8 @@ FIT_CASES = [
     ("npz-val-other-classes", lambda t: _fit(t, train=_npz_split(t, "tr", ["cat", "dog", "owl"]).train,
                                              val=_npz_split(t, "va", ["dog", "cat", "owl"]).test),
      ["val:", "tr-train", "va-test", "['dog', 'cat', 'owl']"]),
+    ("api-classes-repeated", lambda t: data.to_tensor_data(X, Y, classes=["a", "b", "a"]),
+     ["classes: class name 'a' is given twice (ids 0 and 2)"]),
     ("student-without-parameters", lambda t: _fit(t, model=nn.Sequential(nn.Flatten(), nn.Identity()),
                                                   train=data.to_tensor_data(X[:, :3], Y)),
      ["model: Sequential has no parameters", "nothing to train"]),
@@ -195,6 +211,22 @@ def test_what_the_checks_leave_alone(tmp_path):
     np.savez(npz, x_train=X, y_train=np.where(Y == 2, 5000, Y), x_test=X[:6], y_test=Y[:6],
              classes=np.array([str(i) for i in range(5001)]))
     assert data.load(f"npz:{npz}").train.num_classes == 5001
+
+
+def test_classes_without_training_rows_stay_allowed_where_the_data_declares_them(tmp_path):
+    """A test label no training row has is refused only for bare integer ids: declared class names (npz
+    ``classes``, names in a CSV) may have classes without training rows, and so may unlabelled training rows."""
+    named = tmp_path / "named.npz"
+    np.savez(named, x_train=X, y_train=Y, x_test=X[:6], y_test=np.array([0, 1, 3, 0, 1, 2]),
+             classes=np.array(["a", "b", "c", "d"]))
+    assert data.load(f"npz:{named}", val_size=0).classes == ("a", "b", "c", "d")
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x_train=X, y_train=np.full(60, -1), x_test=X[:6], y_test=Y[:6])
+    assert len(data.load(f"npz:{unlabelled}", val_size=0).test) == 6
+    path = tmp_path / "names.csv"
+    names = ["owl" if i == 5 else ["ant", "bee", "cat"][i % 3] for i in range(30)]
+    path.write_text(_csv("a,b,label,split", _rows(labels=names, split=SPLITS)))
+    assert data.load(f"csv:{path}", val_size=0).classes == ("ant", "bee", "cat", "owl")
 
 
 def test_an_npz_declaring_more_memory_than_there_is_is_refused_before_decompressing(tmp_path, monkeypatch, capsys):

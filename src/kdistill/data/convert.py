@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..schema import short_repr
 from .dataset import UNLABELLED, Split, StreamData, TensorData
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed, unsigned, float
@@ -54,6 +55,20 @@ def to_inputs(x: Any, field: str = "x", keep_integers: bool = False) -> torch.Te
     return arr.to(torch.float32)
 
 
+def _check_int64_range(arr: torch.Tensor, field: str) -> None:
+    """Refuse labels an int64 cast would wrap (floats or uint64 values >= 2**63 become negative ids)."""
+    if arr.is_floating_point():
+        big = (arr >= 2.0**63) | (arr < -(2.0**63))
+    elif arr.dtype == getattr(torch, "uint64", None):  # compared in numpy: torch has few uint64 kernels
+        big = torch.from_numpy(arr.cpu().numpy() > np.iinfo(np.int64).max)
+    else:
+        return
+    if bool(big.any()):
+        v = arr[big][0].item()
+        raise ValueError(f"{field}: label {v:.0f} is beyond int64's range, so it is no class id; labels are ids "
+                         "0..K-1: renumber them (ids, y = np.unique(y, return_inverse=True))")
+
+
 def to_labels(y: Any, field: str = "y") -> torch.Tensor:
     """Class labels as int64 (one per sample; ``UNLABELLED`` = -1 marks a dropped label).
 
@@ -82,6 +97,7 @@ def to_labels(y: Any, field: str = "y") -> torch.Tensor:
                 f"{field}: labels must be whole class ids, found fractional values such as {bad}; "
                 "soft targets are not labels: pass hard class ids (e.g. y.argmax(1))"
             )
+    _check_int64_range(arr, field)
     labels = arr.to(torch.long)
     if len(labels) and int(labels.min()) < UNLABELLED:
         raise ValueError(f"{field}: labels must be >= 0 (or {UNLABELLED} for unlabelled), found {int(labels.min())}")
@@ -99,6 +115,12 @@ def check_classes(labels: torch.Tensor, classes: Sequence[str], field: str) -> t
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
         raise ValueError(f"{field}: classes must be a sequence of names, got {type(classes).__name__}")
     names = tuple(str(c) for c in classes)
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:  # two ids of one name: predictions and reports could not tell them apart
+            raise ValueError(f"{field}: class name {short_repr(name, 60)} is given twice (ids {seen[name]} and {i}); "
+                             "give each class id its own name")
+        seen[name] = i
     if len(labels) and int(labels.max()) >= len(names):
         raise ValueError(
             f"{field}: label {int(labels.max())} has no name among the {len(names)} classes; "

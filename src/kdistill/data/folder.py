@@ -1,6 +1,7 @@
 """Image folders (the ImageFolder layout) as data sets: ``folder:DIR``.
 
-``DIR/train/CLASS/*.png`` (also ``.jpg``, ``.jpeg``, ``.bmp``), ``DIR/test/CLASS/...`` and optionally
+``DIR/train/CLASS/*.png`` (or any extension torchvision's ``ImageFolder`` reads: ``.jpg``, ``.jpeg``, ``.bmp``,
+``.ppm``, ``.pgm``, ``.tif``, ``.tiff``, ``.webp``), ``DIR/test/CLASS/...`` and optionally
 ``DIR/val/CLASS/...``. Classes are the sorted subfolder names of ``train``. Images are decoded with Pillow
 to float32 (C, H, W) in [0, 1] (8-bit pixels / 255, 16-bit greyscale / 65535), RGB or (``channels=1``)
 greyscale, at one size for the whole data set. Like torchvision's ``ImageFolder``, symlinked class folders and
@@ -14,6 +15,7 @@ so they can be read by ``DataLoader`` workers.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +29,16 @@ from torch.utils.data import Dataset
 
 from .dataset import DataBundle, Split, StreamData, TensorData
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+"""The image extensions read: torchvision's ``IMG_EXTENSIONS``, so a folder lists the same files as ``ImageFolder``."""
 SPLITS = ("train", "val", "test")
-LAYOUT = "DIR/train/CLASS/*.png (or .jpg, .jpeg, .bmp), DIR/test/CLASS/... and optionally DIR/val/CLASS/..."
+LAYOUT = "DIR/train/CLASS/*.png (or .jpg, .bmp, .tif, .webp ...), DIR/test/CLASS/... and optionally DIR/val/CLASS/..."
 MAX_PIXELS = 2**25
 """Most pixels an image may declare (33.5 million, 5792x5792; ``data.max_pixels``): larger headers are refused
 before decoding, so a few-KB file declaring 30000x30000 pixels (a decompression bomb) never fills memory."""
 LIMIT_FIX = "shrink the image, or raise data.max_pixels if it is genuine"
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+DECODE_FIX = "the file is corrupt or not the image its extension says: save it again (e.g. as .png), or remove it"
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,30 @@ def _walk(class_dir: Path) -> list[tuple[str, list[str]]]:
     return sorted(out)
 
 
+@functools.lru_cache(maxsize=None)
+def pillow_reads(suffix: str) -> bool:
+    """Whether this Pillow decodes files of ``suffix`` (WebP needs Pillow built with libwebp)."""
+    from PIL import Image, features
+
+    if suffix == ".webp" and not features.check("webp"):
+        return False
+    return suffix in Image.registered_extensions()
+
+
 def _class_files(class_dir: Path) -> list[str]:
-    """The image files of one class folder, or a ValueError naming the folder when it has none."""
+    """The image files of one class folder, or a ValueError naming the folder when it has none (or naming a
+    file whose image format this Pillow cannot decode: refused, never silently dropped)."""
     images, others = [], []
     for folder, names in _walk(class_dir):
         for n in names:
             f = Path(folder) / n
             if f.is_symlink() and not f.exists():
                 raise _dangling(f)
-            (images if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() else others).append(str(f))
+            image = f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            if image and not pillow_reads(f.suffix.lower()):
+                raise ValueError(f"folder: {f} is a {f.suffix} image, which this Pillow cannot decode (built without "
+                                 "that format); convert it (e.g. to .png), or install a Pillow that reads it")
+            (images if image else others).append(str(f))
     if images:
         return images
     if not others:
@@ -143,7 +162,7 @@ def open_image(path: str, where: str = "folder", max_pixels: int = MAX_PIXELS, l
         raise ValueError(f"{where}: {path} declares more pixels than Pillow decodes safely ({exc}); shrink the image "
                          "(a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{where}: cannot decode {path} ({exc})") from exc
+        raise ValueError(f"{where}: cannot decode {path} ({exc}); {DECODE_FIX}") from exc
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -189,7 +208,7 @@ def decode_image(path: str, size: tuple[int, int], channels: int, resize: bool,
         try:
             return _pixels(img, size, channels)
         except (OSError, ValueError) as exc:  # truncated or corrupt data past a valid header
-            raise ValueError(f"folder: cannot decode {path} ({exc})") from exc
+            raise ValueError(f"folder: cannot decode {path} ({exc}); {DECODE_FIX}") from exc
 
 
 class FolderDataset(Dataset):

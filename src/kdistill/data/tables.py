@@ -61,6 +61,25 @@ def check_label_ids(labels: torch.Tensor, origin: str, fix: str) -> None:
         )
 
 
+def check_split_ids(labels: dict[str, torch.Tensor], origin: str, fix: str) -> None:
+    """Refuse a val/test label that no training row has, for files whose classes are bare integer ids: the
+    model would get an output no row teaches (a typo'd or shifted id, most likely). Files that declare class
+    names may have classes without training rows; so may a training split with unlabelled rows."""
+    train = labels["train"]
+    if not len(train) or bool((train < 0).any()):
+        return
+    seen = set(torch.unique(train).tolist())
+    for s in ("val", "test"):
+        if s not in labels:
+            continue
+        extra = sorted(set(torch.unique(labels[s][labels[s] >= 0]).tolist()) - seen)
+        if extra:
+            shown = ", ".join(map(str, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise ValueError(f"{origin}: the {s} split has label(s) {shown} that no training row has (the model "
+                             f"would have classes nothing teaches); fix those labels, add training rows of them, "
+                             f"or {fix}")
+
+
 def _memory_limit() -> int | None:
     """Bytes this process may still allocate: the smaller of the machine's available memory and the address-space
     limit (``ulimit -v``), or None when neither can be read."""
@@ -168,6 +187,7 @@ def load_npz(path: str | os.PathLike) -> DataBundle:
     every = torch.cat(list(labels.values()))
     if names is None:
         check_label_ids(every, origin, "save the names as `classes` (one per id 0..max)")
+        check_split_ids(labels, origin, "save the class names as `classes` to keep classes without training rows")
     classes = default_classes(every) if names is None else check_classes(every, names, f"{origin}: classes")
     out = {}
     for s, (x, _) in raw.items():
@@ -245,7 +265,7 @@ def _parse_labels(values: list[str], lines: list[int], p: Path, column: str) -> 
         if not v:
             raise ValueError(f"{p}: empty {column!r} cell on line {line}; every row needs a label")
     ids: list[int] = []
-    for v in values:
+    for v, line in zip(values, lines):
         try:
             f = float(v)
         except ValueError:
@@ -254,9 +274,15 @@ def _parse_labels(values: list[str], lines: list[int], p: Path, column: str) -> 
             raise ValueError(
                 f"{p}: label {v!r} in column {column!r} is not a whole class id; use integer ids or class names"
             )
+        if not -(2**63) <= int(f) < 2**63:  # int64 would wrap it negative
+            raise ValueError(f"{p}: label {v!r} in column {column!r} (line {line}) is beyond int64's range, so it is "
+                             "no class id; renumber the labels 0..K-1, or write class names instead")
         ids.append(int(f))
     else:
-        labels = to_labels(ids, column)
+        try:
+            labels = to_labels(ids, column)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
         check_label_ids(labels, f"{p}: column {column!r}", "write class names instead of ids in the column")
         return ids, default_classes(labels)
     names = tuple(sorted(set(values)))
@@ -330,6 +356,9 @@ def load_csv(
         for s in ("train", "test"):
             if s not in parts:
                 raise ValueError(f"{p}: column {header[split_at]!r} marks no row as {s!r}; need train and test rows")
+        if classes == default_classes(full.y):  # integer ids, no class names
+            check_split_ids({s: d.y for s, d in parts.items()}, f"{p}: column {header[label_at]!r}",
+                            "write class names instead of ids to keep classes without training rows")
     # Sample ids count within each split, as for every other loader.
     out = {s: TensorData(d.x, d.y, classes, torch.arange(len(d)), f"{p.stem}-{s}") for s, d in parts.items()}
     return DataBundle(train=out["train"], test=out["test"], val=out.get("val"))
