@@ -181,3 +181,51 @@ def test_error_messages_quote_values_short(call, match):
     assert len(message) < 600, len(message)
     assert time.perf_counter() - start < 5
 
+
+
+# ------------------------------------------------------------------------ values and files out of bounds
+
+OUT_OF_BOUNDS = [
+    # (id, config file bytes or None, --set value or None, texts the line must hold)
+    ("set-batch-2**25", None, "train.batch_size=33554432", ["train.batch_size", "[1, 16,777,216]"]),
+    ("set-views-10**6", None, "train.teacher_views=1000000", ["train.teacher_views", "[0, 10,000]"]),
+    ("utf16-config", "train:\n  epochs: 1\n".encode("utf-16"), None, ["c.yaml is UTF-16", "save it as UTF-8"]),
+    ("latin1-config", "# r\xe9glages\ntrain:\n  epochs: 1\n".encode("latin-1"), None,
+     ["c.yaml is not UTF-8 text (byte 3", "save it as UTF-8"]),  # was "not valid YAML: UnicodeDecodeError"
+]
+
+
+@pytest.mark.parametrize("raw, override, needles", [c[1:] for c in OUT_OF_BOUNDS], ids=[c[0] for c in OUT_OF_BOUNDS])
+def test_out_of_bounds_integers_and_non_utf8_configs_are_refused(raw, override, needles, tmp_path, capsys):
+    """Integer settings have upper bounds (an epochs typo ran forever); a config saved as UTF-16 or Latin-1 is
+    refused naming the file and the fix."""
+    argv = ["train", "--data", "digits", "--model", "mlp:8", "--no-progress"]  # no --epochs: the file's is read
+    if raw is not None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_bytes(raw)
+        argv += ["--config", str(cfg)]
+    if override is not None:
+        argv += ["--set", override]
+    line = _refused(argv, tmp_path / "out", capsys)
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+def test_epochs_beyond_a_million_are_refused_naming_the_field(tmp_path):
+    """``epochs: 99999999999999999999999`` ran forever (checked on the typed section, so a regression fails
+    here at once instead of hanging a CLI run)."""
+    from kdistill.schema import train_section
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 99999999999999999999999\n")
+    with pytest.raises(ValueError, match=r"^train.epochs: must be an integer in \[1, 1,000,000\]"):
+        train_section(config.load_yaml(p)["train"])
+
+
+def test_utf8_configs_with_a_byte_order_mark_and_the_bounds_still_load(tmp_path):
+    from kdistill.train import TrainConfig
+
+    p = tmp_path / "bom.yaml"
+    p.write_bytes("\ufefftrain:\n  epochs: 3  # réglages\n".encode("utf-8"))
+    assert config.load_yaml(p) == {"train": {"epochs": 3}}
+    assert TrainConfig(epochs=10**6, batch_size=2**24, teacher_views=10**4, augment="flip").epochs == 10**6

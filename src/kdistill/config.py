@@ -125,15 +125,28 @@ def parse(text: str) -> Any:
         loader.dispose()
 
 
+def _config_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is fine); UTF-16, Latin-1 and the like are refused naming the fix,
+    whatever the locale's default encoding."""
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
+        raise ValueError(f"config: {path} is UTF-16 text (or binary), not UTF-8; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config: {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}, "
+                         "Latin-1 or another encoding?); save it as UTF-8") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no file {path}")
     try:
-        loaded = parse(path.read_text()) or {}
+        loaded = parse(_config_text(path)) or {}
     except ConfigRefusal as exc:
         raise ValueError(f"config: {path}, line {exc.problem_mark.line + 1}: {exc.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
         reason = getattr(exc, "problem", None) or type(exc).__name__

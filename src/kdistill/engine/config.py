@@ -11,6 +11,14 @@ from ..losses import LOSS_KINDS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
+# Upper bounds of the integer settings: far above any real run, low enough that a typo
+# (epochs: 99999999999999999999999) is refused by name instead of running forever or exhausting memory.
+MAX_EPOCHS = 10**6
+MAX_BATCH = 2**24  # batch_size; also teacher_topk (classes)
+MAX_STEPS = 10**12  # eval_every_steps
+MAX_VIEWS = 10**4  # teacher_views (each is a cached logits table over the training set)
+MAX_PIXELS = 2**16  # jitter
+MAX_WORKERS = 1024
 
 
 @dataclass
@@ -77,8 +85,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"train.{name}: {msg} (got {short_repr(getattr(self, name))})")
 
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= MAX_EPOCHS, "epochs",
+             f"must be an integer in [1, {MAX_EPOCHS:,}]")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= MAX_BATCH, "batch_size",
+             f"must be an integer in [1, {MAX_BATCH:,}] (2**24)")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
@@ -93,14 +103,18 @@ class TrainConfig:
         need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0 or null")
         need(isinstance(self.accumulate, int) and self.accumulate >= 1 and self.batch_size % self.accumulate == 0,
              "accumulate", f"must be an integer >= 1 that divides batch_size ({self.batch_size})")
-        need(isinstance(self.jitter, int) and self.jitter >= 0, "jitter", "is a pixel count >= 0")
+        need(isinstance(self.jitter, int) and 0 <= self.jitter <= MAX_PIXELS, "jitter",
+             f"is a pixel count in [0, {MAX_PIXELS:,}]")
         need(0 < self.temperature <= 1e4, "temperature", "must be in (0, 1e4]")
         need(0 <= self.alpha <= 1, "alpha", "is the soft-target weight, in [0, 1]")
         need(self.loss in LOSS_KINDS, "loss", f"must be one of {LOSS_KINDS}")
-        need(self.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
-        need(isinstance(self.teacher_views, int) and self.teacher_views >= 0, "teacher_views", "is a view count >= 0")
-        need(isinstance(self.teacher_topk, int) and self.teacher_topk >= 0, "teacher_topk", "is a class count >= 0 (0: all)")
-        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "is a process count >= 0")
+        need(0 <= self.eval_every_steps <= MAX_STEPS, "eval_every_steps", f"must be in [0, {MAX_STEPS:,}]")
+        need(isinstance(self.teacher_views, int) and 0 <= self.teacher_views <= MAX_VIEWS, "teacher_views",
+             f"is a view count in [0, {MAX_VIEWS:,}]")
+        need(isinstance(self.teacher_topk, int) and 0 <= self.teacher_topk <= MAX_BATCH, "teacher_topk",
+             f"is a class count in [0, {MAX_BATCH:,}] (0: all)")
+        need(isinstance(self.workers, int) and 0 <= self.workers <= MAX_WORKERS, "workers",
+             f"is a process count in [0, {MAX_WORKERS}]")
         need(device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         need(-(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits")
         from ..data.augment import parse_augment
