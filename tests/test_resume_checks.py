@@ -17,6 +17,7 @@ from torch import nn
 
 from kdistill import TrainConfig, fit
 from kdistill.cli import main
+from kdistill.engine.callbacks import Callback
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
@@ -210,3 +211,75 @@ def test_a_student_with_every_parameter_frozen_is_one_value_error():
     student = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).requires_grad_(False)
     with pytest.raises(ValueError, match=r"every parameter of Sequential has requires_grad=False.*requires_grad_"):
         fit(student, _xy(), TrainConfig(epochs=1, batch_size=20), progress=False)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAtFirstStep(Callback):
+    """Stops the run at its first step, as a kill before the first checkpoint would."""
+
+    every_steps = 1
+
+    def on_step(self, state):
+        raise _Killed
+
+
+def test_resume_without_a_checkpoint_says_why_and_how_to_restart(tmp_path, capsys):
+    """A run killed before its first checkpoint: --resume says so and to run again without it (which then works);
+    a directory with other files is told to add --overwrite; an empty one that it holds no run."""
+    out = tmp_path / "r"
+    with pytest.raises(_Killed):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)), _xy(), TrainConfig(epochs=1, batch_size=20), out_dir=out,
+            progress=False, callbacks=[_KillAtFirstStep()])
+    assert not (out / "checkpoint.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match=r"resume=True: no checkpoint in .*r \(the run stopped before its first "
+                                                r"checkpoint\); run again without resume=True$"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)), _xy(), TrainConfig(epochs=1, batch_size=20), out_dir=out,
+            resume=True, progress=False)
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)), _xy(), TrainConfig(epochs=1, batch_size=20), out_dir=out,
+        progress=False)  # the advice works: no --overwrite needed
+    (out / "checkpoint.safetensors").unlink()
+    argv = ["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--resume"]
+    rc, err = _run(argv + ["--out", str(out)], capsys)
+    assert rc == 2 and "run again without --resume, adding --overwrite to replace the run's files there" in err, err
+    (tmp_path / "empty").mkdir()
+    rc, err = _run(argv + ["--out", str(tmp_path / "empty")], capsys)
+    assert rc == 2 and "empty holds no run to continue (no checkpoint.safetensors); run without --resume" in err, err
+
+
+@pytest.mark.parametrize("keep", [100, "half"])
+def test_a_truncated_checkpoint_is_refused_with_the_way_out(tmp_path, capsys, keep):
+    argv = ["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert _run(argv, capsys)[0] == 0
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes(raw[: keep if keep != "half" else len(raw) // 2])  # a copy or a disk that ran out
+    rc, err = _run(argv + ["--resume"], capsys)
+    assert rc == 2 and "checkpoint.safetensors" in err and "truncated" in err, err
+    assert "the checkpoint cannot be read" in err and "again with --overwrite" in err, err
+    assert _run(argv + ["--overwrite"], capsys)[0] == 0  # the way out works
+
+
+def test_resume_with_another_number_of_teachers_says_so_plainly(teachers, tmp_path, capsys):
+    t0, t1 = (str(teachers / t / "model.safetensors") for t in ("t0", "t1"))
+    one, two = ["--teacher", t0], ["--teacher", t0, "--teacher", t1]
+    for name, given in (("one", one), ("two", two)):
+        assert _run(DISTILL + given + ["--out", str(tmp_path / name)], capsys)[0] == 0
+    rc, err = _run(DISTILL + two + ["--out", str(tmp_path / "one"), "--resume"], capsys)
+    assert rc == 2 and "was made with 1 teacher, this run gives 2" in err, err  # was "another teacher (kind)"
+    rc, err = _run(DISTILL + one + ["--out", str(tmp_path / "two"), "--resume"], capsys)
+    assert rc == 2 and "was made with 2 teachers, this run gives 1" in err, err
+    assert _run(DISTILL + two + ["--out", str(tmp_path / "two"), "--resume"], capsys)[0] == 0
+
+
+def test_checkpoints_recorded_before_the_teacher_count_still_resume():
+    """A cached teacher's record gained a count; a checkpoint without one is compared as before."""
+    from kdistill.engine.loop import _check_resume
+
+    old = {"kind": "logits", "sha256": "ab" * 32}
+    _check_resume({"teacher": old}, TrainConfig(epochs=1), None, "ckpt", teacher={**old, "teachers": 2})
+    with pytest.raises(ValueError, match="another teacher"):
+        _check_resume({"teacher": old}, TrainConfig(epochs=1), None, "ckpt",
+                      teacher={**old, "sha256": "cd" * 32, "teachers": 1})

@@ -86,7 +86,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
     checked under its lock (:func:`kdistill.engine.rundir.claim`)."""
     import os
 
-    from .engine.rundir import check_config_file
+    from .engine.rundir import check_config_file, no_checkpoint
 
     if resume and overwrite:
         raise ValueError("--overwrite: --resume continues the run in --out, --overwrite replaces it; give one")
@@ -100,7 +100,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"--out: cannot write to {base} (permission denied)")
     if resume and not (out / "checkpoint.safetensors").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        raise no_checkpoint(out)
     check_config_file(config, out)
 
 

@@ -130,7 +130,9 @@ class EnsembleTeacher:
 
     def cache(self, data: TensorData) -> CachedTeacher:
         """The combined logits over ``data`` looked up by sample id: for un-augmented transfer sets."""
-        return CachedTeacher(data.index, self.predict(data))
+        cached = CachedTeacher(data.index, self.predict(data))
+        cached.teachers = len(self.members)  # recorded in a checkpoint, so --resume can name another count
+        return cached
 
 
 class EnsembleModel(nn.Module):

@@ -299,7 +299,7 @@ def teacher_fingerprint(teacher: Any) -> dict[str, Any] | None:
     if isinstance(teacher, CachedTeacher):
         ids = teacher.sorted_ids if teacher.row_of is None else teacher.row_of
         h.update(_tensor_bytes(ids) + _tensor_bytes(teacher.logits_table))
-        return {"kind": "logits", "sha256": h.hexdigest()}
+        return {"kind": "logits", "sha256": h.hexdigest(), "teachers": int(getattr(teacher, "teachers", 1))}
     path = getattr(teacher, "path", None)
     if path is not None and Path(path).is_file():
         with open(path, "rb") as f:
@@ -517,8 +517,15 @@ def write_failure(path: str | os.PathLike, exc: BaseException, kept: str) -> str
     return f"cannot write {path}: {reason}; {kept}; free space (or fix the cause) and run again with --resume"
 
 
+CHECKPOINT_FIX = ("the checkpoint cannot be read, so the run cannot continue: start it again with --overwrite "
+                  "(overwrite=True in fit) instead of --resume")
+
+
 def _checkpoint_meta(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    tensors, raw = safetensors_header(path, "checkpoint")
+    try:
+        tensors, raw = safetensors_header(path, "checkpoint")
+    except ValueError as exc:  # truncated (killed mid-copy, disk full) or not a safetensors file
+        raise ValueError(f"{exc}; {CHECKPOINT_FIX}") from None
     if "kdistill_checkpoint" not in raw:
         raise ValueError(f"checkpoint: {path} is a safetensors file but not a kdistill checkpoint "
                          "(no training state in it); start a new run without --resume")
@@ -561,7 +568,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         name = getattr(model, "spec", type(model).__name__)
         raise ValueError(f"checkpoint: {path} holds another model than {name!r} "
                          f"(first difference: {diff[0]}); resume with the same --model")
-    tensors = _load_tensors(path, "checkpoint")
+    try:
+        tensors = _load_tensors(path, "checkpoint")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {CHECKPOINT_FIX}") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():

@@ -34,7 +34,7 @@ from .config import FitResult, TrainConfig, check_device
 from .denormal import flushed_denormals
 from .heap import retain_freed_memory
 from .optim import lr_factor, resolve_device
-from .rundir import API, claim
+from .rundir import API, claim, no_checkpoint
 from .rundir import remove_stale_tmp as _remove_stale_tmp
 from .sources import make_source
 from .teaching import prepare_teaching, teacher_classes
@@ -329,8 +329,28 @@ def _method_diffs(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, A
     return [(f"method.{k}", was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
 
 
+def _teacher_count(record: dict[str, Any] | None) -> int | None:
+    """How many teachers a :func:`~kdistill.io.teacher_fingerprint` describes; None when it does not say (cached
+    logits recorded before the count was)."""
+    if record is None:
+        return 0
+    if "members" in record:
+        return len(record["members"])
+    return record.get("teachers", None if record.get("kind") == "logits" else 1)
+
+
+def _check_teacher_count(was: dict[str, Any] | None, now: dict[str, Any] | None, ckpt: Path) -> None:
+    """Refuse resuming with another number of teachers, saying both counts plainly."""
+    n_was, n_now = _teacher_count(was), _teacher_count(now)
+    if n_was is not None and n_now is not None and n_was != n_now and n_was and n_now:
+        raise ValueError(f"--resume: {ckpt} was made with {n_was} teacher{'s' * (n_was != 1)}, this run gives "
+                         f"{n_now}; resume with the same teachers, or start a new run (--overwrite)")
+
+
 def _teacher_diffs(was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
     """How the teacher differs from the checkpoint's: another kind, spec or file, or other weights/logits."""
+    if now is not None and was is not None and "teachers" not in was:  # recorded before the count was
+        now = {k: v for k, v in now.items() if k != "teachers"}
     if was is None or was == now:
         return []
     if now is None:
@@ -363,6 +383,7 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str
         diffs.append(("data", f"fingerprint {str(was_data)[:16]}", f"fingerprint {fingerprint[:16]} (other samples, "
                       "labels, input values or files)"))
     if "teacher" in saved:
+        _check_teacher_count(saved["teacher"], teacher, ckpt)
         diffs += _teacher_diffs(saved["teacher"], teacher)
     if diffs:
         what, was, got = diffs[0]
@@ -377,7 +398,7 @@ def check_resume(ckpt: Path, cfg: TrainConfig, method_opts: dict[str, Any] | Non
     from ..io import read_checkpoint_state
 
     if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
+        raise no_checkpoint(Path(ckpt).parent)
     _check_resume(read_checkpoint_state(ckpt), cfg, method_opts, Path(ckpt), spec, fingerprint, teacher, train)
 
 
@@ -437,7 +458,9 @@ def fit(
     write = out is not None and rank == 0  # every process reads a checkpoint; only rank 0 writes
     ckpt = out / "checkpoint.safetensors" if out else None
     if resume and not (ckpt and ckpt.is_file()):
-        raise FileNotFoundError(f"resume: no checkpoint at {ckpt}; run without --resume first")
+        if out is None:
+            raise ValueError("resume: resume=True continues the run in out_dir; give out_dir")
+        raise no_checkpoint(out, API)
     # Before any work: data, model, teacher and (on resume) that the checkpoint is this run's.
     if resume and overwrite:
         raise ValueError("overwrite: resume=True continues the run in out_dir, overwrite=True replaces it; give one")

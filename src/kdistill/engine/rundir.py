@@ -127,6 +127,18 @@ def check_contents(out: Path, resume: bool, overwrite: bool, names: Names = CLI,
                      f"{', '.join(RUN_FILES)})")
 
 
+def no_checkpoint(out: Path, names: Names = CLI) -> FileNotFoundError:
+    """The error for resuming a directory without ``checkpoint.safetensors``, saying why it may have none and
+    the way out: a run killed before its first checkpoint restarts without resume (its files are rewritten)."""
+    held = _contents(out) if out.is_dir() else []
+    if not held:
+        return FileNotFoundError(f"{names.resume}: {out} holds no run to continue (no checkpoint.safetensors); "
+                                 f"run without {names.resume}")
+    extra = "" if set(held) <= RESTARTABLE and is_kdistill_run(out) else f", adding {names.overwrite} to replace the run's files there"
+    return FileNotFoundError(f"{names.resume}: no checkpoint in {out} (the run stopped before its first checkpoint); "
+                             f"run again without {names.resume}{extra}")
+
+
 def check_config_file(config: str | os.PathLike | None, out: Path) -> None:
     """Refuse ``--config OUT/config.yaml`` when that file is the user's: the run would replace it with its
     resolved config. (In a kdistill run the file is the run's own record, and reading it back is fine.)"""
