@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .data.dataset import TensorData
 from .data.stream import Inputs, inputs_len, inputs_rows, inputs_to
-from .losses import soft_loss
+from .losses import IGNORE_INDEX, soft_loss
 from .models.layout import as_layout, use_channels_last
 from .models.outputs import forward_logits
 
@@ -79,7 +80,13 @@ def classification_metrics(
     temperature: float = 1.0,
     detailed: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy, error count, NLL, ECE, per-class accuracy, confusion; KL and agreement if a teacher is given."""
+    """Accuracy, error count, NLL, ECE, per-class accuracy, confusion; KL and agreement if a teacher is given.
+
+    Per-position data (logits (N, L, C), labels (N, L) with -100 = not scored) is scored over its valid
+    positions (:func:`position_metrics`).
+    """
+    if logits.dim() > 2:
+        return position_metrics(logits, labels, teacher_logits, temperature, detailed)
     logits, labels = logits.float().cpu(), labels.cpu()
     num_classes = logits.shape[1]
     pred = logits.argmax(dim=1)
@@ -101,6 +108,28 @@ def classification_metrics(
         out["ece"] = expected_calibration_error(logits, labels)
         out["per_class_accuracy"] = [round(float(a), 6) for a in per_class]
         out["confusion"] = cm.tolist()
+    return out
+
+
+def position_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    detailed: bool = True,
+) -> dict[str, Any]:
+    """:func:`classification_metrics` over the valid positions (label not -100) of (N, L, C) logits, plus
+    ``perplexity`` = exp(mean NLL per valid position); ``count`` and ``errors`` count positions."""
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' positions "
+                         f"{tuple(logits.shape[:-1])}")
+    valid = labels.cpu() != IGNORE_INDEX
+    if not bool(valid.any()):
+        raise ValueError("labels: every position is -100 (not scored), so there is nothing to evaluate")
+    flat = logits.float().cpu()[valid]
+    teacher = None if teacher_logits is None else teacher_logits.float().cpu()[valid]
+    out = classification_metrics(flat, labels.cpu()[valid], teacher, temperature, detailed)
+    out["perplexity"] = float(math.exp(out["nll"])) if out["nll"] < 709 else math.inf
     return out
 
 

@@ -215,6 +215,21 @@ def _hard_term(student_logits, labels, valid, denom) -> torch.Tensor:
     return total / denom.to(total.dtype)
 
 
+def hard_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy with ``labels`` over valid positions (label not -100, kept by ``mask``): summed, divided
+    by their number or by ``normalizer`` (the whole batch's count), as the hard term of :func:`distillation_loss`.
+    Logits (B, C) or (B, positions..., C); float32 result."""
+    _check_positions(student_logits, student_logits, labels, mask)
+    valid = _valid(student_logits, labels, mask)
+    return _hard_term(student_logits, labels, valid, _denominator(valid, normalizer, torch.float32))
+
+
 def soft_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

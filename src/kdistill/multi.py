@@ -117,6 +117,9 @@ def fit_many(
     if len(configs) != len(models):
         raise ValueError(f"configs: need one per model ({len(models)}), got {len(configs)}")
     check_configs(configs)
+    if any(getattr(split, "per_position", False) for split in (train, val, test)):
+        raise ValueError("fit_many: per-position targets (labels (N, L)) are not supported by the multi-student "
+                         "sweep; train each student with fit (method kd or ce)")
     names = list(names) if names is not None else [f"student{i}" for i in range(len(models))]
     if len(names) != len(models) or len(set(names)) != len(names):
         raise ValueError(f"names: need {len(models)} distinct names, got {names}")

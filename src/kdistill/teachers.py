@@ -153,13 +153,13 @@ class CachedTeacher:
 
     def __init__(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
         ids = torch.as_tensor(ids, dtype=torch.long).cpu()
-        if logits.dim() != 2 or len(ids) != len(logits):
+        if logits.dim() not in (2, 3) or len(ids) != len(logits):  # 3: per position, (N, L, C)
             raise ValueError(f"cached logits: need one row per id, got {len(ids)} ids and shape {tuple(logits.shape)}")
         if len(ids) and ids.min() < 0:
             raise ValueError("cached logits: sample ids must be >= 0")
         if len(torch.unique(ids)) != len(ids):
             raise ValueError("cached logits: sample ids must be unique")
-        finite = torch.isfinite(logits).all(dim=1) if len(logits) else torch.ones(0, dtype=torch.bool)
+        finite = torch.isfinite(logits).flatten(1).all(dim=1) if len(logits) else torch.ones(0, dtype=torch.bool)
         if not bool(finite.all()):
             bad = ids[~finite.cpu()]
             raise ValueError(f"teacher: its logits are NaN or infinite for {len(bad)} of {len(ids)} samples "
@@ -176,7 +176,7 @@ class CachedTeacher:
 
     @property
     def num_classes(self) -> int:
-        return self.logits_table.shape[1]
+        return self.logits_table.shape[-1]
 
     def to(self, device: torch.device | str) -> "CachedTeacher":
         self.logits_table = self.logits_table.to(device)

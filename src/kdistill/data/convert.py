@@ -86,7 +86,8 @@ def to_labels(y: Any, field: str = "y") -> torch.Tensor:
     if arr.ndim != 1:
         raise ValueError(
             f"{field}: need one integer label per sample (1-D), got shape {tuple(arr.shape)}; "
-            "for one-hot or probability rows pass y.argmax(1)"
+            "for one-hot or probability rows pass y.argmax(1) (per-position targets: integer (N, L) labels, "
+            "-100 where not scored, with inputs (N, L, ...))"
         )
     if arr.is_floating_point() or arr.is_complex():
         if arr.is_complex() or not bool(torch.isfinite(arr).all()):
@@ -101,6 +102,36 @@ def to_labels(y: Any, field: str = "y") -> torch.Tensor:
     labels = arr.to(torch.long)
     if len(labels) and int(labels.min()) < UNLABELLED:
         raise ValueError(f"{field}: labels must be >= 0 (or {UNLABELLED} for unlabelled), found {int(labels.min())}")
+    return labels
+
+
+IGNORE_LABEL = -100
+"""Per-position label value of a position that is not scored (padding, prompt): the PyTorch convention."""
+
+
+def is_position_labels(y: Any, x: torch.Tensor) -> bool:
+    """Whether ``y`` holds per-position targets for inputs ``x``: an integer (N, L) array (or tensor) whose
+    L matches the inputs' second dimension ((N, L) token ids or (N, L, ...) features). A float (N, C) array
+    (one-hot or probability rows) is not: :func:`to_labels` refuses it naming the fix."""
+    arr = y if isinstance(y, torch.Tensor) else np.asarray(y) if isinstance(y, np.ndarray) else None
+    if arr is None or arr.ndim != 2 or x.ndim < 2 or arr.shape[:2] != tuple(x.shape[:2]):
+        return False
+    kind = "i" if isinstance(arr, torch.Tensor) and not arr.is_floating_point() and arr.dtype != torch.bool \
+        and not arr.is_complex() else getattr(getattr(arr, "dtype", None), "kind", "")
+    return kind in ("i", "u")
+
+
+def to_position_labels(y: Any, field: str = "y") -> torch.Tensor:
+    """Per-position labels (N, L) as int64: class ids >= 0, or -100 for a position not scored (padding)."""
+    arr = _as_array(y, field)
+    labels = (torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else arr).to(torch.long)
+    bad = (labels < 0) & (labels != IGNORE_LABEL)
+    if bool(bad.any()):
+        raise ValueError(f"{field}: per-position labels must be class ids >= 0 or {IGNORE_LABEL} (not scored), "
+                         f"found {int(labels[bad][0])}; mark padding with {IGNORE_LABEL}")
+    if len(labels) and not bool((labels != IGNORE_LABEL).any()):
+        raise ValueError(f"{field}: every per-position label is {IGNORE_LABEL} (not scored), so there is nothing "
+                         "to learn; label at least one position")
     return labels
 
 
@@ -144,7 +175,8 @@ def to_tensor_data(
     ``classes`` defaults to ``str(i)`` for every id up to the largest label;
     ``index`` (sample ids) defaults to ``0..N-1``.
     """
-    inputs, labels = to_inputs(x, "x", keep_integers=True), to_labels(y, "y")
+    inputs = to_inputs(x, "x", keep_integers=True)
+    labels = to_position_labels(y, "y") if is_position_labels(y, inputs) else to_labels(y, "y")
     if len(inputs) != len(labels):
         raise ValueError(f"{name}: x has {len(inputs)} rows but y has {len(labels)} labels; pass one label per row")
     names = default_classes(labels) if classes is None else check_classes(labels, classes, "classes")
@@ -208,13 +240,38 @@ def _input_shape(x: Any, name: str, fix: str) -> tuple[int, ...]:
     return shape
 
 
+def _item_positions(item: Any, shape: tuple[int, ...]) -> bool:
+    """Whether an item's label is per position: integer (L,) with L > 1 matching its input's first dimension."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2 or not shape:
+        return False
+    label = torch.as_tensor(item[1])
+    return label.dim() == 1 and label.numel() > 1 and label.shape[0] == shape[0] and not label.is_floating_point()
+
+
+def _stream_positions(dataset: Any, classes: Sequence[str] | None, shape: tuple[int, ...], name: str) -> StreamData:
+    """A streamed split whose items carry (L,) per-position labels (-100 = not scored); class names from
+    ``classes=`` or the data set's ``classes``, else from every item's labels (read once)."""
+    declared = classes if classes is not None else getattr(dataset, "classes", None)
+    if isinstance(declared, Sequence) and not isinstance(declared, (str, bytes)) and declared:
+        names = check_classes(torch.zeros(0, dtype=torch.long), declared, "classes")
+    else:
+        top = max(int(to_position_labels(torch.as_tensor(dataset[i][1]).reshape(1, -1), f"dataset item {i} label").max())
+                  for i in range(len(dataset)))
+        names = default_classes(torch.tensor([top]))
+    return StreamData(dataset=dataset, classes=names, input_shape=shape, labels=None, name=name, per_position=True)
+
+
 def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -> StreamData:
     n = len(dataset)
     if n == 0:
         raise ValueError(f"{name}: the data set is empty")
     first = dataset[0]
-    _item_label(first, 0)
     fix = "give the data set a transform that returns tensors (e.g. torchvision's ToTensor())"
+    if isinstance(first, (tuple, list)) and len(first) >= 2 and isinstance(first[0], (torch.Tensor, np.ndarray)):
+        shape = tuple(first[0].shape)
+        if _item_positions(first, shape):
+            return _stream_positions(dataset, classes, _input_shape(first[0], name, fix), name)
+    _item_label(first, 0)
     if type(first[0]).__module__.startswith("PIL"):
         raise ValueError(f"{name}: items are PIL images, not tensors; {fix}")
     shape = _input_shape(first[0], name, fix)

@@ -57,6 +57,11 @@ class TensorData:
     def has_unlabelled(self) -> bool:
         return bool((self.y == UNLABELLED).any())
 
+    @property
+    def per_position(self) -> bool:
+        """Whether the labels are per position, (N, L) with -100 = not scored (a language model's tokens)."""
+        return self.y.dim() == 2
+
     def subset(self, rows: torch.Tensor, name: str | None = None) -> "TensorData":
         """Rows ``rows`` of this split; sample ids travel with them."""
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -82,6 +87,8 @@ class StreamData:
     labels: torch.Tensor | None = None
     name: str = "data"
     preprocessing: dict[str, Any] | None = field(default=None, compare=False)  # by data.load (data/preprocess.py)
+    per_position: bool = False
+    """Items' labels are per position, (L,) with -100 = not scored (see :attr:`TensorData.per_position`)."""
 
     def __post_init__(self) -> None:
         n = len(self.dataset)

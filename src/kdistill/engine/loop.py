@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.convert import as_split
+from ..data.convert import IGNORE_LABEL, as_split
 from ..data.preprocess import model_record
 from ..data.splits import check_same_classes
 from ..data.stream import describe_inputs, inputs_to, integer_hint, labels_of
@@ -129,12 +129,29 @@ def check_data(train, name: str = "train", num_classes: int | None = None) -> No
     classes = train.num_classes if num_classes is None else num_classes
     if train.num_classes < 2:
         raise ValueError(f"data: {train.name} has {train.num_classes} class(es); classification needs at least 2")
+    if labels is not None and per_position(train):
+        labels = labels[labels != IGNORE_LABEL]  # padding / unscored positions
     if labels is not None and len(labels):
         lo, hi = int(labels.min()), int(labels.max())
         if lo < -1 or hi >= classes:
             raise ValueError(f"data: {name} labels must be in 0..{classes - 1} (or -1 for unlabelled), "
                              f"found {lo if lo < -1 else hi}")
     check_inputs(train, name)
+
+
+def per_position(split) -> bool:
+    """Whether ``split`` has per-position labels ((N, L), -100 = not scored): see :mod:`kdistill.losses`."""
+    return bool(getattr(split, "per_position", False))
+
+
+def _logits_fit(out, train, x) -> bool:
+    """Whether a dry forward's ``out`` is one logit per class: (1, C), or (1, L, C) for per-position data."""
+    if not isinstance(out, torch.Tensor) or out.shape[-1:] != (train.num_classes,):
+        return False
+    if not per_position(train):
+        return out.dim() == 2
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    return out.dim() == 3 and out.shape[1] == first.shape[1]
 
 
 def check_inputs(split, name: str = "train") -> None:
@@ -195,7 +212,7 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
                          f"shaped {describe_inputs(x)}: {type(exc).__name__}: {str(exc)[:200]}{integer_hint(x)}") from None
     finally:
         net.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != train.num_classes:
+    if not _logits_fit(out, train, x):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs {shape} for one sample, but "
                          f"{train.name} has {train.num_classes} classes; give a teacher trained on this data")
@@ -309,7 +326,7 @@ def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
                          f"{describe_inputs(x)}: {type(exc).__name__}: {exc}{integer_hint(x)}") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != train.num_classes:
+    if not _logits_fit(out, train, x):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: outputs {shape} for one sample, but {train.name} has {train.num_classes} classes; "
                          "build it with num_classes equal to the data's")
@@ -442,6 +459,7 @@ def fit(
     val = None if val is None else as_split(val, classes=train.classes, name="val")
     test = None if test is None else as_split(test, classes=train.classes, name="test")
     method = resolve_method(method, teacher, cfg)
+    check_positions(method, train, val, test)
     check_device(resolve_device(cfg.device))
     rank, n_proc = world()
     if cfg.batch_size % n_proc:
@@ -501,6 +519,24 @@ def fit(
             teaching.release()
         if held is not None:
             held.release()
+
+
+def check_positions(method, train, val=None, test=None) -> None:
+    """Per-position data (labels (N, L)) needs a method that averages over positions (``ce``, ``kd``), and
+    every split per position or none."""
+    if not per_position(train):
+        for split, name in ((val, "val"), (test, "test")):
+            if split is not None and per_position(split):
+                raise ValueError(f"{name}: {split.name} has per-position labels but the training split {train.name} "
+                                 "has one label per sample; give every split the same kind of labels")
+        return
+    for split, name in ((val, "val"), (test, "test")):
+        if split is not None and not per_position(split):
+            raise ValueError(f"{name}: {split.name} has one label per sample but the training split {train.name} "
+                             "has per-position labels (N, L); give every split the same kind of labels")
+    if not getattr(method, "per_position", False):
+        raise ValueError(f"method: {method.name}: per-position targets are not supported; use kd or ce "
+                         f"({train.name} has per-position labels, -100 = not scored)")
 
 
 def _diverged(state, what: str, ckpt: Path | None) -> ValueError:

@@ -19,6 +19,7 @@ from ..data.augment import AugParams
 from ..data.stream import Inputs, chunk_inputs, inputs_to
 from ..distributed import mean_over_processes
 from ..evaluate import predict_split
+from ..losses import IGNORE_INDEX
 from ..methods.base import StepIO
 from ..models.layout import as_layout, use_channels_last
 from ..models.mlp import apply_max_norm
@@ -98,7 +99,13 @@ class StudentStep:
         xb = _layout(xb, self.channels_last)
         k = self.cfg.accumulate
         self.optimizer.zero_grad(set_to_none=True)
-        if k == 1:
+        if yb.dim() > 1 and (k > 1 or self.n_proc > 1):  # per position: every term / the whole batch's count
+            norm = position_normalizer(yb, self.n_proc)
+            parts = [self._forward_backward(*chunk, progress, 1.0, norm)
+                     for chunk in zip(chunk_inputs(xb, k), yb.chunk(k), ib.chunk(k), _views(batch.views, k))]
+            loss = sum(p[0] for p in parts)  # micro-batch losses add up to the batch's (same divisor)
+            terms = {name: sum(p[1][name] for p in parts) for name in parts[0][1]}
+        elif k == 1:
             loss, terms = self._forward_backward(xb, yb, ib, batch.views, progress, 1.0)
         else:  # micro-batches, each loss weighted 1/k: the summed gradient is the whole batch's mean gradient
             views = batch.views.chunk(k) if batch.views is not None else [None] * k
@@ -123,15 +130,16 @@ class StudentStep:
                 self.sums[name] = torch.zeros((), device=self.device)
             self.sums[name].add_(t.detach().float())
 
-    def _forward_backward(self, xb, yb, ib, views, progress, weight: float):
-        """Forward, the method's terms and backward of one (micro-)batch; returns the loss and its terms."""
+    def _forward_backward(self, xb, yb, ib, views, progress, weight: float, normalizer=None):
+        """Forward, the method's terms and backward of one (micro-)batch; returns the loss and its terms.
+        ``normalizer``: per-position data's whole-batch valid count (:func:`position_normalizer`)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.use_graph):
             logits = forward_logits(self.forward, xb, self.logits_key)
             t_logits = None
             if self.teacher is not None:
                 t_logits = self.teacher.logits(xb, ib, views) if self.uses_views else self.teacher.logits(xb, ib)
             io = StepIO(logits, yb, t_logits, self.s_tap.out if self.s_tap else {}, self.t_tap.out if self.t_tap else {},
-                        progress)
+                        progress, normalizer)
             terms = self.method.losses(io)
         loss = None
         for t in terms.values():
@@ -184,6 +192,20 @@ class StudentStep:
 
     def models(self) -> list[nn.Module]:
         return [self.model]
+
+
+def position_normalizer(labels: torch.Tensor, n_proc: int) -> torch.Tensor:
+    """The divisor of per-position loss terms for one process's share of a global batch: the global batch's
+    valid-position count (label not -100, summed over processes) / ``n_proc`` (DDP averages gradients over
+    processes, so each process's sum over its positions / this adds up to the global mean). At least one
+    valid position is counted (a batch of padding only gives 0 losses, not NaN). Device work: no host sync."""
+    count = (labels != IGNORE_INDEX).sum().to(torch.float32)
+    count = mean_over_processes(count, n_proc)
+    return count.clamp(min=1.0 / n_proc)
+
+
+def _views(views: torch.Tensor | None, k: int) -> list[torch.Tensor | None]:
+    return list(views.chunk(k)) if views is not None else [None] * k
 
 
 def _layout(x: Inputs, channels_last: bool) -> Inputs:

@@ -68,6 +68,7 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
             return Teaching(views.to(device), None, owned, compiled)
         if isinstance(teacher, ModuleTeacher) and aug.is_identity and not needs_features \
                 and should_cache(train, cfg.cache_teacher):
+            check_position_cache(teacher, train)
             teacher = teacher.cache(train)
         if isinstance(teacher, CachedTeacher):
             if not aug.is_identity:
@@ -84,6 +85,24 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
         if owned is not None:
             owned.release()
         raise
+
+
+POSITION_CACHE_BYTES = 2 * 2**30
+"""Largest cache of a teacher's per-position outputs (N x L x C float32) ``fit`` builds in memory."""
+
+
+def check_position_cache(teacher: ModuleTeacher, train) -> None:
+    """Refuse to cache a teacher's (N, L, C) outputs beyond :data:`POSITION_CACHE_BYTES`, naming the way out:
+    a live teacher."""
+    if not getattr(train, "per_position", False):
+        return
+    shape = (len(train), int(train.input_shape[0]), train.num_classes)
+    size = shape[0] * shape[1] * shape[2] * 4
+    if size > POSITION_CACHE_BYTES:
+        raise ValueError(f"train.cache_teacher: caching the teacher's per-position outputs for {train.name} "
+                         f"({shape} float32) would take {size / 2**30:.2f} GiB, "
+                         f"beyond the {POSITION_CACHE_BYTES / 2**30:g} GiB budget; set train.cache_teacher: false "
+                         "to use a live teacher (it runs on each student batch)")
 
 
 def should_cache(train, cache_teacher: bool | None) -> bool:

@@ -34,6 +34,10 @@ class StepIO:
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     progress: float | torch.Tensor = 0.0
+    normalizer: torch.Tensor | None = None
+    """Per-position data: the whole batch's valid-position count (over micro-batches and processes, / the
+    process count under DDP) that each term divides by, so micro-batch losses add up to the batch's; None:
+    the (micro-)batch's own count."""
 
 
 class Method(nn.Module):
@@ -51,6 +55,9 @@ class Method(nn.Module):
     temperature: float = 1.0
     """The temperature at which validation reports KL to the teacher (1 for methods without one)."""
     stackable: bool = False
+    per_position: bool = False
+    """Whether the method trains on per-position labels ((N, L), -100 = not scored), averaging each term over
+    the valid positions of the whole batch (:attr:`StepIO.normalizer`); ``fit`` refuses the others there."""
     """Whether the stacked multi-student backend can run it (it then reads ``stacked_options``)."""
     schedule_options: tuple[str, ...] = ()
     """Options that are a length in epochs over which the method ramps a term in (DKD's ``warmup``):

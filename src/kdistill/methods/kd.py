@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..losses import LOSS_KINDS, soft_loss
+from ..losses import LOSS_KINDS, hard_loss, soft_loss
 from .base import Method, StepIO, register
 
 
@@ -35,6 +35,7 @@ class KD(Method):
     """
 
     stackable = True
+    per_position = True
 
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, kind: str = "kl") -> None:
         super().__init__()
@@ -50,8 +51,20 @@ class KD(Method):
 
     def losses(self, io: StepIO) -> dict[str, torch.Tensor]:
         logits = io.student_logits.float()
+        if logits.dim() > 2:
+            return self._position_losses(logits, io)
         soft = soft_loss(logits, io.teacher_logits, temperature=self.temperature, kind=self.kind)
         if self.alpha == 1.0:
             return {"kd": soft}
         hard = F.cross_entropy(logits, io.labels).to(soft.dtype)
+        return {"kd": self.alpha * soft, "ce": (1.0 - self.alpha) * hard}
+
+    def _position_losses(self, logits: torch.Tensor, io: StepIO) -> dict[str, torch.Tensor]:
+        """Per-position logits (B, L, C): each term averaged over the valid positions (label not -100) of
+        the whole batch (``io.normalizer``), the same positions for both terms."""
+        soft = soft_loss(logits, io.teacher_logits, temperature=self.temperature, kind=self.kind, labels=io.labels,
+                         normalizer=io.normalizer)
+        if self.alpha == 1.0:
+            return {"kd": soft}
+        hard = hard_loss(logits, io.labels, normalizer=io.normalizer).to(soft.dtype)
         return {"kd": self.alpha * soft, "ce": (1.0 - self.alpha) * hard}

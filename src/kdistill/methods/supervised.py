@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..losses import hard_loss
 from .base import Method, StepIO, register
 
 
@@ -14,9 +15,12 @@ class CrossEntropy(Method):
 
     needs_teacher = False
     stackable = True
+    per_position = True
 
     def __init__(self) -> None:
         super().__init__()
 
     def losses(self, io: StepIO) -> dict[str, torch.Tensor]:
+        if io.student_logits.dim() > 2:  # per position: mean over the whole batch's valid positions
+            return {"ce": hard_loss(io.student_logits.float(), io.labels, normalizer=io.normalizer)}
         return {"ce": F.cross_entropy(io.student_logits.float(), io.labels)}
