@@ -93,7 +93,7 @@ def test_bad_config_fails_before_work(digits):
     with pytest.raises(ValueError, match="jitter"):
         fit(build_model("mlp:8", digits.input_shape, 10), digits.train, TrainConfig(jitter=2), teacher=cached,
             progress=False)
-    with pytest.raises(FileNotFoundError, match="resume"):
+    with pytest.raises(ValueError, match="resume: resume=True continues the run in out_dir; give out_dir"):
         fit(build_model("mlp:8", digits.input_shape, 10), digits.train, TrainConfig(), resume=True, progress=False)
 
 
