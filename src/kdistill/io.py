@@ -8,6 +8,7 @@ state dicts) are read with ``torch.load(weights_only=True)``, which refuses arbi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -236,14 +237,7 @@ def data_fingerprint(split) -> str:
     split, the path, size and modification time of every file behind it (folder data, torchvision
     ``ImageFolder``), or, for a dataset that names no files, its type and length only. Checkpoints record it
     (``--resume`` refuses other data) and so do logits files."""
-    import hashlib
-
-    h = hashlib.sha256(f"{tuple(split.input_shape)}:{split.num_classes};".encode())
-    h.update(torch.as_tensor(split.index).detach().cpu().long().contiguous().numpy().tobytes())
-    labels = split.y if hasattr(split, "y") else getattr(split, "labels", None)
-    if labels is not None:
-        h.update(b";y:")
-        h.update(torch.as_tensor(labels).detach().cpu().long().contiguous().numpy().tobytes())
+    h = _split_hash(split)
     x = getattr(split, "x", None)
     if x is not None:
         h.update(b";x:")
@@ -259,17 +253,21 @@ def data_fingerprint(split) -> str:
     return h.hexdigest()
 
 
-def legacy_data_fingerprint(split) -> str:
-    """The 32-digit fingerprint of checkpoints written before every input was hashed (256 rows sampled), so
-    such a checkpoint can still be resumed with the same data."""
-    import hashlib
-
+def _split_hash(split):
+    """A sha256 over a split's input shape, class count, sample ids and labels: what every fingerprint covers."""
     h = hashlib.sha256(f"{tuple(split.input_shape)}:{split.num_classes};".encode())
     h.update(torch.as_tensor(split.index).detach().cpu().long().contiguous().numpy().tobytes())
     labels = split.y if hasattr(split, "y") else getattr(split, "labels", None)
     if labels is not None:
         h.update(b";y:")
         h.update(torch.as_tensor(labels).detach().cpu().long().contiguous().numpy().tobytes())
+    return h
+
+
+def legacy_data_fingerprint(split) -> str:
+    """The 32-digit fingerprint of checkpoints written before every input was hashed (256 rows sampled), so
+    such a checkpoint can still be resumed with the same data."""
+    h = _split_hash(split)
     x = getattr(split, "x", None)
     if x is not None and len(x):
         rows = torch.linspace(0, len(x) - 1, min(256, len(x))).long().to(x.device)
@@ -282,8 +280,6 @@ def teacher_fingerprint(teacher: Any) -> dict[str, Any] | None:
     """What identifies a teacher, for ``--resume`` to refuse another one: its kind, spec and a sha256 of its
     weights (a network), of its logits and their ids (a logits file, or a teacher cached over the data), of
     the file (ONNX), or of its members, mean and temperature (an ensemble). None without a teacher."""
-    import hashlib
-
     from .teachers import CachedTeacher, ModuleTeacher
 
     if teacher is None:
