@@ -69,6 +69,19 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each one whose storage an earlier one uses copied: safetensors refuses shared memory,
+    and tied weights (a language model's embedding and output head) are one tensor under two names; loading
+    both names into the tied parameter restores it."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if t.numel() and ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
     """Weights plus the metadata needed to rebuild the model (``spec``, ``in_shape``, ``num_classes``, and
     whatever else ``meta`` holds, e.g. ``class_names``).
@@ -82,7 +95,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
     from .models.adapters import describe_model
     from .models.hf import config_of
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     spec = getattr(model, "spec", None) or describe_model(model, meta.get("in_shape"), meta.get("num_classes"))
     info: dict[str, Any] = {"spec": spec}
     if spec is None:
@@ -497,7 +510,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     meta = {"state": state, "param_groups": opt["param_groups"], "opt_scalars": opt_scalars, "spec": getattr(model, "spec", None)}
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"kdistill_checkpoint": json.dumps(meta, default=_jsonable)})
+            save_file(_unshared(tensors), str(tmp), metadata={"kdistill_checkpoint": json.dumps(meta, default=_jsonable)})
     except Exception as exc:  # noqa: BLE001 - OSError or safetensors' own error (a Rust io error, e.g. ENOSPC)
         if not isinstance(exc, (OSError, SafetensorError)):
             raise

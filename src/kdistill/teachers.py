@@ -29,6 +29,15 @@ class Teacher(Protocol):
     def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
+def vocabulary_mismatch(teacher_classes: int, data) -> str:
+    """The refusal of a teacher whose per-position classes (a language model's vocabulary) are not the data's:
+    its distribution over one vocabulary cannot teach a student over another."""
+    return (f"teacher: outputs {teacher_classes} classes (vocabulary) per position, the student/data "
+            f"({data.name}) have {data.num_classes}; a teacher and a student must share a vocabulary: give a "
+            f"teacher of {data.num_classes} (e.g. built with vocab_size={data.num_classes}) or the student and the "
+            f"data {teacher_classes} classes")
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Put ``module`` in eval mode with every parameter's ``requires_grad`` off."""
     module.eval()
@@ -205,6 +214,8 @@ class CachedTeacher:
         if len(ids) and bool((self.rows(ids) < 0).any()):
             raise ValueError(f"cached teacher logits do not cover every sample of {data.name}: ids missing")
         if data.num_classes != self.num_classes:
+            if getattr(data, "per_position", False):
+                raise ValueError(vocabulary_mismatch(self.num_classes, data))
             raise ValueError(f"cached teacher logits have {self.num_classes} classes, {data.name} has {data.num_classes}")
 
     def logits(self, x: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:

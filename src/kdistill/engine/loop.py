@@ -28,6 +28,7 @@ from ..distributed import process_device, world
 from ..evaluate import classification_metrics, predict_split
 from ..io import (data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model,
                   teacher_fingerprint)
+from ..models.hf import lm_vocabulary
 from ..models.outputs import forward_logits
 from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
 from .config import FitResult, TrainConfig, check_device
@@ -177,8 +178,9 @@ def check_inputs(split, name: str = "train") -> None:
 def check_teacher(teacher, train, dry_run: bool = True) -> None:
     """A dry forward of a teacher network on one training sample: one logit per class, finite, or a
     ValueError naming the teacher, before any file is written (files and ONNX models are checked on reading).
-    ``dry_run=False`` checks only what is known without running it (its declared class count)."""
-    from ..teachers import ModuleTeacher
+    ``dry_run=False`` checks only what is known without running it (its declared class count, a causal LM's
+    vocabulary)."""
+    from ..teachers import ModuleTeacher, vocabulary_mismatch
 
     if teacher is None:
         return
@@ -190,7 +192,11 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
     net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
     if not isinstance(net, nn.Module) or not dry_run:
         n = getattr(teacher, "num_classes", None)
+        if n is None and isinstance(net, nn.Module) and per_position(train):
+            n = lm_vocabulary(net)  # a causal LM's vocabulary is known without running it
         if isinstance(n, int) and n != train.num_classes:
+            if per_position(train):
+                raise ValueError(vocabulary_mismatch(n, train))
             raise ValueError(f"teacher: outputs {n} classes but {train.name} has {train.num_classes}")
         return
     from ..engine.step import _first_inputs, _layout
@@ -213,6 +219,9 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
     finally:
         net.train(was)
     if not _logits_fit(out, train, x):
+        vocab = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 3 else train.num_classes
+        if per_position(train) and vocab != train.num_classes:
+            raise ValueError(vocabulary_mismatch(vocab, train))
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs {shape} for one sample, but "
                          f"{train.name} has {train.num_classes} classes; give a teacher trained on this data")

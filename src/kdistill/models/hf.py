@@ -11,8 +11,12 @@ Spec: ``hf:TARGET[,task=TASK][,key=value...]`` where TARGET is one of
   head of another class count is made new (``ignore_mismatched_sizes``).
 
 ``task`` picks the ``AutoModelFor...`` class: ``sequence-classification`` (token ids in, the default for
-1-D inputs), ``image-classification`` (the default for C x H x W inputs) or ``audio-classification``.
-``num_labels`` is always the data's class count. Nothing is ever downloaded (Hub ids are refused, files
+1-D inputs), ``image-classification`` (the default for C x H x W inputs), ``audio-classification``, or
+``causal-lm`` (token ids (L,) in, next-token logits (L, V) out, for per-position labels (N, L) with -100 not
+scored, e.g. ``hf:gpt2,task=causal-lm,n_layer=1,n_head=2,n_embd=32,n_positions=32``).
+``num_labels`` is always the data's class count; a causal LM built for a model type gets ``vocab_size`` =
+the data's class count unless the spec gives one (a config file's or directory's vocabulary is kept: a size
+other than the data's is refused before training). Nothing is ever downloaded (Hub ids are refused, files
 are read with ``local_files_only=True``) and ``trust_remote_code`` is never passed, so a config or a
 directory cannot run code of its own. Models whose main input is ``input_ids`` get a forward pre-hook
 rounding kdistill's float32 inputs to token ids (int64), so token data goes through the float pipeline.
@@ -31,13 +35,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TASKS", "build_hf", "describe_hf", "config_of", "is_hf_model", "FORBIDDEN_OPTIONS"]
+__all__ = ["TASKS", "LM_TASKS", "build_hf", "describe_hf", "lm_vocabulary", "config_of", "is_hf_model",
+           "FORBIDDEN_OPTIONS"]
 
 TASKS = {  # task -> (Auto class, modeling_auto mapping of model type -> class name)
     "sequence-classification": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
     "image-classification": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
     "audio-classification": ("AutoModelForAudioClassification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+    "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
 }
+LM_TASKS = ("causal-lm",)  # the vocabulary is the class count; outputs (L, V) per sample
 FORBIDDEN_OPTIONS = ("trust_remote_code", "revision", "code_revision", "token", "cache_dir", "force_download",
                      "local_files_only", "proxies", "auto_map", "pretrained_model_name_or_path")
 _FIX = "pip install 'kdistill[hf]'"
@@ -102,6 +109,17 @@ def _token_ids(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+def _fresh_lm_config(cfg, options: dict[str, Any]) -> None:
+    """A language model built for a model type scores whole windows (no key/value cache to return), and has no
+    special token beyond its (the data's) vocabulary: the type's defaults (GPT-2's 50256) are dropped."""
+    if "use_cache" not in options:
+        cfg.use_cache = False
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, key, None)
+        if key not in options and isinstance(value, int) and value >= cfg.vocab_size:
+            setattr(cfg, key, None)
+
+
 def build_hf(spec: str, target: str, in_shape: tuple[int, ...], num_classes: int, options: dict[str, Any],
              config: dict[str, Any] | None = None) -> nn.Module:
     """The transformers model of an ``hf:`` spec (see the module docstring); ``config``: one recorded in a file."""
@@ -122,7 +140,12 @@ def build_hf(spec: str, target: str, in_shape: tuple[int, ...], num_classes: int
         cfg.num_labels = num_classes
         model = auto.from_pretrained(str(path), config=cfg, local_files_only=True, ignore_mismatched_sizes=True)
     else:
+        fresh_lm = task in LM_TASKS and config is None and not target.endswith(".json")
+        if fresh_lm:
+            options.setdefault("vocab_size", num_classes)  # a fresh LM's vocabulary is the data's classes
         cfg = _config(tf, spec, target, options, config)
+        if fresh_lm:
+            _fresh_lm_config(cfg, options)
         if cfg.num_labels != num_classes:
             cfg.num_labels = num_classes
         try:
@@ -133,6 +156,16 @@ def build_hf(spec: str, target: str, in_shape: tuple[int, ...], num_classes: int
     if getattr(model, "main_input_name", None) == "input_ids":
         model.register_forward_pre_hook(_token_ids)
     return model
+
+
+def lm_vocabulary(model: nn.Module) -> int | None:
+    """A transformers causal LM's vocabulary (its classes per position), known without running it; else None."""
+    described = describe_hf(model)
+    if described is None or not described.endswith(",task=causal-lm"):
+        return None
+    head = model.get_output_embeddings()
+    n = getattr(head, "out_features", None) or getattr(model.config, "vocab_size", None)
+    return n if isinstance(n, int) else None
 
 
 def describe_hf(model: nn.Module) -> str | None:
