@@ -188,6 +188,8 @@ register_loader("cifar100", load_cifar100, 5000)
 register_source("npz", load_npz)
 register_source("csv", load_csv)
 register_source("folder", load_folder)
+from .text import load_text_source  # noqa: E402
+register_source("text", load_text_source)
 
 
 __all__ = [

@@ -1,0 +1,146 @@
+"""``text:PATH``: plain UTF-8 text cut into fixed-length windows for per-position (next-token) training.
+
+``PATH`` is a UTF-8 file or a folder of ``.txt`` files (read in sorted name order and joined as they are).
+Tokens are the text's UTF-8 bytes (``tokenizer="bytes"``: 256 classes named by the byte values ``"0"`` ..
+``"255"``) or ids of a byte-level BPE trained offline with Hugging Face ``tokenizers`` (``tokenizer="bpe"``,
+``vocab_size`` at most; deterministic, trained on the text the model trains on, never the test part).
+
+Each window ``i`` gives inputs ``x = tokens[i*L : i*L+L]`` (int64) and labels ``y = tokens[i*L+1 : i*L+L+1]``
+(the next token at each position): windows do not overlap. Splits, so that the test text is never seen:
+
+* test: the windows of the last 10% of the text (cut at a character, tokenised on its own);
+* val: a seeded random 10% (at least one) of the windows of the first 90%;
+* train: the other windows of the first 90% (the BPE is trained on this 90%, val included, test excluded).
+
+Sample ids are window numbers within their part (train/val share one numbering, test has its own).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dataset import DataBundle, TensorData
+
+TEST_FRACTION = 0.1
+VAL_FRACTION = 0.1
+TOKENIZERS = ("bytes", "bpe")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file, or of a folder's ``.txt`` files in sorted order; clear errors otherwise."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".txt")
+        if not files:
+            raise ValueError(f"text: folder {str(p)!r} holds no .txt files; put the text in NAME.txt files")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"text: no such file or folder {str(p)!r}")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"text: {str(f)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                             f"save it as UTF-8") from None
+    text = "".join(parts)
+    if not text:
+        raise ValueError(f"text: {str(p)!r} holds no text; give a non-empty UTF-8 file")
+    return text
+
+
+def train_bpe(text: str, vocab_size: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` of at most ``vocab_size`` ids trained on ``text`` alone."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as exc:
+        raise ValueError("data.tokenizer: 'bpe' needs Hugging Face tokenizers; pip install tokenizers, "
+                         "or use tokenizer: bytes") from exc
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    return tok
+
+
+def _encode(text: str, tok: Any) -> torch.Tensor:
+    if tok is None:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return torch.tensor(tok.encode(text).ids, dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows: inputs ``tokens[i*L:i*L+L]`` and next-token labels one further on."""
+    n = (len(tokens) - 1) // window
+    x = tokens[: n * window].reshape(n, window)
+    y = tokens[1: n * window + 1].reshape(n, window)
+    return x.contiguous(), y.contiguous()
+
+
+def _check_options(window: int, tokenizer: str, vocab_size: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"data.window: a whole number of tokens >= 1, got {window!r}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer: one of {list(TOKENIZERS)}, got {tokenizer!r}")
+    if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size < 256):
+        raise ValueError(f"data.vocab_size: a byte-level BPE needs at least 256 ids (the bytes), got {vocab_size!r}")
+
+
+def load_text(path: str | os.PathLike, window: int = 64, tokenizer: str = "bytes", vocab_size: int = 512,
+              seed: int = 0) -> tuple[DataBundle, Any]:
+    """``(bundle, tok)``: the text at ``path`` as train/val/test windows (see the module doc); ``tok`` is the
+    trained ``tokenizers.Tokenizer`` for ``bpe`` (save it with :func:`save_tokenizer`), None for bytes."""
+    _check_options(window, tokenizer, vocab_size)
+    text = read_text(path)
+    if len(text.encode("utf-8")) < window + 1:
+        raise ValueError(f"text: {str(path)!r} is shorter than one window ({window} + 1 tokens); "
+                         f"give more text or lower data.window")
+    cut = int(len(text) * (1 - TEST_FRACTION))
+    head, tail = text[:cut], text[cut:]
+    tok = train_bpe(head, vocab_size) if tokenizer == "bpe" else None
+    hx, hy = windows(_encode(head, tok), window)
+    tx, ty = windows(_encode(tail, tok), window)
+    if len(hx) < 2 or len(tx) < 1:
+        raise ValueError(f"text: {str(path)!r} gives {len(hx)} window(s) of {window} tokens in its first 90% and "
+                         f"{len(tx)} in its last 10%; train, val and test need at least 2 and 1: give more text "
+                         f"or lower data.window")
+    classes = tuple(str(i) for i in range(256)) if tok is None else \
+        tuple(tok.id_to_token(i) for i in range(tok.get_vocab_size()))
+    n_val = max(1, round(len(hx) * VAL_FRACTION))
+    perm = torch.randperm(len(hx), generator=torch.Generator().manual_seed(seed))
+    val_rows, train_rows = perm[:n_val].sort().values, perm[n_val:].sort().values
+    name = f"text:{path}"
+    head_data = TensorData(hx, hy, classes, name=name)
+    bundle = DataBundle(train=head_data.subset(train_rows, f"{name} train"),
+                        val=head_data.subset(val_rows, f"{name} val"),
+                        test=TensorData(tx, ty, classes, name=f"{name} test"))
+    return bundle, tok
+
+
+def load_text_source(path: str | os.PathLike, window: int = 64, tokenizer: str = "bytes", vocab_size: int = 512,
+                     seed: int = 0) -> DataBundle:
+    """The ``text:PATH`` source of :func:`kdistill.data.load` (options ``window``, ``tokenizer``,
+    ``vocab_size``); the BPE tokenizer is not kept: use :func:`load_text` to save it with a run."""
+    return load_text(path, window=window, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)[0]
+
+
+def save_tokenizer(tok: Any, folder: str | os.PathLike) -> Path:
+    """Write ``tok`` as ``folder/tokenizer.json`` (a temp file, then renamed: never half written)."""
+    out = Path(folder) / "tokenizer.json"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tokenizer.", suffix=".json")
+    os.close(fd)
+    try:
+        tok.save(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
