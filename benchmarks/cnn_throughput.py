@@ -59,7 +59,7 @@ from kdistill.methods import build_method  # noqa: E402
 from kdistill.methods.base import StepIO  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
 from kdistill.models.layout import as_layout, use_channels_last  # noqa: E402
-from kdistill.teachers import ModuleTeacher  # noqa: E402
+from kdistill.teachers.base import ModuleTeacher  # noqa: E402
 
 TEACHER, STUDENT = "resnet20", "resnet8"  # the teacher: --teacher (resnet20 or larger, e.g. resnet56)
 BATCH, LR, T, ALPHA, VIEWS, AMORTISE_EPOCHS = 128, 0.05, 4.0, 0.9, 8, 30

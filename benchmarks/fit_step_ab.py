@@ -6,7 +6,7 @@
 import time, torch, sys
 from kdistill import TrainConfig, fit, models
 from kdistill.data import TensorData
-from kdistill.teachers import CachedTeacher
+from kdistill.teachers.base import CachedTeacher
 torch.set_num_threads(2)
 n = 12800
 x = torch.rand(n, 1, 28, 28); y = torch.randint(0, 10, (n,))

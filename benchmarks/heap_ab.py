@@ -38,8 +38,8 @@ def child(name: str, steps: int) -> None:
 
     from kdistill.data.dataset import TensorData
     from kdistill.models import build_model
-    from kdistill.teachers import CachedTeacher
-    from kdistill.train import TrainConfig, fit
+    from kdistill.teachers.base import CachedTeacher
+    from kdistill.engine import TrainConfig, fit
 
     torch.set_num_threads(int(os.environ.get("HEAP_AB_THREADS", "2")))
     spec, shape, teacher_kind, aug = WORKLOADS[name]
@@ -51,8 +51,8 @@ def child(name: str, steps: int) -> None:
     kw = {"jitter": 2} if aug == "jitter" else {"augment": aug} if aug else {}
     if teacher_kind == "views":
         from kdistill.engine.heap import retain_freed_memory
-        from kdistill.engine.views import compute_views
-        from kdistill.teachers import ModuleTeacher
+        from kdistill.teachers.views import compute_views
+        from kdistill.teachers.base import ModuleTeacher
 
         retain_freed_memory()  # as fit does before it caches (a no-op under KDISTILL_RETAIN_HEAP=0)
 

@@ -68,9 +68,9 @@ from kdistill.data import TensorData, load
 from kdistill.io import write_json, write_text
 from kdistill.losses import distillation_loss
 from kdistill.models import build_model, count_flops
-from kdistill.multi import fit_many
-from kdistill.report import save_figure
-from kdistill.teachers import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.outputs.results import save_figure
+from kdistill.teachers.base import ModuleTeacher
 
 TEACHER, STUDENT, TINY = "mlp:1200,1200", "mlp:800,800", "mlp:20,20"
 TEMPERATURES = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 
 T = "train --data digits --model mlp:8 --epochs 1 --no-progress"
 D = "distill --data digits --model mlp:8 --teacher {teacher} --epochs 1 --no-progress"
@@ -66,8 +66,8 @@ def _header_file(path: Path, header: dict, body: bytes) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Every file the catalogue feeds the CLI: a real teacher run, broken weights, logits, data, configs."""
-    from kdistill.blackbox import save_logits
-    from kdistill.evaluate import predict_split
+    from kdistill.teachers.blackbox import save_logits
+    from kdistill.engine.evaluate import predict_split
     from kdistill.io import load_model, save_model
     from kdistill.models import build_model
 
@@ -440,7 +440,7 @@ def test_cli_refuses_with_one_line(template, match, files, tmp_path, capsys, mon
 @pytest.fixture(autouse=True)
 def _argparse_exit(monkeypatch):
     """argparse exits through SystemExit; report its code as main's return value."""
-    import kdistill.cli as cli
+    import kdistill.cli.app as cli
 
     real = cli.main
 
@@ -485,7 +485,7 @@ def _xy(n=60, d=4, k=3, seed=0):
 
 
 def _fit(**kw):
-    from kdistill.train import TrainConfig, fit
+    from kdistill.engine import TrainConfig, fit
 
     train = kw.pop("data", _xy())
     x, y = (train.x, train.y) if isinstance(train, data.TensorData) else train
@@ -496,7 +496,7 @@ def _fit(**kw):
 
 
 def _tc(**kw):
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     return TrainConfig(**kw)
 
@@ -512,7 +512,7 @@ def _build(spec: str, shape=(4,)):
 
 
 def _tc_from(values):
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     return TrainConfig.from_dict(values)
 
@@ -622,7 +622,7 @@ def test_a_small_file_claiming_a_huge_model_allocates_nothing(files, monkeypatch
 
 
 def test_logits_with_huge_ids_use_no_dense_table():
-    from kdistill.teachers import CachedTeacher
+    from kdistill.teachers.base import CachedTeacher
 
     ids = torch.tensor([3, 10**12, 7])
     teacher = CachedTeacher(ids, torch.eye(3))
@@ -632,8 +632,8 @@ def test_logits_with_huge_ids_use_no_dense_table():
 
 def test_logits_for_the_same_data_are_accepted(files):
     """The file's own data and a subset of it are accepted, and each sample gets the teacher's row for its id."""
-    from kdistill.blackbox import logits_teacher
-    from kdistill.evaluate import predict_split
+    from kdistill.teachers.blackbox import logits_teacher
+    from kdistill.engine.evaluate import predict_split
     from kdistill.io import load_model
 
     train = data.load("digits", seed=0).train

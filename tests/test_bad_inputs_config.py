@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdistill import config, data
-from kdistill.cli import main
+from kdistill import data
+import kdistill.config.loader as config
+from kdistill.cli.app import main
 from kdistill.models import build_model
 
 TRAIN = ["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--no-progress"]
@@ -144,13 +145,13 @@ LAUGHS = yaml.safe_load(_laughs(8))  # PyYAML's own reading: shared lists, 9 ** 
 
 
 def _train_config(**kw):
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     return TrainConfig(**kw)
 
 
 def _train_from(values):
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     return TrainConfig.from_dict(values)
 
@@ -214,7 +215,7 @@ def test_out_of_bounds_integers_and_non_utf8_configs_are_refused(raw, override, 
 def test_epochs_beyond_a_million_are_refused_naming_the_field(tmp_path):
     """``epochs: 99999999999999999999999`` ran forever (checked on the typed section, so a regression fails
     here at once instead of hanging a CLI run)."""
-    from kdistill.schema import train_section
+    from kdistill.config.schema import train_section
 
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochs: 99999999999999999999999\n")
@@ -223,7 +224,7 @@ def test_epochs_beyond_a_million_are_refused_naming_the_field(tmp_path):
 
 
 def test_utf8_configs_with_a_byte_order_mark_and_the_bounds_still_load(tmp_path):
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     p = tmp_path / "bom.yaml"
     p.write_bytes("\ufefftrain:\n  epochs: 3  # réglages\n".encode("utf-8"))

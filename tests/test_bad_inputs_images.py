@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.data.folder import MAX_PIXELS
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ecosystem import need
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.io import load_model, save_model
 from kdistill.models import build_model
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 
 
 def _rows(n: int = 30, labels=None, split=None) -> list[str]:
@@ -159,7 +159,7 @@ def _npz_split(tmp_path: Path, name: str, classes: list[str]):
 
 
 def _fit(tmp_path: Path, model=None, **kw):
-    from kdistill.train import TrainConfig, fit
+    from kdistill.engine import TrainConfig, fit
 
     return fit(model if model is not None else nn.Linear(4, 3), kw.pop("train", _xy(classes=["a", "b", "c"])),
                TrainConfig(epochs=1, batch_size=20), progress=False, out_dir=tmp_path / "out", **kw)
@@ -197,7 +197,7 @@ def test_what_the_checks_leave_alone(tmp_path):
     """Still accepted: a val split naming only the first classes, a few unused ids, unlabelled training rows
     (the carved validation split takes labelled rows only), and explicit npz class names for gapped ids."""
     from kdistill.engine.loop import preflight
-    from kdistill.train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     train = _xy(classes=["a", "b", "c"])
     preflight(nn.Linear(4, 3), train, TrainConfig(epochs=1), val=_xy(k=2, classes=["a", "b"]))

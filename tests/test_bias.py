@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kdistill import bias
-from kdistill.evaluate import predict_logits
+import kdistill.models.bias as bias
+from kdistill.engine.evaluate import predict_logits
 from kdistill.models import build_model
 
 

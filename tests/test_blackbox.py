@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdistill import data
-from kdistill.blackbox import load_logits, logits_teacher, save_logits
-from kdistill.cli import main
+from kdistill.teachers.blackbox import load_logits, logits_teacher, save_logits
+from kdistill.cli.app import main
 from kdistill.models import build_model
-from kdistill.teachers import ModuleTeacher
-from kdistill.train import TrainConfig, fit
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig, fit
 
 CFG = dict(epochs=3, batch_size=64, lr=0.1, seed=3, temperature=4.0, alpha=1.0, checkpoint=False)
 
@@ -85,7 +85,7 @@ def test_mismatched_files_are_clear_errors(digits, tmp_path):
 
 def test_onnx_teacher_matches_module(digits, teacher_net, tmp_path):
     pytest.importorskip("onnxruntime")
-    from kdistill.blackbox import OnnxTeacher, export_onnx
+    from kdistill.teachers.blackbox import OnnxTeacher, export_onnx
 
     path = export_onnx(teacher_net, tmp_path / "t.onnx", digits.input_shape)
     onnx = OnnxTeacher(path)

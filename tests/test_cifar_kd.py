@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdistill import experiments
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.data import cifar
 from kdistill.experiments import _cifar_kd, cifar10_kd, cifar100_kd
 from kdistill.models import build_model

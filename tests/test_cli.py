@@ -4,7 +4,7 @@ import time
 import pytest
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 from deploy_checks import check_wall_time
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kdistill.cli import main
+from kdistill.cli.app import main
 
 NETS = '''
 import torch

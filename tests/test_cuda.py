@@ -10,14 +10,14 @@ import warnings
 import pytest
 import torch
 
-import kdistill.multi
-import kdistill.train
+import kdistill.sweeps.multi
+import kdistill.engine
 from kdistill import TrainConfig, fit
-from kdistill.cuda_graph import GraphedStep
+from kdistill.engine.cuda_graph import GraphedStep
 from kdistill.data import TensorData
 from kdistill.models import build_model
-from kdistill.multi import fit_many
-from kdistill.teachers import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.teachers.base import ModuleTeacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -125,7 +125,7 @@ def _flat(model):
 @pytest.mark.parametrize("optimizer, jitter, alpha", [("sgd", 1, 0.5), ("adam", 0, 1.0), ("sgd", 0, 0.0)])
 def test_graphed_steps_equal_eager_steps(digits, teacher, monkeypatch, optimizer, jitter, alpha):
     # Live teacher (jitter), cached teacher, and plain supervised training; onecycle changes lr every step.
-    monkeypatch.setattr(kdistill.train, "GraphedStep", _Recorder)
+    monkeypatch.setattr(kdistill.engine, "GraphedStep", _Recorder)
     _Recorder.made = []
     cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05 if optimizer == "sgd" else 3e-3, optimizer=optimizer,
                       temperature=4.0, alpha=alpha, jitter=jitter, amp=False, device="cuda", max_norm=3.0)
@@ -149,7 +149,7 @@ def test_graphed_steps_equal_eager_steps(digits, teacher, monkeypatch, optimizer
     ("adam", (3e-3, 1e-3), 0, False),  # hand-written Adam: host-side bias corrections, so no graph
 ])
 def test_graphed_sweep_equals_eager_sweep(digits, teacher, monkeypatch, optimizer, lrs, jitter, graphed):
-    monkeypatch.setattr(kdistill.multi, "GraphedStep", _Recorder)
+    monkeypatch.setattr(kdistill.sweeps.multi, "GraphedStep", _Recorder)
     _Recorder.made = []
 
     def sweep(cuda_graph):

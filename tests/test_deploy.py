@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from kdistill import deploy
+import kdistill.outputs.deploy as deploy
 from kdistill.data.dataset import TensorData
-from kdistill.deploy import deployment_markdown, deployment_table, median_ms, write_deployment
+from kdistill.outputs.deploy import deployment_markdown, deployment_table, median_ms, write_deployment
 from kdistill.io import save_model
 from kdistill.models import build_model, count_flops
 
@@ -123,12 +123,12 @@ def test_models_are_left_alone_and_options(tiny):
 def test_failed_onnx_export_is_a_note(tiny, monkeypatch):
     if not _has_ort():
         pytest.skip("onnxruntime not installed")
-    import kdistill.blackbox
+    import kdistill.teachers.blackbox
 
     def broken(*_a, **_k):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(kdistill.blackbox, "export_onnx", broken)
+    monkeypatch.setattr(kdistill.teachers.blackbox, "export_onnx", broken)
     test, models = tiny
     out = deployment_table({"student": models["student"]}, test, teacher_name=None, **FAST)
     row = out["rows"]["student"]

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from kdistill import TrainConfig, data, fit
 from kdistill.models import build_model
-from kdistill.multi import fit_many
-from kdistill.teachers import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.teachers.base import ModuleTeacher
 
 CFG = dict(epochs=2, batch_size=32, lr=0.05, temperature=4.0, alpha=0.5, jitter=1, max_norm=3.0, device="cpu")
 

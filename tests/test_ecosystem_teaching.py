@@ -19,7 +19,7 @@ from kdistill import TrainConfig, fit
 from kdistill.data.convert import as_split
 from kdistill.data.dataset import TensorData
 from kdistill.data.stream import changing_items
-from kdistill.evaluate import evaluate_model
+from kdistill.engine.evaluate import evaluate_model
 
 # --------------------------------------------------------------------------------------------- helpers
 

@@ -241,7 +241,7 @@ def test_fitnet_regressor_is_trained_and_checkpointed(tmp_path):
 
 
 def test_feature_method_with_cached_logits_is_refused(digits):
-    from kdistill.teachers import CachedTeacher
+    from kdistill.teachers.base import CachedTeacher
 
     cached = CachedTeacher(digits.train.index, torch.zeros(len(digits.train), 10))
     with pytest.raises(ValueError, match="features are not cached"):
@@ -317,7 +317,7 @@ def test_streamed_run_resumes_exactly_after_an_interruption(tmp_path):
 def test_compile_on_cpu_trains_as_eager_and_compiles_the_live_teacher(monkeypatch):
     """``train.compile`` on a CPU: the student and the frozen teacher both go through torch.compile (counted),
     training follows the eager run, and a caller's ModuleTeacher is handed back no longer compiling."""
-    from kdistill.teachers import ModuleTeacher
+    from kdistill.teachers.base import ModuleTeacher
 
     x, y = _images(64)
     compiled_modules = []

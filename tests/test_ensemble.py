@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.ensemble import EnsembleModel, EnsembleTeacher, combine_log_probs, combine_logits
+from kdistill.teachers.ensemble import EnsembleModel, EnsembleTeacher, combine_log_probs, combine_logits
 from kdistill.models import build_model
-from kdistill.teachers import CachedTeacher, ModuleTeacher
-from kdistill.train import TrainConfig, fit
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher
+from kdistill.engine import TrainConfig, fit
 
 
 def _members(digits, k=3):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.experiments.small_student import augmented_copies, best_temperature, sweep_summary
 from kdistill.experiments.soft_labels import class_similarity, soft_target_stats
 from deploy_checks import check_deployment, check_png, check_wall_time

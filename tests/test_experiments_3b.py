@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill import data, sweeps
-from kdistill.cli import main
+from kdistill import data
+import kdistill.sweeps.grid as sweeps
+from kdistill.cli.app import main
 from kdistill.data import DataBundle, TensorData
 from kdistill.experiments import cifar10_mini, synthetic_grid
 from deploy_checks import check_deployment, check_png, check_wall_time

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kdistill import experiments
-from kdistill.cli import main
+from kdistill.cli.app import main
 from deploy_checks import check_deployment, check_png
 
 TINY = ["val_size=200", "batch_size=64"]

@@ -6,7 +6,7 @@ from torch import nn
 from kdistill.engine.features import FeatureTap
 from kdistill.models import build_model
 from kdistill.models.fold import fold_batchnorm
-from kdistill.teachers import ModuleTeacher
+from kdistill.teachers.base import ModuleTeacher
 
 
 def _trained_bn(spec="resnet8", seed=0):

@@ -126,7 +126,7 @@ def test_fit_keeps_freed_memory_before_the_teacher_is_cached(monkeypatch):
 def test_fit_many_keeps_freed_memory_before_the_teacher_is_cached(monkeypatch):
     import torch
 
-    import kdistill.multi as multi
+    import kdistill.sweeps.multi as multi
     from kdistill import TrainConfig
     from kdistill.data.convert import as_split
     from kdistill.models import build_model

@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from kdistill.cli import main
-from kdistill.html_report import loss_keys, read_metrics, short_label, write_report
+from kdistill.cli.app import main
+from kdistill.outputs.html import loss_keys, read_metrics, short_label, write_report
 
 IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
 EXTERNAL = re.compile(r"""(?:src|href|action|poster|srcset)\s*=\s*["']?\s*(?:https?:)?//""", re.I)

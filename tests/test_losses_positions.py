@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill import divergences
+import kdistill.losses.divergences as divergences
 from kdistill.losses import (
     LOSS_KINDS,
     distillation_loss,

@@ -15,7 +15,7 @@ import torch
 
 import kdistill
 from ecosystem import need
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.data import load
 from kdistill.io import load_model, read_model_meta, save_model
 from kdistill.models import build_model

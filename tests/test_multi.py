@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from kdistill import TrainConfig, fit
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.losses import distillation_loss, stacked_distillation_loss, stacked_distillation_loss_and_grad
 from kdistill.models import build_model
-from kdistill.multi import fit_many
-from kdistill.stacked import StackedMLP, mlp_signature
-from kdistill.teachers import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.sweeps.stacked import StackedMLP, mlp_signature
+from kdistill.teachers.base import ModuleTeacher
 
 SPEC = "mlp:24,16"
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from kdistill import TrainConfig, fit
 from kdistill.data.convert import as_split
-from kdistill.engine import teaching
-from kdistill.evaluate import classification_metrics
+import kdistill.teachers.teaching as teaching
+from kdistill.engine.evaluate import classification_metrics
 from kdistill.losses import hard_loss
-from kdistill.multi import fit_many
-from kdistill.teachers import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.teachers.base import ModuleTeacher
 
 V, L = 8, 6
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.io import load_model, read_model_meta, save_model
 
 CLASSES = ("cat", "dog", "emu")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kdistill import data
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.data.dataset import StreamData, TensorData
 from kdistill.io import load_model, read_model_meta, save_model
 
@@ -104,7 +104,7 @@ def test_model_and_onnx_export_record_classes_and_preprocessing(teacher_run, tmp
     assert pre["input_dtype"] == "float32"
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from kdistill.blackbox import read_onnx_metadata
+    from kdistill.teachers.blackbox import read_onnx_metadata
 
     assert main(["export-onnx", "--model", str(run / "model.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}

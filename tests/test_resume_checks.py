@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kdistill import TrainConfig, fit
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.engine.callbacks import Callback
 
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from kdistill import TrainConfig, fit
-from kdistill.cli import main
+from kdistill.cli.app import main
 from kdistill.io import read_checkpoint_state
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "KDISTILL_DEVICE": "cpu"}

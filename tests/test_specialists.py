@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.blackbox import export_onnx
+from kdistill.teachers.blackbox import export_onnx
 from kdistill.models import build_model
-from kdistill.specialists import (
+from kdistill.teachers.specialists import (
     DUSTBIN,
     Specialist,
     SpecialistModel,
@@ -19,8 +19,8 @@ from kdistill.specialists import (
     specialist_from_generalist,
     train_specialist,
 )
-from kdistill.teachers import CachedTeacher
-from kdistill.train import TrainConfig, fit
+from kdistill.teachers.base import CachedTeacher
+from kdistill.engine import TrainConfig, fit
 
 
 @pytest.mark.parametrize("T", [1.0, 5.0])
@@ -155,7 +155,7 @@ def test_specialists_train_and_the_system_is_a_teacher(digits, tmp_path):
 def test_cli_specialists_then_distill_the_combination(tmp_path, capsys):
     import json
 
-    from kdistill.cli import main
+    from kdistill.cli.app import main
 
     common = ["--data", "digits", "--no-progress"]
     assert main(["train", "--model", "mlp:32", "--epochs", "4", "--lr", "0.1", "--out", str(tmp_path / "g"), *common,

@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy.stats import spearmanr
 
-from kdistill import sweeps
+import kdistill.sweeps.grid as sweeps
 
 
 def _records():

@@ -3,7 +3,7 @@ import torch
 
 from kdistill import data
 from kdistill.models import build_model
-from kdistill.teachers import CachedTeacher, ModuleTeacher
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 
 
 def test_module_teacher_is_frozen_and_stays_in_eval(digits):

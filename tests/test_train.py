@@ -6,8 +6,8 @@ import torch
 from kdistill import TrainConfig, fit
 from kdistill.data import drop_labels
 from kdistill.models import build_model
-from kdistill.teachers import ModuleTeacher
-from kdistill.train import lr_factor
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import lr_factor
 
 
 def _params(m):

@@ -116,7 +116,7 @@ def test_api_run_writes_the_cli_files_and_tensorboard(digits, tmp_path):
         assert (out / f).is_file(), f
     assert json.loads((out / "results.json").read_text())["models"]["model"]["test_errors"] >= 0
     pytest.importorskip("tensorboard", reason="tensorboard not installed (pip install 'kdistill[tensorboard]')")
-    from kdistill.cli import main
+    from kdistill.cli.app import main
 
     assert main(["train", "--data", "digits", "--model", "mlp:8", "--epochs", "1", "--tensorboard", "--out",
                  str(tmp_path / "tb"), "--no-progress"]) == 0
@@ -124,7 +124,7 @@ def test_api_run_writes_the_cli_files_and_tensorboard(digits, tmp_path):
 
 
 def test_every_flag_shows_a_default_and_every_command_an_example():
-    from kdistill.cli import build_parser
+    from kdistill.cli.app import build_parser
 
     import argparse
 

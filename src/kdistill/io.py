@@ -92,8 +92,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
     :func:`load_model` asks for a spec. A transformers model's config is kept under ``hf_config``, so it
     rebuilds offline.
     """
-    from .models.adapters import describe_model
-    from .models.hf import config_of
+    from kdistill.models.adapters import describe_model
+    from kdistill.models.hf import config_of
 
     tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     spec = getattr(model, "spec", None) or describe_model(model, meta.get("in_shape"), meta.get("num_classes"))
@@ -293,7 +293,7 @@ def teacher_fingerprint(teacher: Any) -> dict[str, Any] | None:
     """What identifies a teacher, for ``--resume`` to refuse another one: its kind, spec and a sha256 of its
     weights (a network), of its logits and their ids (a logits file, or a teacher cached over the data), of
     the file (ONNX), or of its members, mean and temperature (an ensemble). None without a teacher."""
-    from .teachers import CachedTeacher, ModuleTeacher
+    from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 
     if teacher is None:
         return None
@@ -444,8 +444,8 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
     with remote code). Tensors must keep their kind: an integer or bool tensor is never read into a float one
     (or the reverse); only float precision may change.
     """
-    from .models import build_model
-    from .models.adapters import runs_code
+    from kdistill.models import build_model
+    from kdistill.models.adapters import runs_code
 
     path = Path(path)
     state, meta = load_weights(path)
@@ -473,7 +473,7 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
         raise ValueError(f"weights: {path}: in_shape {in_shape!r} is not a sample shape (1 to 5 positive sizes)")
     if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10_000_000):
         raise ValueError(f"weights: {path}: num_classes {num_classes!r} is not a positive class count")
-    from .models.registry import build_on_meta
+    from kdistill.models.registry import build_on_meta
 
     skeleton = build_on_meta(spec, in_shape, num_classes)  # shapes first: nothing allocated for a file that
     if skeleton is not None:  # does not fit (a small file whose metadata claims a huge model, say)
@@ -606,8 +606,8 @@ def environment() -> dict[str, Any]:
     """Versions and machine facts recorded next to every run's outputs."""
     import numpy
 
-    from . import __version__
-    from .engine.heap import retain_freed_memory
+    from kdistill import __version__
+    from kdistill.engine.heap import retain_freed_memory
 
     info = {
         "kdistill": __version__,

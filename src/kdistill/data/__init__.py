@@ -11,20 +11,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .augment import jitter, jittered_copies
-from .convert import as_split, to_tensor_data
-from .dataset import UNLABELLED, DataBundle, Split, StreamData, TensorData
-from .mnist import load_fashion_mnist, load_mnist
-from .splits import (
-    check_eval_split,
-    drop_labels,
-    keep_classes,
-    omit_classes,
-    split_validation,
-    stratified_fraction,
-    with_validation,
-)
-from .toy import load_digits, load_synthetic
+from kdistill.data.augment import jitter, jittered_copies
+from kdistill.data.convert import as_split, to_tensor_data
+from kdistill.data.dataset import UNLABELLED, DataBundle, Split, StreamData, TensorData
+from kdistill.data.mnist import load_fashion_mnist, load_mnist
+from kdistill.data.splits import check_eval_split, drop_labels, keep_classes, omit_classes, split_validation, stratified_fraction, with_validation
+from kdistill.data.toy import load_digits, load_synthetic
 
 LOADERS: dict[str, Callable[..., DataBundle]] = {
     "mnist": load_mnist,
@@ -76,7 +68,7 @@ def _check_options(what: str, loader: Callable[..., Any], options: dict[str, Any
         return
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
-        from ..schema import closest
+        from kdistill.config.schema import closest
 
         shown = [a for a in accepted if a != "seed"]  # load() owns seed
         raise ValueError(
@@ -86,11 +78,11 @@ def _check_options(what: str, loader: Callable[..., Any], options: dict[str, Any
 
 
 def _typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The loader's options coerced to the types of its signature (see :mod:`kdistill.schema`); a ``path``
+    """The loader's options coerced to the types of its signature (see :mod:`kdistill.config.schema`); a ``path``
     that does not exist is an error rather than a silent fall-back to the cache or a download."""
     from pathlib import Path
 
-    from ..schema import coerce_loader_options
+    from kdistill.config.schema import coerce_loader_options
 
     typed = coerce_loader_options(name, options)
     path = typed.get("path")
@@ -128,8 +120,8 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, norma
     ``cifar10`` or ``{mean, std}``, see :mod:`kdistill.data.preprocess`) is applied to every split once, and
     recorded on each as ``preprocessing``.
     """
-    from ..schema import coerce, signature_fields
-    from .preprocess import PIXEL_SCALE, parse_normalize, preprocess_bundle
+    from kdistill.config.schema import coerce, signature_fields
+    from kdistill.data.preprocess import PIXEL_SCALE, parse_normalize, preprocess_bundle
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"data.name: give a data set name or file spec, got {name!r}")
@@ -178,17 +170,17 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, norma
     return bundle
 
 
-from .cifar import load_cifar10  # noqa: E402
-from .cifar100 import load_cifar100  # noqa: E402
-from .folder import load_folder  # noqa: E402
-from .tables import load_csv, load_npz  # noqa: E402
+from kdistill.data.cifar import load_cifar10  # noqa: E402
+from kdistill.data.cifar100 import load_cifar100  # noqa: E402
+from kdistill.data.folder import load_folder  # noqa: E402
+from kdistill.data.tables import load_csv, load_npz  # noqa: E402
 
 register_loader("cifar10", load_cifar10, 5000)
 register_loader("cifar100", load_cifar100, 5000)
 register_source("npz", load_npz)
 register_source("csv", load_csv)
 register_source("folder", load_folder)
-from .text import load_text_source  # noqa: E402
+from kdistill.data.text import load_text_source  # noqa: E402
 register_source("text", load_text_source)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .dataset import TensorData
+    from kdistill.data.dataset import TensorData
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import DataBundle, TensorData
-from .idx import download, first_working, user_cache_dir
+from kdistill.data.dataset import DataBundle, TensorData
+from kdistill.data.idx import download, first_working, user_cache_dir
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # of the official archive at CIFAR10_URL

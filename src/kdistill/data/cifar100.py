@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from .cifar import Arrays, Release, check_per_class, find_release, to_bundle
-from .dataset import DataBundle
+from kdistill.data.cifar import Arrays, Release, check_per_class, find_release, to_bundle
+from kdistill.data.dataset import DataBundle
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
 CIFAR100_MD5 = "03b5dce01913d631647c71ecec9e9cb8"  # of the official archive at CIFAR100_URL

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..schema import short_repr
-from .dataset import UNLABELLED, Split, StreamData, TensorData
+from kdistill.config.schema import short_repr
+from kdistill.data.dataset import UNLABELLED, Split, StreamData, TensorData
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed, unsigned, float
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import DataBundle, Split, StreamData, TensorData
+from kdistill.data.dataset import DataBundle, Split, StreamData, TensorData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 """The image extensions read: torchvision's ``IMG_EXTENSIONS``, so a folder lists the same files as ``ImageFolder``."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import DataBundle, TensorData
-from .idx import IdxFile, first_working, load_checked, load_from_dir, save_raw, user_cache_dir, download
+from kdistill.data.dataset import DataBundle, TensorData
+from kdistill.data.idx import IdxFile, first_working, load_checked, load_from_dir, save_raw, user_cache_dir, download
 
 # md5 and sha256 of the official files, decompressed. The sha256 were computed from the copies in the npm
 # package below, whose md5 match the official ones; whatever the source (mirror, npm, a local copy), the

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import DataBundle, Split, StreamData, TensorData
+from kdistill.data.dataset import DataBundle, Split, StreamData, TensorData
 
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -102,7 +102,7 @@ def _from_string(text: str) -> Normalization | dict[str, str]:
         return Normalization(key, mean, std)
     parts = re.split(r"\b(mean|std)\s*[=:]\s*", key)
     if len(parts) < 3 or parts[0].strip(" ;/"):
-        from ..schema import closest
+        from kdistill.config.schema import closest
 
         raise ValueError(f"data.normalize: unknown setting {reprlib.repr(text)}{closest(key[:100], PRESETS)}; "
                          f"give {FORMS}")
@@ -272,7 +272,7 @@ def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
     kdistill ``.safetensors``, ``--teacher-onnx`` exported by kdistill) checked against the run's data."""
     from pathlib import Path
 
-    from ..io import read_model_meta
+    from kdistill.io import read_model_meta
 
     for key in ("teacher", "teacher_weights"):
         for path in _paths(cfg.get(key)):
@@ -280,6 +280,6 @@ def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
                 check_teacher_preprocessing(path, read_model_meta(path).get("preprocessing"), split)
     for path in _paths(cfg.get("teacher_onnx")):
         if Path(path).is_file():
-            from ..blackbox import read_onnx_metadata
+            from kdistill.teachers.blackbox import read_onnx_metadata
 
             check_teacher_preprocessing(path, read_onnx_metadata(path).get("preprocessing"), split, "teacher_onnx")

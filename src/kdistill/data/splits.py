@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
-from ..schema import short_repr
-from .dataset import UNLABELLED, DataBundle, Split, TensorData
+from kdistill.config.schema import short_repr
+from kdistill.data.dataset import UNLABELLED, DataBundle, Split, TensorData
 
 
 def _check_classes(data: TensorData, classes: Iterable[int], field: str) -> list[int]:

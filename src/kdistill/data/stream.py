@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .dataset import Split, StreamData, TensorData
+from kdistill.data.dataset import Split, StreamData, TensorData
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 """One batch's inputs: a tensor, or a dict of tensors passed to the model as keyword arguments."""

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert import check_classes, default_classes, to_inputs, to_labels, to_tensor_data
-from .dataset import DataBundle, TensorData
-from .splits import split_validation
+from kdistill.data.convert import check_classes, default_classes, to_inputs, to_labels, to_tensor_data
+from kdistill.data.dataset import DataBundle, TensorData
+from kdistill.data.splits import split_validation
 
 NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 NPZ_OPTIONAL = ("x_val", "y_val", "classes")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .dataset import DataBundle, TensorData
+from kdistill.data.dataset import DataBundle, TensorData
 
 TEST_FRACTION = 0.1
 VAL_FRACTION = 0.1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .dataset import DataBundle, TensorData
-from .splits import split_validation
+from kdistill.data.dataset import DataBundle, TensorData
+from kdistill.data.splits import split_validation
 
 
 def _to_bundle(x, y, classes, test_size: int | float, seed: int, name: str) -> DataBundle:

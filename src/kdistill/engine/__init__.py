@@ -1,10 +1,10 @@
 """The training engine: one loop (:mod:`.loop`), batch sources (:mod:`.sources`), the autograd step
-(:mod:`.step`), teachers made ready (:mod:`.teaching`, :mod:`.views`), feature hooks and callbacks."""
+(:mod:`.step`), feature hooks, callbacks, evaluation and data parallelism."""
 
-from .callbacks import Callback, EarlyStopping, LoopState
-from .config import FitResult, TrainConfig
-from .loop import fit, resolve_method, run_epochs
-from .optim import lr_factor, make_optimizer, resolve_device
+from kdistill.engine.callbacks import Callback, EarlyStopping, LoopState
+from kdistill.engine.config import OPTIMIZERS, SCHEDULES, FitResult, TrainConfig
+from kdistill.engine.loop import fit, resolve_method, run_epochs
+from kdistill.engine.optim import lr_factor, make_optimizer, resolve_device
 
-__all__ = ["Callback", "EarlyStopping", "LoopState", "FitResult", "TrainConfig", "fit", "resolve_method",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "Callback", "EarlyStopping", "LoopState", "FitResult", "TrainConfig", "fit", "resolve_method",
            "run_epochs", "lr_factor", "make_optimizer", "resolve_device"]

@@ -64,7 +64,7 @@ class MetricsFiles(Callback):
         self._write(state)
 
     def _write(self, state: LoopState) -> None:
-        from ..io import write_text
+        from kdistill.io import write_text
 
         for d, history in zip(self.dirs, state.histories):
             write_text(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

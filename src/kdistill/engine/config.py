@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..losses import LOSS_KINDS
+from kdistill.losses import LOSS_KINDS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
@@ -64,7 +64,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = True  # on CUDA, replay each step as one captured graph (no effect elsewhere)
     flush_denormal: bool = True  # treat subnormal floats as zero on the host while training (kdistill.engine.denormal)
-    # Augmentation and cached teaching (see kdistill.data.augment and kdistill.engine.views).
+    # Augmentation and cached teaching (see kdistill.data.augment and kdistill.teachers.views).
     augment: str = ""  # batched ops on the device, e.g. "crop4,flip"; `jitter: N` is the same as "cropN"
     teacher_views: int = 0  # > 0: run the teacher once on this many fixed augmented views per sample, cache them
     teacher_topk: int = 0  # store only the top-k logits of each cached view (0: all classes)
@@ -76,8 +76,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Coerce every field to its declared type (``lr="1e-3"`` becomes 0.001; a bool is not an integer; NaN,
-        infinity and magnitudes beyond :data:`kdistill.schema.FLOAT_LIMIT` are refused), then check the values."""
-        from ..schema import coerce_object, short_repr
+        infinity and magnitudes beyond :data:`kdistill.config.schema.FLOAT_LIMIT` are refused), then check the values."""
+        from kdistill.config.schema import coerce_object, short_repr
 
         coerce_object(self, "train")
 
@@ -117,7 +117,7 @@ class TrainConfig:
              f"is a process count in [0, {MAX_WORKERS}]")
         need(device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         need(-(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits")
-        from ..data.augment import parse_augment
+        from kdistill.data.augment import parse_augment
 
         aug = parse_augment(self.augment or None)
         need(not (self.jitter and aug.pixels), "jitter", "and a crop in train.augment both translate; give one of them")
@@ -132,7 +132,7 @@ class TrainConfig:
         """The batched augmentation this config asks for (``jitter: N`` is ``cropN``)."""
         from dataclasses import replace as _replace
 
-        from ..data.augment import parse_augment
+        from kdistill.data.augment import parse_augment
 
         aug = parse_augment(self.augment or None)
         return _replace(aug, crop=self.jitter) if self.jitter else aug
@@ -140,7 +140,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from a mapping (a YAML ``train:`` section): unknown keys are refused naming the closest field."""
-        from ..schema import closest, short_repr
+        from kdistill.config.schema import closest, short_repr
 
         if not isinstance(values, dict):
             raise ValueError(f"train: must be a mapping of settings (epochs, lr, ...), got {type(values).__name__}")

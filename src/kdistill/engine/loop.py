@@ -20,25 +20,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.convert import IGNORE_LABEL, as_split
-from ..data.preprocess import model_record
-from ..data.splits import check_same_classes
-from ..data.stream import describe_inputs, inputs_to, integer_hint, labels_of
-from ..distributed import process_device, world
-from ..evaluate import classification_metrics, predict_split
-from ..io import (data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model,
-                  teacher_fingerprint)
-from ..models.hf import lm_vocabulary
-from ..models.outputs import forward_logits
-from .callbacks import Callback, LoopState, MetricsFiles, ProgressBar
-from .config import FitResult, TrainConfig, check_device
-from .denormal import flushed_denormals
-from .heap import retain_freed_memory
-from .optim import lr_factor, resolve_device
-from .rundir import API, claim, no_checkpoint
-from .rundir import remove_stale_tmp as _remove_stale_tmp
-from .sources import make_source
-from .teaching import prepare_teaching, teacher_classes
+from kdistill.data.convert import IGNORE_LABEL, as_split
+from kdistill.data.preprocess import model_record
+from kdistill.data.splits import check_same_classes
+from kdistill.data.stream import describe_inputs, inputs_to, integer_hint, labels_of
+from kdistill.engine.distributed import process_device, world
+from kdistill.engine.evaluate import classification_metrics, predict_split
+from kdistill.io import data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model, teacher_fingerprint
+from kdistill.models.hf import lm_vocabulary
+from kdistill.models.outputs import forward_logits
+from kdistill.engine.callbacks import Callback, LoopState, MetricsFiles, ProgressBar
+from kdistill.engine.config import FitResult, TrainConfig, check_device
+from kdistill.engine.denormal import flushed_denormals
+from kdistill.engine.heap import retain_freed_memory
+from kdistill.engine.optim import lr_factor, resolve_device
+from kdistill.engine.rundir import API, claim, no_checkpoint
+from kdistill.engine.rundir import remove_stale_tmp as _remove_stale_tmp
+from kdistill.engine.sources import make_source
+from kdistill.teachers.teaching import prepare_teaching, teacher_classes
 
 RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "cache_teacher",
                   "eval_every_steps")
@@ -100,7 +99,7 @@ class _OnEval(Callback):
 def resolve_method(method, teacher, cfg: TrainConfig):
     """The method a run uses: the one given (a name, a ``{"name": ..., **options}`` dict or a Method), else KD
     from the config's ``temperature``/``alpha``/``loss`` with a teacher, else plain cross-entropy."""
-    from ..methods import Method, build_method
+    from kdistill.methods import Method, build_method
 
     if method is None:
         if teacher is None:
@@ -111,11 +110,11 @@ def resolve_method(method, teacher, cfg: TrainConfig):
     if isinstance(method, str):
         return build_method(method)
     if isinstance(method, dict):
-        from ..schema import build_method as build_typed
+        from kdistill.config.schema import build_method as build_typed
 
         if not method.get("name"):
             raise ValueError("method.name: say which method, e.g. {'name': 'kd', 'temperature': 4}")
-        return build_typed(method)  # options typed by the method's schema (kdistill.schema)
+        return build_typed(method)  # options typed by the method's schema (kdistill.config.schema)
     raise ValueError(f"method: give a name, a dict with 'name' and options, or a Method, not {type(method).__name__}")
 
 
@@ -180,7 +179,7 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
     ValueError naming the teacher, before any file is written (files and ONNX models are checked on reading).
     ``dry_run=False`` checks only what is known without running it (its declared class count, a causal LM's
     vocabulary)."""
-    from ..teachers import ModuleTeacher, vocabulary_mismatch
+    from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
 
     if teacher is None:
         return
@@ -199,8 +198,8 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
                 raise ValueError(vocabulary_mismatch(n, train))
             raise ValueError(f"teacher: outputs {n} classes but {train.name} has {train.num_classes}")
         return
-    from ..engine.step import _first_inputs, _layout
-    from ..models.layout import use_channels_last
+    from kdistill.engine.step import _first_inputs, _layout
+    from kdistill.models.layout import use_channels_last
 
     x = _first_inputs(type("S", (), {"data": train})(), 1)
     try:
@@ -282,7 +281,7 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
 
 def _networks(teacher) -> list[nn.Module]:
     """The networks inside a teacher (itself, a ModuleTeacher's module, an ensemble's members)."""
-    from ..teachers import ModuleTeacher
+    from kdistill.teachers.base import ModuleTeacher
 
     if teacher is None:
         return []
@@ -321,8 +320,8 @@ def remove_stale_tmp(out: Path) -> list[Path]:
 def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
     """A dry forward of one sample: catches a model whose outputs do not match the classes, or that cannot
     take these inputs, before any file is written."""
-    from ..engine.step import _first_inputs, _layout
-    from ..models.layout import use_channels_last
+    from kdistill.engine.step import _first_inputs, _layout
+    from kdistill.models.layout import use_channels_last
 
     x = inputs_to(_first_inputs(type("S", (), {"data": train})(), 1), device)
     was = model.training
@@ -421,7 +420,7 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str
 def check_resume(ckpt: Path, cfg: TrainConfig, method_opts: dict[str, Any] | None, spec: str | None,
                  fingerprint: str | None, teacher: dict[str, Any] | None = None, train=None) -> None:
     """:func:`_check_resume` against the state recorded in ``ckpt``'s header (no tensor is read)."""
-    from ..io import read_checkpoint_state
+    from kdistill.io import read_checkpoint_state
 
     if not Path(ckpt).is_file():
         raise no_checkpoint(Path(ckpt).parent)
@@ -455,7 +454,7 @@ def fit(
     into it is refused) and must be new, empty or a run killed before its first checkpoint; a finished or
     unfinished run, or files kdistill did not write, need ``overwrite=True`` (which deletes only kdistill's
     own files) or ``resume=True`` (:mod:`kdistill.engine.rundir`).
-    Inside a process group the global batch is split between the processes (:mod:`kdistill.distributed`).
+    Inside a process group the global batch is split between the processes (:mod:`kdistill.engine.distributed`).
     The teacher module passed in is handed back as it was given (mode and ``requires_grad``).
     """
     cfg = config or TrainConfig()
@@ -575,7 +574,7 @@ def _check_finite_weights(model: nn.Module, method, state, ckpt: Path | None) ->
 
 
 def _single_backend(model, method, teaching, source, aug, cfg, device, n_proc):
-    from .step import StudentStep
+    from kdistill.engine.step import StudentStep
 
     return StudentStep(model, method, teaching, source, aug, cfg, device, n_proc)
 
@@ -606,7 +605,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     elif write:
         out.mkdir(parents=True, exist_ok=True)
     if write and not (out / "config.yaml").exists():  # an API run records what the CLI records
-        from ..report import write_run_files
+        from kdistill.outputs.results import write_run_files
 
         write_run_files(out, {"model": getattr(model, "spec", None) or type(model).__name__, "train": asdict(cfg),
                               "method": method_opts}, cfg.seed)
@@ -669,7 +668,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     if test is not None:
         result.test = classification_metrics(predict_split(model, test), labels_of(test))
     if write:
-        from ..report import write_results
+        from kdistill.outputs.results import write_results
 
         save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes,
                    **model_record(train))  # class names and preprocessing, for `kdistill predict` on new files

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import TrainConfig
+from kdistill.engine.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:

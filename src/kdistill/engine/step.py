@@ -1,7 +1,7 @@
 """The autograd training step of one student: forward, the method's loss terms, backward, update.
 
 Everything in :meth:`StudentStep._step` is device work, so on CUDA it is captured once as a CUDA graph and
-replayed (:mod:`kdistill.cuda_graph`); what changes from step to step (row ids, augmentation parameters,
+replayed (:mod:`kdistill.engine.cuda_graph`); what changes from step to step (row ids, augmentation parameters,
 cached-view choices, the learning rate, the epoch counter) lives in static buffers refilled before each replay.
 Loss terms are summed on the device and read once per epoch, so nothing here waits for the host.
 """
@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (methods' losses run under this module's autocast)
 from torch import nn
 
-from ..cuda_graph import GraphedStep, graph_safe_teacher
-from ..data.augment import AugParams
-from ..data.stream import Inputs, chunk_inputs, inputs_to
-from ..distributed import mean_over_processes
-from ..evaluate import predict_split
-from ..losses import IGNORE_INDEX
-from ..methods.base import StepIO
-from ..models.layout import as_layout, use_channels_last
-from ..models.mlp import apply_max_norm
-from ..models.outputs import forward_logits
-from .features import FeatureTap
-from .optim import make_optimizer
-from .sources import Batch
+from kdistill.engine.cuda_graph import GraphedStep, graph_safe_teacher
+from kdistill.data.augment import AugParams
+from kdistill.data.stream import Inputs, chunk_inputs, inputs_to
+from kdistill.engine.distributed import mean_over_processes
+from kdistill.engine.evaluate import predict_split
+from kdistill.losses import IGNORE_INDEX
+from kdistill.methods.base import StepIO
+from kdistill.models.layout import as_layout, use_channels_last
+from kdistill.models.mlp import apply_max_norm
+from kdistill.models.outputs import forward_logits
+from kdistill.engine.features import FeatureTap
+from kdistill.engine.optim import make_optimizer
+from kdistill.engine.sources import Batch
 
 
 class StudentStep:
@@ -217,7 +217,7 @@ def _first_inputs(source, k: int) -> Inputs:
     data = source.data
     if hasattr(data, "x"):
         return data.x[:k]
-    from ..data.stream import iterate
+    from kdistill.data.stream import iterate
 
     x, _, _ = next(iter(iterate(data, k)))
     return x

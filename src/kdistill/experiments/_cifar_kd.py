@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..data import DataBundle, TensorData
-from ..data.splits import split_validation
-from ..models import build_model, count_parameters
-from ..report import save_figure, summarize, write_results
-from ..sweeps import TEACHER_SEED_OFFSET, intra_op_threads, seed_list
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.data import DataBundle, TensorData
+from kdistill.data.splits import split_validation
+from kdistill.models import build_model, count_parameters
+from kdistill.outputs.results import save_figure, summarize, write_results
+from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, intra_op_threads, seed_list
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 # The papers' CIFAR hyper-parameters, as mdistiller's defaults (mdistiller/engine/cfg.py) and configs set them.
 METHODS: dict[str, dict[str, Any]] = {

@@ -17,12 +17,12 @@ from typing import Any
 
 from torch import nn
 
-from ..data.dataset import TensorData
-from ..evaluate import classification_metrics, predict_logits
-from ..io import load_model, save_model, write_json
-from ..models import build_model
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill.data.dataset import TensorData
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.io import load_model, save_model, write_json
+from kdistill.models import build_model
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 
 TEACHER_SETTINGS: dict[str, Any] = {

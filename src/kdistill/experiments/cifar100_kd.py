@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _cifar_kd as kd
+from kdistill.experiments import _cifar_kd as kd
 
 NAME = "cifar100-kd"
 DESCRIPTION = (

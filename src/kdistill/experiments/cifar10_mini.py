@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..data import DataBundle, TensorData
-from ..evaluate import classification_metrics, predict_logits
-from ..models import build_model, count_flops, count_parameters
-from ..report import role_metrics, save_figure, summarize, write_results
-from ..sweeps import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
-from ..teachers import ModuleTeacher
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.data import DataBundle, TensorData
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.models import build_model, count_flops, count_parameters
+from kdistill.outputs.results import role_metrics, save_figure, summarize, write_results
+from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "cifar10-mini"
 DESCRIPTION = (

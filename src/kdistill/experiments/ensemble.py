@@ -2,7 +2,7 @@
 
 On each data set (MNIST and Fashion-MNIST), K models of one architecture are trained on the hard labels
 with different seeds. Each is "a single model"; together they are an ensemble whose soft targets are the
-arithmetic or the geometric mean of the members' distributions (:mod:`kdistill.ensemble`). One more model
+arithmetic or the geometric mean of the members' distributions (:mod:`kdistill.teachers.ensemble`). One more model
 of the same architecture is distilled from the ensemble with the same optimiser and number of steps.
 
 The full profile is the plain protocol: members and students all train on the un-augmented training set.
@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data as kdata
-from ..data.augment import jittered_copies
-from ..data.dataset import TensorData
-from ..ensemble import EnsembleModel, combine_log_probs, combine_logits
-from ..evaluate import classification_metrics, predict_logits
-from ..models import build_model, count_parameters
-from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..teachers import CachedTeacher
-from ..multi import fit_grid
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.data.augment import jittered_copies
+from kdistill.data.dataset import TensorData
+from kdistill.teachers.ensemble import EnsembleModel, combine_log_probs, combine_logits
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.models import build_model, count_parameters
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.teachers.base import CachedTeacher
+from kdistill.sweeps.multi import fit_grid
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "ensemble"
 DESCRIPTION = "Ensemble teachers: single model vs K-model ensemble vs one model distilled from it (MNIST, Fashion-MNIST)"

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..data.dataset import TensorData
-from ..evaluate import predict_logits
-from ..models import build_model
-from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..teachers import CachedTeacher
-from ..train import FitResult, TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.data.dataset import TensorData
+from kdistill.engine.evaluate import predict_logits
+from kdistill.models import build_model
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.teachers.base import CachedTeacher
+from kdistill.engine import FitResult, TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "few-data"
 DESCRIPTION = "Soft targets as a regulariser: 3% of the data with hard vs soft targets vs all the data; fraction sweep"

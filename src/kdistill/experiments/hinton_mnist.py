@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import data as kdata
-from ..evaluate import classification_metrics, predict_logits
-from ..models import build_model, count_flops, count_parameters
-from ..report import fmt, role_metrics, write_results
-from ..multi import fit_many
-from ..teachers import ModuleTeacher
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.models import build_model, count_flops, count_parameters
+from kdistill.outputs.results import fmt, role_metrics, write_results
+from kdistill.sweeps.multi import fit_many
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "hinton-mnist"
 DESCRIPTION = "MNIST: jittered teacher, 2x800 student alone vs distilled (paper: 67 / 146 / 74 errors)"
@@ -148,7 +148,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         """Students ``(seed, alpha)`` of one protocol in one stacked pass; ``alpha=None`` is the baseline.
 
         A baseline rides along as a student with soft-target weight 0: its loss is the hard-label
-        cross-entropy alone and it trains exactly as ``fit`` without a teacher (kdistill.multi's
+        cross-entropy alone and it trains exactly as ``fit`` without a teacher (kdistill.sweeps.multi's
         guarantee, tested). Students with the same seed share batches, as their solo runs would.
         """
         data, teaching, epochs, jitter = protocols[protocol]

@@ -24,23 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import data as kdata
-from ..evaluate import classification_metrics, predict_logits
-from ..models import build_model
-from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..sweeps import (
-    TEACHER_SEED_OFFSET,
-    choose_best,
-    curve_mean_until,
-    first_step_reaching,
-    intra_op_threads,
-    mean_curve,
-    rank_correlation,
-    seed_list,
-)
-from ..teachers import ModuleTeacher
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.models import build_model
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, curve_mean_until, first_step_reaching, intra_op_threads, mean_curve, rank_correlation, seed_list
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "lambda-sweep"
 DESCRIPTION = (
@@ -110,7 +101,7 @@ def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainC
 
 def teacher_student_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> dict[str, float]:
     """The soft cross-entropy at T = 1 (the write-up's teacher-student loss) and KL·T² at ``temperature``."""
-    from ..losses import soft_loss
+    from kdistill.losses import soft_loss
 
     return {
         "soft_ce_T1": float(soft_loss(logits, teacher_logits, temperature=1.0, kind="soft_ce")),

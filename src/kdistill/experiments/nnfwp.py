@@ -17,7 +17,7 @@ it has little to teach. Only the student's budget is compared; the teacher's is 
 "beats the benchmark" when its mean test accuracy over the seeds is higher.
 
 One-sample steps are Python-overhead bound, so the nets that differ only in seed, learning rate, temperature
-or soft weight train together in one stacked pass (:func:`kdistill.multi.fit_grid`; each equals its solo
+or soft weight train together in one stacked pass (:func:`kdistill.sweeps.multi.fit_grid`; each equals its solo
 ``fit`` up to float rounding): every seed's teachers of each kind in one pass; per seed, the article's
 benchmark with the six MSE students; the whole search (student grid and benchmark rates) in one pass per
 loss kind; per later seed, the chosen benchmark with the chosen student. A benchmark shares its seed's
@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..multi import fit_grid
-from ..report import role_metrics, save_figure, summarize, write_results
-from ..sweeps import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
-from ..teachers import ModuleTeacher
-from ..train import TrainConfig
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.sweeps.multi import fit_grid
+from kdistill.outputs.results import role_metrics, save_figure, summarize, write_results
+from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig
+from kdistill.experiments import RunContext
 
 NAME = "nnfwp"
 DESCRIPTION = "MNIST 784-16-16-10 teacher, 784-10 benchmark and MSE students (NNFwP article); a distilled 784-10 that beats the benchmark"
@@ -218,7 +218,7 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
     def one_pass(what: str, spec: str, configs: list[TrainConfig], teacher=None) -> list[Any]:
         """``fit`` of ``build_model(spec, seed=cfg.seed)`` for every config, all in one stacked pass
-        (:func:`kdistill.multi.fit_grid`: each result equals its solo ``fit`` up to float rounding)."""
+        (:func:`kdistill.sweeps.multi.fit_grid`: each result equals its solo ``fit`` up to float rounding)."""
         results = fit_grid(spec, train, configs, teacher=teacher, val=val, test=test, progress=ctx.progress)
         ctx.log(f"{what}: {len(configs)} net(s) `{spec}` in one pass, {results[0].wall_time_s:.1f} s")
         return results

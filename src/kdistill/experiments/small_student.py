@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..data.dataset import TensorData
-from ..models import build_model, count_parameters
-from ..report import fmt, save_figure, summarize, write_results
-from ..teachers import ModuleTeacher
-from ..multi import fit_many
-from ..train import FitResult, TrainConfig
-from . import RunContext
-from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
+from kdistill import data as kdata
+from kdistill.data.dataset import TensorData
+from kdistill.models import build_model, count_parameters
+from kdistill.outputs.results import fmt, save_figure, summarize, write_results
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.engine import FitResult, TrainConfig
+from kdistill.experiments import RunContext
+from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "small-student"
 DESCRIPTION = "MNIST: 2x20 student alone / distilled T=3 / + hard labels / from a 2nd teacher, and a T sweep"
@@ -199,7 +199,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     def train_together(teacher: str | None, jobs: list[tuple[str, int, float, float]]) -> list[FitResult]:
         """Students ``(name, seed, T, alpha)`` learning from one teacher (None: hard labels), in one stacked pass.
 
-        Each equals the same student trained alone by ``fit`` (kdistill.multi's guarantee); students with
+        Each equals the same student trained alone by ``fit`` (kdistill.sweeps.multi's guarantee); students with
         the same seed share batches, as their solo runs would draw the same ones.
         """
         if not jobs:

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..evaluate import predict_logits
-from ..losses import soft_targets
-from ..report import save_figure, write_results
-from . import RunContext
-from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
+from kdistill import data as kdata
+from kdistill.engine.evaluate import predict_logits
+from kdistill.losses import soft_targets
+from kdistill.outputs.results import save_figure, write_results
+from kdistill.experiments import RunContext
+from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "soft-labels"
 DESCRIPTION = "MNIST: pictures of a teacher's soft targets at several temperatures (dark knowledge)"

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..evaluate import classification_metrics, predict_logits
-from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..specialists import SpecialistModel, SpecialistSystem, confusable_clusters, train_specialist
-from ..teachers import CachedTeacher
-from ..train import TrainConfig, fit
-from ..models import build_model
-from . import RunContext
+from kdistill import data as kdata
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.teachers.specialists import SpecialistModel, SpecialistSystem, confusable_clusters, train_specialist
+from kdistill.teachers.base import CachedTeacher
+from kdistill.engine import TrainConfig, fit
+from kdistill.models import build_model
+from kdistill.experiments import RunContext
 
 NAME = "specialists"
 DESCRIPTION = "Specialists for confusable classes (Fashion-MNIST): generalist vs generalist + specialists, then distilled"

@@ -24,24 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import DataBundle, TensorData, split_validation
-from ..models import build_model
-from ..multi import fit_grid
-from ..report import fmt, role_metrics, save_figure, summarize, write_results
-from ..sweeps import (
-    TEACHER_SEED_OFFSET,
-    aggregate,
-    choose_best,
-    grid,
-    intra_op_threads,
-    rank_correlation,
-    seed_list,
-    select,
-    within_noise,
-)
-from ..teachers import ModuleTeacher
-from ..train import TrainConfig, fit
-from . import RunContext
+from kdistill.data import DataBundle, TensorData, split_validation
+from kdistill.models import build_model
+from kdistill.sweeps.multi import fit_grid
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, aggregate, choose_best, grid, intra_op_threads, rank_correlation, seed_list, select, within_noise
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.engine import TrainConfig, fit
+from kdistill.experiments import RunContext
 
 NAME = "synthetic-grid"
 DESCRIPTION = "make_classification 3x3 data-quality grid: student accuracy vs T (best T on validation); width vs best T"
@@ -136,7 +126,7 @@ def _record(result, **fields: Any) -> dict[str, Any]:
 def _train_students(s, bundle, cached, widths, seeds, records, progress, **setting) -> dict[float | None, nn.Module]:
     """Baseline and one distilled student per T, for each width and seed; append their records.
 
-    All students of one width train in one stacked pass (:func:`~kdistill.multi.fit_grid`): each equals
+    All students of one width train in one stacked pass (:func:`~kdistill.sweeps.multi.fit_grid`): each equals
     the same student trained alone by ``fit``. The baseline is the alpha = 0 member (hard labels only).
     Returns the first seed's students of width ``student_width`` by T (None: the baseline), the
     candidates for a deployment table; the other students are not kept.

@@ -15,25 +15,11 @@ from typing import Any
 
 import torch
 
-from .. import data as kdata
-from ..report import fmt, write_results
-from . import RunContext
-from ._mnist_teachers import TEACHER_SETTINGS
-from .transfer_omit3 import (
-    VARIANT_LABEL,
-    VARIANTS,
-    candidate_table,
-    check_classes,
-    check_copies,
-    deployment_models,
-    extra_record,
-    load_mnist,
-    plot_offset_curve,
-    plot_per_class,
-    roles,
-    table,
-    train_students,
-)
+from kdistill import data as kdata
+from kdistill.outputs.results import fmt, write_results
+from kdistill.experiments import RunContext
+from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS
+from kdistill.experiments.transfer_omit3 import VARIANT_LABEL, VARIANTS, candidate_table, check_classes, check_copies, deployment_models, extra_record, load_mnist, plot_offset_curve, plot_per_class, roles, table, train_students
 
 NAME = "transfer-keep78"
 DESCRIPTION = "MNIST: 2x800 student distilled on 7s and 8s only, shared 7/8 bias lowered (paper: 47.3% -> 13.2% error)"

@@ -25,17 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import bias
-from .. import data as kdata
-from ..data.dataset import TensorData
-from ..evaluate import classification_metrics, predict_logits
-from ..models import build_model, count_parameters
-from ..report import fmt, save_figure, summarize, write_results
-from ..teachers import ModuleTeacher
-from ..multi import fit_many
-from ..train import TrainConfig
-from . import RunContext
-from ._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
+import kdistill.models.bias as bias
+from kdistill import data as kdata
+from kdistill.data.dataset import TensorData
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.models import build_model, count_parameters
+from kdistill.outputs.results import fmt, save_figure, summarize, write_results
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.sweeps.multi import fit_many
+from kdistill.engine import TrainConfig
+from kdistill.experiments import RunContext
+from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "transfer-omit3"
 DESCRIPTION = "MNIST: 2x800 student distilled on a transfer set with no 3s, class-3 bias fixed on validation / label-free"
@@ -156,7 +156,7 @@ def train_students(
         """Students ``(seed, T, alpha)`` in one stacked pass; ``T=None`` is the hard-label baseline.
 
         The baseline rides along with soft-target weight 0, i.e. the transfer set's hard labels alone,
-        exactly as ``fit`` without a teacher (kdistill.multi's guarantee). Every student gets the same
+        exactly as ``fit`` without a teacher (kdistill.sweeps.multi's guarantee). Every student gets the same
         transfer set, epochs and optimiser; students with the same seed share batches.
         """
         cfgs = [TrainConfig(epochs=s["student_epochs"] // copies, batch_size=s["batch_size"], lr=s["student_lr"],

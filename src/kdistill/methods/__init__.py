@@ -22,8 +22,8 @@ Register your own from any file (no library file to edit)::
 
 from __future__ import annotations
 
-from .base import Method, StepIO, build_method, get_method, method_options, methods, register
-from . import supervised, kd  # noqa: F401,E402  register the built-in methods
-from . import dkd, fitnet, at  # noqa: F401,E402
+from kdistill.methods.base import Method, StepIO, build_method, get_method, method_options, methods, register
+from kdistill.methods import supervised, kd  # noqa: F401,E402  register the built-in methods
+from kdistill.methods import dkd, fitnet, at  # noqa: F401,E402
 
 __all__ = ["Method", "StepIO", "build_method", "get_method", "method_options", "methods", "register"]

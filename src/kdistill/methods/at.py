@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import attention_transfer_loss
-from .base import Method, StepIO, register
-from .features import extra_terms, resolve_pairs
-from .kd import check_temperature, check_weight
+from kdistill.losses import attention_transfer_loss
+from kdistill.methods.base import Method, StepIO, register
+from kdistill.methods.features import extra_terms, resolve_pairs
+from kdistill.methods.kd import check_temperature, check_weight
 
 
 @register("at")

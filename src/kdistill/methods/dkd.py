@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import dkd_loss
-from .base import Method, StepIO, register
-from .kd import check_temperature, check_weight
+from kdistill.losses import dkd_loss
+from kdistill.methods.base import Method, StepIO, register
+from kdistill.methods.kd import check_temperature, check_weight
 
 
 @register("dkd")

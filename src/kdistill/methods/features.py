@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import soft_loss
-from ..models.stages import FAMILIES, default_stages
+from kdistill.losses import soft_loss
+from kdistill.models.stages import FAMILIES, default_stages
 
 
 def _as_paths(value: Sequence[str] | str) -> tuple[str, ...]:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import hint_loss
-from .base import Method, StepIO, register
-from .features import extra_terms, resolve_pairs
-from .kd import check_temperature, check_weight
+from kdistill.losses import hint_loss
+from kdistill.methods.base import Method, StepIO, register
+from kdistill.methods.features import extra_terms, resolve_pairs
+from kdistill.methods.kd import check_temperature, check_weight
 
 
 class Regressor(nn.Module):

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..losses import LOSS_KINDS, hard_loss, soft_loss
-from .base import Method, StepIO, register
+from kdistill.losses import LOSS_KINDS, hard_loss, soft_loss
+from kdistill.methods.base import Method, StepIO, register
 
 
 def check_temperature(value: float, field: str = "method.temperature") -> None:
@@ -30,7 +30,7 @@ def check_weight(value: float, field: str, upper: float | None = None) -> None:
 class KD(Method):
     """Soft targets (``alpha``) plus hard labels (``1 - alpha``); the terms are logged as ``kd`` and ``ce``.
 
-    The defaults (T = 1, alpha = 1: soft targets only) are :class:`~kdistill.train.TrainConfig`'s, so a run
+    The defaults (T = 1, alpha = 1: soft targets only) are :class:`~kdistill.engine.TrainConfig`'s, so a run
     that names no option trains as before methods were modules; CIFAR recipes use T = 4, alpha = 0.9.
     """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import hard_loss
-from .base import Method, StepIO, register
+from kdistill.losses import hard_loss
+from kdistill.methods.base import Method, StepIO, register
 
 
 @register("ce")

@@ -1,11 +1,11 @@
 """Plain ``nn.Module`` models behind a spec-string registry."""
 
-from .convnets import ConvNet, LeNet5
-from .counting import count_flops, count_parameters
-from .mlp import MLP, apply_max_norm
-from .registry import ModelSpec, available, build_model, register
-from . import caffe_nets  # noqa: F401,E402  registers caffe_lenet, cifar_quick, cifar_mini
-from . import cifar  # noqa: F401,E402  registers the CRD / mdistiller CIFAR zoo (resnet*, wrn, vgg*)
+from kdistill.models.convnets import ConvNet, LeNet5
+from kdistill.models.counting import count_flops, count_parameters
+from kdistill.models.mlp import MLP, apply_max_norm
+from kdistill.models.registry import ModelSpec, available, build_model, register
+from kdistill.models import caffe_nets  # noqa: F401,E402  registers caffe_lenet, cifar_quick, cifar_mini
+from kdistill.models import cifar  # noqa: F401,E402  registers the CRD / mdistiller CIFAR zoo (resnet*, wrn, vgg*)
 
 __all__ = [
     "MLP", "ConvNet", "LeNet5", "ModelSpec", "apply_max_norm", "available", "build_model", "register",

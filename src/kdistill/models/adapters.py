@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hf
+from kdistill.models import hf
 
 __all__ = ["ADAPTERS", "is_adapter_spec", "split_adapter_spec", "canonical_spec", "build_adapter", "describe_model",
            "runs_code"]

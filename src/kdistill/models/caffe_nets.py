@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .registry import register
+from kdistill.models.registry import register
 
 
 def xavier_fill(module: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .registry import register
+from kdistill.models.registry import register
 
 __all__ = ["CifarResNet", "WideResNet", "CifarVGG", "RESNET_DEPTHS", "VGG_CONFIGS"]
 

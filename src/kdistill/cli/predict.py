@@ -19,11 +19,11 @@ from pathlib import Path
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .. import data
-    from ..blackbox import OnnxTeacher, save_logits
-    from ..data.preprocess import parse_normalize
-    from ..evaluate import classification_metrics, predict_split
-    from . import _predict as files
+    from kdistill import data
+    from kdistill.teachers.blackbox import OnnxTeacher, save_logits
+    from kdistill.data.preprocess import parse_normalize
+    from kdistill.engine.evaluate import classification_metrics, predict_split
+    from kdistill.cli import _predict as files
 
     if bool(args.model) == bool(args.onnx):
         raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors (or .onnx) or --onnx MODEL.onnx")
@@ -49,7 +49,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model:
         import torch
 
-        from ..engine.loop import _check_outputs
+        from kdistill.engine.loop import _check_outputs
 
         model = pred.module
         _check_outputs(model, split, next(iter(model.parameters()), torch.empty(0)).device)
@@ -65,7 +65,7 @@ def _predict(args: argparse.Namespace) -> int:
     save_logits(out, logits, split.index, data=split.name, source=source, split=split)
     report = {"file": str(out), "count": len(split), "num_classes": split.num_classes, "data": split.name}
     if not split.has_unlabelled:
-        from ..data.stream import labels_of
+        from kdistill.data.stream import labels_of
 
         report["accuracy"] = classification_metrics(logits, labels_of(split), detailed=False)["accuracy"]
     print(json.dumps(report))
@@ -73,8 +73,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..blackbox import export_onnx
-    from ..io import load_model, read_model_meta
+    from kdistill.teachers.blackbox import export_onnx
+    from kdistill.io import load_model, read_model_meta
 
     model = load_model(args.model, trust_code=args.trust_code)
     meta = read_model_meta(args.model)
@@ -93,13 +93,13 @@ def _specialists(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .. import data
-    from ..blackbox import save_logits
-    from ..evaluate import classification_metrics, predict_logits, predict_split
-    from ..io import load_model, save_model, write_json
-    from ..report import write_results
-    from ..specialists import SpecialistSystem, confusable_clusters, train_specialist
-    from ..train import TrainConfig
+    from kdistill import data
+    from kdistill.teachers.blackbox import save_logits
+    from kdistill.engine.evaluate import classification_metrics, predict_logits, predict_split
+    from kdistill.io import load_model, save_model, write_json
+    from kdistill.outputs.results import write_results
+    from kdistill.teachers.specialists import SpecialistSystem, confusable_clusters, train_specialist
+    from kdistill.engine import TrainConfig
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       temperature=args.temperature, alpha=args.alpha, keep_best=True, checkpoint=False)
@@ -146,8 +146,8 @@ def _specialists(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..data.folder import MAX_PIXELS
-    from ..cli import add_trust_code
+    from kdistill.data.folder import MAX_PIXELS
+    from kdistill.cli.app import add_trust_code
 
     p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
                        "data split (black-box distillation)")

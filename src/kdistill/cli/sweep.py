@@ -2,7 +2,7 @@
 
 The grid is the product of ``--temperatures``, ``--alphas``, ``--lrs``, ``--weight-decays`` and
 ``--seeds``; every other training setting is shared. All students go through
-:func:`kdistill.multi.fit_many` in one pass (stacked when the student is an MLP without dropout),
+:func:`kdistill.sweeps.multi.fit_many` in one pass (stacked when the student is an MLP without dropout),
 and each equals the same student trained alone by ``kdistill distill`` with the same settings.
 ``results.json`` has one role per student plus, under ``by_setting``, each setting's test and
 validation errors over the seeds (mean ± std) and the setting with the fewest validation errors.
@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from ..losses import LOSS_KINDS
+from kdistill.losses import LOSS_KINDS
 
 GRID = (("temperature", "temperatures"), ("alpha", "alphas"), ("lr", "lrs"), ("weight_decay", "weight_decays"),
         ("seed", "seeds"))
@@ -24,7 +24,7 @@ SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "weight_decay": "wd", "se
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    from .. import config as config_mod
+    import kdistill.config.loader as config_mod
 
     cfg: dict[str, Any] = config_mod.load_yaml(args.config) if args.config else {}
     flags = {
@@ -48,7 +48,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_grid(cfg: dict[str, Any]):
     """(role, TrainConfig, swept values) per student of the grid; raises ValueError on bad settings."""
-    from ..train import TrainConfig
+    from kdistill.engine import TrainConfig
 
     grid = dict(cfg.get("grid") or {})
     unknown = set(grid) - {k for k, _ in GRID}
@@ -82,11 +82,11 @@ def build_grid(cfg: dict[str, Any]):
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .. import data
-    from ..io import load_model
-    from ..models import build_model
-    from ..multi import check_configs, fit_many
-    from ..report import fmt, summarize, write_results, write_run_files
+    from kdistill import data
+    from kdistill.io import load_model
+    from kdistill.models import build_model
+    from kdistill.sweeps.multi import check_configs, fit_many
+    from kdistill.outputs.results import fmt, summarize, write_results, write_run_files
 
     cfg = _resolve(args)
     if not cfg.get("student"):
@@ -161,13 +161,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["constant", "cosine", "onecycle", "step"])
     p.add_argument("--jitter", type=int, help="random translation of up to this many pixels (shared per seed)")
-    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.divergences)")
+    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.losses.divergences)")
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.warmup=0.2")
     p.add_argument("--save-models", action="store_true", help="write each student's weights and metrics under OUT/students/")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
-    from ..cli import add_trust_code
+    from kdistill.cli.app import add_trust_code
 
     add_trust_code(p)
     p.set_defaults(func=_sweep)

@@ -7,7 +7,7 @@ import json
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..html_report import write_report
+    from kdistill.outputs.html import write_report
 
     path = write_report(args.run_dirs, args.out)
     print(json.dumps({"report": str(path), "runs": len(args.run_dirs)}))

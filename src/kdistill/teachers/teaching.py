@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.dataset import TensorData
-from ..data.stream import changing_items
-from ..teachers import CachedTeacher, ModuleTeacher
-from .config import TrainConfig
-from .views import ViewTeacher, load_or_compute
+from kdistill.data.dataset import TensorData
+from kdistill.data.stream import changing_items
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher
+from kdistill.engine.config import TrainConfig
+from kdistill.teachers.views import ViewTeacher, load_or_compute
 
 
 class Teaching:

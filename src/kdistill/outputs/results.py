@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .io import environment, write_json, write_text
+import kdistill.config.loader as config_mod
+from kdistill.io import environment, write_json, write_text
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it (works headless: Agg backend)."""
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from kdistill.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

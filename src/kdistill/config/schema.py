@@ -2,7 +2,7 @@
 
 Each section's schema comes from the code that consumes it, so it cannot drift:
 
-* ``train``: :class:`~kdistill.train.TrainConfig`'s fields and type hints;
+* ``train``: :class:`~kdistill.engine.TrainConfig`'s fields and type hints;
 * ``method``: the method class's ``__init__`` options (:func:`kdistill.methods.method_options`);
 * ``data``: :func:`kdistill.data.load`'s ``val_size``/``seed`` plus the loader's own keyword options;
 * ``model``: the spec string; its ``key=value`` options are typed by the model builder's defaults;
@@ -330,15 +330,15 @@ def coerce_object(obj: Any, where: str) -> None:
 
 
 def train_section(values: Mapping[str, Any] | None):
-    """The ``train`` section as a :class:`~kdistill.train.TrainConfig` (typed and validated)."""
-    from .engine.config import TrainConfig
+    """The ``train`` section as a :class:`~kdistill.engine.TrainConfig` (typed and validated)."""
+    from kdistill.engine.config import TrainConfig
 
     return TrainConfig.from_dict(dict(values or {}))
 
 
 def method_fields(name: str) -> dict[str, Field]:
     """The options of method ``name`` (``__init__`` keywords, typed by their hints or defaults)."""
-    from .methods import get_method, method_options
+    from kdistill.methods import get_method, method_options
 
     cls = get_method(name)
     hints = _hints(cls.__init__)
@@ -365,7 +365,7 @@ def method_section(section: Any) -> dict[str, Any]:
 
 def build_method(section: Any):
     """The :class:`~kdistill.methods.Method` a ``method`` section describes, after :func:`method_section`."""
-    from .methods import build_method as _build
+    from kdistill.methods import build_method as _build
 
     checked = method_section(section)
     name = checked.pop("name")
@@ -374,7 +374,7 @@ def build_method(section: Any):
 
 def data_loader(name: str):
     """``(loader, skip, label)`` for data set ``name`` (a registered name or a ``PREFIX:PATH`` file spec)."""
-    from . import data
+    from kdistill import data
 
     prefix, sep, _ = name.partition(":")
     if sep and prefix in data.SOURCES:
@@ -417,7 +417,7 @@ def coerce_loader_options(name: str, options: Mapping[str, Any], where: str = "d
 
 def data_section(section: Any) -> dict[str, Any]:
     """The ``data`` section (``name``, ``path``, ``val_size``, ``seed`` and the loader's options), typed."""
-    from . import data
+    from kdistill import data
 
     if isinstance(section, str):
         section = {"name": section}
@@ -435,7 +435,7 @@ def data_section(section: Any) -> dict[str, Any]:
             out[key] = coerce(d.pop(key), load_fields[key].hint, f"data.{key}")
     d.pop("name")
     if "normalize" in d:  # load()'s own option: none, a preset, or per-channel mean/std (data/preprocess.py)
-        from .data.preprocess import parse_normalize
+        from kdistill.data.preprocess import parse_normalize
 
         out["normalize"] = parse_normalize(d.pop("normalize")).setting()
     if out.get("val_size") is not None and out["val_size"] < 0:

@@ -3,7 +3,7 @@
 A teacher need not be a PyTorch module we hold the weights of. Two stand-ins are supported:
 
 * a **logits file** written once (by ``kdistill predict --save-logits`` or by anyone else) and read back as a
-  :class:`~kdistill.teachers.CachedTeacher`. ``.safetensors`` files store ``logits`` (N x C) *and* ``ids``
+  :class:`~kdistill.teachers.base.CachedTeacher`. ``.safetensors`` files store ``logits`` (N x C) *and* ``ids``
   (the samples' stable ids, :attr:`TensorData.index`), plus JSON metadata (data set name, count, classes),
   so a file can cover a superset of the transfer set and rows are matched by id. ``.npy`` files hold the
   bare N x C array whose rows follow the data set's order (as an external tool would write it), so their
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.dataset import TensorData
-from .io import atomic_path
-from .models.outputs import LogitsOnly
-from .teachers import CachedTeacher, Teacher
+from kdistill.data.dataset import TensorData
+from kdistill.io import atomic_path
+from kdistill.models.outputs import LogitsOnly
+from kdistill.teachers.base import CachedTeacher, Teacher
 
 LOGITS_FORMATS = (".safetensors", ".npy")
 _META_KEY = "kdistill_logits"
@@ -119,8 +119,8 @@ def save_logits(
             info = {"count": len(logits), "num_classes": int(logits.shape[1]), **meta}
             tensors = {"logits": logits, "ids": ids}
             if split is not None:
-                from .data.stream import labels_of
-                from .io import data_fingerprint
+                from kdistill.data.stream import labels_of
+                from kdistill.io import data_fingerprint
 
                 if len(split) != len(logits):
                     raise ValueError(f"split: {len(split)} samples for {len(logits)} rows of logits")
@@ -156,7 +156,7 @@ def load_logits(path: str | os.PathLike) -> SavedLogits:
     else:
         from safetensors import safe_open
 
-        from .io import safetensors_header
+        from kdistill.io import safetensors_header
 
         declared, raw = safetensors_header(path, "teacher logits")  # refuses empty/truncated/crafted files
         if "logits" not in declared:
@@ -242,7 +242,7 @@ def logits_teacher(source: str | os.PathLike | SavedLogits, data: TensorData) ->
 
 def _check_fingerprint(saved: SavedLogits, teacher: CachedTeacher, data, where: str) -> None:
     """Refuse a file whose recorded labels or input checksums differ from ``data``'s for the same ids."""
-    from .io import data_fingerprint
+    from kdistill.io import data_fingerprint
 
     if saved.meta.get("fingerprint") is not None and saved.meta["fingerprint"] == data_fingerprint(data):
         if saved.checksums is None or getattr(data, "x", None) is None:
@@ -408,7 +408,7 @@ def _check_class_names(path: str, recorded: Any, train) -> None:
 def _weights_teacher(path: str, train, trust_code: bool = False) -> nn.Module:
     """A teacher network from a kdistill weights file, refused when it was made for other inputs or classes;
     a ``py:`` spec recorded in the file runs only with ``trust_code``."""
-    from .io import load_model, read_model_meta
+    from kdistill.io import load_model, read_model_meta
 
     shape = classes = None
     if Path(path).suffix.lower() == ".safetensors" and Path(path).is_file():
@@ -431,12 +431,12 @@ def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, tem
     """The teacher named by a distill config, its files read and checked against ``train`` before training.
 
     ``teacher`` (weights), ``teacher_logits`` and ``teacher_onnx`` may each be one path or a list; one
-    teacher in all is used as is, several become an :class:`~kdistill.ensemble.EnsembleTeacher` with
+    teacher in all is used as is, several become an :class:`~kdistill.teachers.ensemble.EnsembleTeacher` with
     ``ensemble_mean`` (default arithmetic) combined at ``temperature`` (the training temperature), cached
     when the inputs are not augmented. ``trust_code``: build ``py:`` specs recorded in weights files
     (``--trust-code``).
     """
-    from .io import load_model
+    from kdistill.io import load_model
 
     weights, logits, onnx = (_as_list(cfg.get(k)) for k in ("teacher", "teacher_logits", "teacher_onnx"))
     if not (weights or logits or onnx):
@@ -456,7 +456,7 @@ def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, tem
         if cfg.get("ensemble_mean"):
             raise ValueError("ensemble_mean: needs two or more teachers")
         return members[0]
-    from .ensemble import EnsembleTeacher
+    from kdistill.teachers.ensemble import EnsembleTeacher
 
     ensemble = EnsembleTeacher(members, mean=mean, temperature=temperature)
     return ensemble if jitter else ensemble.cache(train)

@@ -22,10 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..data.augment import Augment
-from ..data.dataset import TensorData
-from ..data.stream import iterate, labels_of
-from ..io import atomic_path
+from kdistill.data.augment import Augment
+from kdistill.data.dataset import TensorData
+from kdistill.data.stream import iterate, labels_of
+from kdistill.io import atomic_path
 
 MANIFEST_KEY = "kdistill_teacher_views"
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blackbox import run_teacher
-from .data.dataset import TensorData
-from .teachers import CachedTeacher, ModuleTeacher, Teacher
+from kdistill.teachers.blackbox import run_teacher
+from kdistill.data.dataset import TensorData
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher, Teacher
 
 MEANS = ("arithmetic", "geometric")
 

@@ -26,8 +26,8 @@ import yaml
 
 matplotlib.use("Agg")
 
-from .io import write_text
-from .report import fmt
+from kdistill.io import write_text
+from kdistill.outputs.results import fmt
 
 MAX_CURVES = 12
 """At most this many ``metrics.jsonl`` files are drawn per run (an experiment may hold hundreds)."""
@@ -283,12 +283,12 @@ def _deployment_table(rows: dict[str, dict[str, Any]], cols, cls: str) -> str:
 
 
 def deployment_section(table: dict[str, Any]) -> str:
-    """The deployment table written by :func:`kdistill.deploy.write_deployment`, with its notes.
+    """The deployment table written by :func:`kdistill.outputs.deploy.write_deployment`, with its notes.
 
     Split in two so that it fits a page without sideways scrolling: size and accuracy (with the ratios
     to the teacher), then speed (latencies, throughput, × faster, the timings' spread and trust).
     """
-    from .deploy import deployment_columns, deployment_notes
+    from kdistill.outputs.deploy import deployment_columns, deployment_notes
 
     rows = table.get("rows")
     if not isinstance(rows, dict) or not rows:
@@ -348,7 +348,7 @@ def _batches(runs: Sequence[Run]) -> list[int]:
 
 def _summary_rows(run: Run, link: Any, batches: Sequence[int]) -> list[list[Any]]:
     """One row per student of the run's deployment table, else one per model of its ``results.json``."""
-    from .deploy import _num, _times
+    from kdistill.outputs.deploy import _num, _times
 
     dep, method = _deployment(run), run_method(run)
     rows, teacher = dep.get("rows", {}), dep.get("teacher")
@@ -430,7 +430,7 @@ def _scatter(ax, points: Sequence[dict[str, Any]], key: str, xlabel: str) -> Non
     timings hollow."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    from .deploy import human
+    from kdistill.outputs.deploy import human
 
     drawn = [pt for pt in points if isinstance(pt.get(key), (int, float)) and pt[key] > 0]
     for i, pt in enumerate(drawn):

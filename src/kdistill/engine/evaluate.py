@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.dataset import TensorData
-from .data.stream import Inputs, inputs_len, inputs_rows, inputs_to
-from .losses import IGNORE_INDEX, soft_loss
-from .models.layout import as_layout, use_channels_last
-from .models.outputs import forward_logits
+from kdistill.data.dataset import TensorData
+from kdistill.data.stream import Inputs, inputs_len, inputs_rows, inputs_to
+from kdistill.losses import IGNORE_INDEX, soft_loss
+from kdistill.models.layout import as_layout, use_channels_last
+from kdistill.models.outputs import forward_logits
 
 
 @torch.no_grad()
@@ -45,8 +45,8 @@ def predict_logits(model: nn.Module, x: Inputs, batch_size: int | None = None) -
 @torch.no_grad()
 def predict_split(model: nn.Module, data, batch_size: int | None = None) -> torch.Tensor:
     """Logits of ``model`` for every sample of a split, in order: in-memory or streamed from disk."""
-    from .data.dataset import TensorData
-    from .data.stream import iterate
+    from kdistill.data.dataset import TensorData
+    from kdistill.data.stream import iterate
 
     if isinstance(data, TensorData):
         return predict_logits(model, data.x, batch_size)
@@ -141,6 +141,6 @@ def evaluate_model(
     detailed: bool = True,
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``model`` on ``data``."""
-    from .data.stream import labels_of
+    from kdistill.data.stream import labels_of
 
     return classification_metrics(predict_split(model, data), labels_of(data), teacher_logits, temperature, detailed)

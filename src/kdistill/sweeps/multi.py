@@ -1,11 +1,11 @@
 """Train N students in one pass: a sweep over temperatures, alphas, learning rates and seeds.
 
 ``fit_many(models, train, configs, teacher=...)`` gives the same students as calling
-:func:`kdistill.train.fit` once per (model, config) pair, up to floating-point rounding (the tests
+:func:`kdistill.engine.fit` once per (model, config) pair, up to floating-point rounding (the tests
 check 1e-4 on the weights), but shares the work they have in common:
 
 * every student of one architecture (an MLP without dropout) is held in one
-  :class:`~kdistill.stacked.StackedMLP`: a step is a few large matrix products for all of them, with
+  :class:`~kdistill.sweeps.stacked.StackedMLP`: a step is a few large matrix products for all of them, with
   hand-written backward passes, the loss gradient in closed form
   (:func:`~kdistill.losses.stacked_distillation_loss_and_grad`) and one optimiser update over the
   stacked tensors (torch's fused kernel when lr, momentum and weight decay are shared);
@@ -22,7 +22,7 @@ check 1e-4 on the weights), but shares the work they have in common:
   teacher, so directly trained baselines can share a distillation pass.
 
 What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay``, ``temperature``,
-``alpha``. Everything else in :class:`~kdistill.train.TrainConfig` (epochs, batch size, optimiser,
+``alpha``. Everything else in :class:`~kdistill.engine.TrainConfig` (epochs, batch size, optimiser,
 schedule, jitter, loss kind, ...) must be equal, because it sets the shape of the shared pass.
 Students that cannot be stacked (other architectures, dropout) are trained one after another with
 ``fit``, still sharing a cached teacher. The stacked path writes no checkpoints (no resume), validates
@@ -42,20 +42,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cuda_graph import GraphedStep, graph_safe_teacher
-from .data.augment import translate
-from .data.dataset import TensorData
-from .distributed import world
-from .evaluate import classification_metrics
-from .io import save_model
-from .losses import STACKED_KINDS, stacked_distillation_loss_and_grad
-from .stacked import StackedMLP, StackedOptimizer, mlp_signature
-from .teachers import ModuleTeacher, Teacher
-from .engine.callbacks import LoopState, MetricsFiles, ProgressBar
-from .engine.heap import retain_freed_memory
-from .engine.loop import run_epochs
-from .engine.sources import make_source
-from .train import FitResult, TrainConfig, fit, prepare_teacher, resolve_device
+from kdistill.engine.cuda_graph import GraphedStep, graph_safe_teacher
+from kdistill.data.augment import translate
+from kdistill.data.dataset import TensorData
+from kdistill.engine.distributed import world
+from kdistill.engine.evaluate import classification_metrics
+from kdistill.io import save_model
+from kdistill.losses import STACKED_KINDS, stacked_distillation_loss_and_grad
+from kdistill.sweeps.stacked import StackedMLP, StackedOptimizer, mlp_signature
+from kdistill.teachers.base import ModuleTeacher, Teacher
+from kdistill.engine.callbacks import LoopState, MetricsFiles, ProgressBar
+from kdistill.engine.heap import retain_freed_memory
+from kdistill.engine.loop import run_epochs
+from kdistill.engine.sources import make_source
+from kdistill.engine import FitResult, TrainConfig, fit, resolve_device, resolve_method
+from kdistill.teachers.teaching import prepare_teaching
 
 PER_STUDENT = ("seed", "lr", "momentum", "weight_decay", "temperature", "alpha")
 """TrainConfig fields that may differ between the students of one pass."""
@@ -158,7 +159,7 @@ def fit_grid(
     seeds = list(init_seeds) if init_seeds is not None else [c.seed for c in configs]
     if len(seeds) != len(configs):
         raise ValueError(f"init_seeds: need one per config ({len(configs)}), got {len(seeds)}")
-    from .models import build_model
+    from kdistill.models import build_model
 
     models = [build_model(spec, train.input_shape, train.num_classes, seed=s) for s in seeds]
     return fit_many(models, train, configs, **kwargs)
@@ -338,3 +339,13 @@ def _losses(z, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of,
             t_logits = per_student([teacher.logits(xb, ids.index_select(0, r)) for xb, r in zip(xbs, rows)])
     return stacked_distillation_loss_and_grad(z, t_logits, labels, temperature=temps, alpha=alphas, kind=kind,
                                               checked=True)
+
+
+def prepare_teacher(teacher, train, cfg: TrainConfig, device: torch.device):
+    """The teacher as :func:`fit` would use it for KD with ``cfg`` (cached when inputs are not augmented)."""
+    if teacher is None:
+        return None
+    method = resolve_method(None, teacher, cfg)
+    if method.needs_labels and train.has_unlabelled:
+        raise ValueError("train.alpha: the transfer set has unlabelled samples, so alpha must be 1 (soft targets only)")
+    return prepare_teaching(teacher, train, cfg, method, cfg.augmentation(), device, None).teacher

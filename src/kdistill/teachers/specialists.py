@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.dataset import TensorData
-from .evaluate import predict_logits
-from .teachers import CachedTeacher, freeze
+from kdistill.data.dataset import TensorData
+from kdistill.engine.evaluate import predict_logits
+from kdistill.teachers.base import CachedTeacher, freeze
 
 if TYPE_CHECKING:
-    from .train import FitResult, TrainConfig
+    from kdistill.engine import FitResult, TrainConfig
 
 DUSTBIN = "dustbin"
 
@@ -196,7 +196,7 @@ def train_specialist(
     ``generalist_logits`` (rows in ``train``'s order) saves a pass over the data when given.
     The validation split, if any, is made half-special the same way.
     """
-    from .train import fit
+    from kdistill.engine import fit
 
     classes = _check_classes(classes, train.num_classes)
     model = specialist_from_generalist(generalist, classes, train.num_classes)

@@ -4,7 +4,7 @@
 split, the same thread count) and states each student relative to the teacher (``x_smaller``,
 ``x_fewer_flops``, ``x_faster_b*``, ``accuracy_kept``), so a report answers "how much cheaper, at what
 cost in accuracy". Latency is measured in PyTorch and, when onnxruntime imports, in onnxruntime on a
-model exported with :func:`kdistill.blackbox.export_onnx`. Every measurement is bounded by a time
+model exported with :func:`kdistill.teachers.blackbox.export_onnx`. Every measurement is bounded by a time
 budget, so tiny models take milliseconds and big ones cannot stall a run.
 
 :func:`deployment_markdown` renders the table; :func:`write_deployment` adds it to a run's
@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.dataset import TensorData
-from .evaluate import classification_metrics, predict_logits
-from .io import save_model, write_json, write_text
-from .models.counting import count_flops, count_parameters
-from .models.layout import as_layout, use_channels_last
-from .models.outputs import forward_logits
+from kdistill.data.dataset import TensorData
+from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.io import save_model, write_json, write_text
+from kdistill.models.counting import count_flops, count_parameters
+from kdistill.models.layout import as_layout, use_channels_last
+from kdistill.models.outputs import forward_logits
 
 BACKENDS = ("torch", "onnx")
 _MD_BEGIN, _MD_END = "<!-- kdistill:deployment -->", "<!-- /kdistill:deployment -->"
@@ -203,7 +203,7 @@ def onnx_measure(net: nn.Module, x: torch.Tensor, in_shape: Sequence[int], batch
     same function) or
     ``{"note": why}`` when the export or the session fails; the table then keeps the torch numbers only.
     """
-    from .blackbox import export_onnx
+    from kdistill.teachers.blackbox import export_onnx
 
     ort = _onnxruntime()
     if ort is None:

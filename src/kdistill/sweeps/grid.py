@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .report import summarize
+from kdistill.outputs.results import summarize
 
 Record = dict[str, Any]
 

@@ -73,7 +73,7 @@ def graph_safe_teacher(teacher: object) -> bool:
     Exact types only: a subclass may add host-side work (counting calls, logging) that a replayed graph
     would silently skip.
     """
-    from .engine.views import ViewTeacher
-    from .teachers import CachedTeacher, ModuleTeacher
+    from kdistill.teachers.views import ViewTeacher
+    from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 
     return teacher is None or type(teacher) in (CachedTeacher, ModuleTeacher, ViewTeacher)

@@ -2,7 +2,7 @@
 
 ``train`` and ``distill`` read an optional YAML config (sections ``data``, ``model``/``student``,
 ``teacher``, ``method``, ``train``), then command-line flags, then ``--set section.key=value`` overrides.
-Every section is typed by :mod:`kdistill.schema` (values coerced or refused by type, unknown keys refused
+Every section is typed by :mod:`kdistill.config.schema` (values coerced or refused by type, unknown keys refused
 naming the closest); the data, the model, the teacher and any checkpoint to resume are checked against each
 other (:func:`kdistill.engine.loop.preflight`) before the resolved config is written to ``--out``, so a
 refused run leaves nothing there. A new run refuses the directory of another run unless ``--overwrite``.
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from . import config as config_mod
-from .losses import LOSS_KINDS
+from kdistill import __version__
+import kdistill.config.loader as config_mod
+from kdistill.losses import LOSS_KINDS
 
 DEFAULTS: dict[str, Any] = {
     "data": {"name": "mnist", "path": None, "val_size": None, "seed": 0},
@@ -62,7 +62,7 @@ def add_trust_code(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    from .schema import normalize_sections, short_repr
+    from kdistill.config.schema import normalize_sections, short_repr
 
     loaded = normalize_sections(config_mod.load_yaml(args.config)) if args.config else {}
     for key in ("data", "method", "train"):  # a section that is not a mapping would be replaced by the flags'
@@ -86,7 +86,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
     checked under its lock (:func:`kdistill.engine.rundir.claim`)."""
     import os
 
-    from .engine.rundir import check_config_file, no_checkpoint
+    from kdistill.engine.rundir import check_config_file, no_checkpoint
 
     if resume and overwrite:
         raise ValueError("--overwrite: --resume continues the run in --out, --overwrite replaces it; give one")
@@ -106,7 +106,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
 
 def _clear_run(out: Path) -> None:
     """Delete a previous run's files (``--overwrite``); anything else in the directory stays."""
-    from .engine.rundir import clear_run
+    from kdistill.engine.rundir import clear_run
 
     clear_run(out)
 
@@ -122,7 +122,7 @@ def _discard(out: Path, existed: bool) -> None:
 
 
 def _load_data(cfg: dict[str, Any]):
-    from . import data
+    from kdistill import data
 
     d = dict(cfg["data"])
     name, path, val_size, seed = d.pop("name"), d.pop("path", None), d.pop("val_size", None), d.pop("seed", 0)
@@ -136,7 +136,7 @@ def _check_size(spec: str, in_shape, num_classes: int) -> None:
     meta device before anything is allocated."""
     import os
 
-    from .models.registry import build_on_meta
+    from kdistill.models.registry import build_on_meta
 
     skeleton = build_on_meta(spec, in_shape, num_classes)
     if skeleton is None:
@@ -170,15 +170,15 @@ def _method_section(cfg: dict[str, Any], distill: bool) -> dict[str, Any]:
 
 def _teacher_model(cfg: dict[str, Any], bundle):
     """``--teacher-model SPEC --teacher-weights FILE``: any registry/adapter model with weights from a file."""
-    from .io import load_model
+    from kdistill.io import load_model
 
     spec, weights = cfg.get("teacher_model"), cfg.get("teacher_weights")
     if bool(spec) != bool(weights):
         raise ValueError("--teacher-model and --teacher-weights go together: the spec builds the network, the file "
                          "fills it (kdistill or plain safetensors, or a torch.save state dict read with weights_only)")
     if str(weights).lower().endswith(".safetensors") and Path(weights).is_file():  # names it recorded: checked too
-        from .blackbox import _check_class_names
-        from .io import read_model_meta
+        from kdistill.teachers.blackbox import _check_class_names
+        from kdistill.io import read_model_meta
 
         _check_class_names(weights, read_model_meta(weights).get("class_names"), bundle.train)
     return load_model(weights, spec=spec, in_shape=bundle.input_shape, num_classes=bundle.train.num_classes)
@@ -187,10 +187,10 @@ def _teacher_model(cfg: dict[str, Any], bundle):
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
     import os
 
-    from . import schema
-    from .engine.config import check_device
-    from .engine.rundir import claim
-    from .train import resolve_device
+    import kdistill.config.schema as schema
+    from kdistill.engine.config import check_device
+    from kdistill.engine.rundir import claim
+    from kdistill.engine import resolve_device
 
     extra: dict[str, Any] = {"model": args.model}
     if distill:
@@ -199,7 +199,7 @@ def _train_like(args: argparse.Namespace, distill: bool) -> int:
                       "ensemble_mean": args.ensemble_mean, "unlabelled": args.unlabelled or None,
                       "fraction": args.fraction, "method": {k: v for k, v in {
                           "temperature": args.temperature, "alpha": args.alpha, "kind": args.loss}.items() if v is not None}})
-    # Every section typed by its schema (kdistill.schema) before any work: unknown keys, wrong types and
+    # Every section typed by its schema (kdistill.config.schema) before any work: unknown keys, wrong types and
     # non-finite numbers are refused naming the field.
     cfg = schema.check_config(_resolve(args, extra), distill)
     cfg["method"] = schema.method_section(_method_section(cfg, distill))
@@ -234,12 +234,12 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
     against each other, then the files written and the model trained."""
     from dataclasses import asdict
 
-    from .distributed import init_from_env
-    from .engine.loop import preflight
-    from .engine.rundir import remove_stale_tmp
-    from .models import build_model
-    from .report import write_run_files
-    from .train import fit
+    from kdistill.engine.distributed import init_from_env
+    from kdistill.engine.loop import preflight
+    from kdistill.engine.rundir import remove_stale_tmp
+    from kdistill.models import build_model
+    from kdistill.outputs.results import write_run_files
+    from kdistill.engine import fit
 
     # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
     rank = init_from_env(cuda=device.type == "cuda")
@@ -247,15 +247,15 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
     train = bundle.train
     teacher = None
     if distill:
-        from .blackbox import resolve_teacher
-        from .data import drop_labels
+        from kdistill.teachers.blackbox import resolve_teacher
+        from kdistill.data import drop_labels
 
         if cfg.get("fraction") is not None:
-            from .data import stratified_fraction
+            from kdistill.data import stratified_fraction
 
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
         augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
-        from .data.preprocess import check_teacher_files
+        from kdistill.data.preprocess import check_teacher_files
 
         check_teacher_files(cfg, train)  # a teacher trained on other normalisation is refused, naming the fix
         if cfg.get("teacher_model"):
@@ -289,7 +289,7 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
                 raise ValueError(f"--out: cannot write the run's files to {out} ({exc.strerror or exc})") from None
         callbacks = []
         if args.tensorboard and rank == 0:
-            from .engine.callbacks import TensorBoard
+            from kdistill.engine.callbacks import TensorBoard
 
             callbacks.append(TensorBoard([out]))
         result = fit(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test, out_dir=out,
@@ -298,7 +298,7 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
         if rank == 0 and not args.resume and not (out / "checkpoint.safetensors").exists():
             _discard(out, existed)  # refused before training: leave nothing half written
         raise
-    from .report import write_results
+    from kdistill.outputs.results import write_results
 
     if rank != 0:
         return 0
@@ -316,15 +316,15 @@ def _deployment(out: Path, teacher, student, test) -> None:
     """Teacher and student side by side (size, FLOPs, latency, accuracy kept) in results.json / results.md."""
     from torch import nn
 
-    from .data.dataset import TensorData
-    from .deploy import deployment_table, write_deployment
-    from .teachers import ModuleTeacher
+    from kdistill.data.dataset import TensorData
+    from kdistill.outputs.deploy import deployment_table, write_deployment
+    from kdistill.teachers.base import ModuleTeacher
 
     net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
     if not isinstance(test, TensorData):  # streamed: the table reads the test split once, into memory
         import torch
 
-        from .data.stream import iterate
+        from kdistill.data.stream import iterate
 
         parts = list(iterate(test, 512))
         test = TensorData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test.classes,
@@ -332,15 +332,15 @@ def _deployment(out: Path, teacher, student, test) -> None:
     models = {"teacher": net, "student": student} if isinstance(net, nn.Module) else {"student": student}
     table = deployment_table(models, test, teacher_name="teacher" if "teacher" in models else None, budget_s=1.0)
     write_deployment(out, table)
-    from .deploy import deployment_markdown
+    from kdistill.outputs.deploy import deployment_markdown
 
     print(deployment_markdown(table))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import data
-    from .evaluate import evaluate_model, predict_split
-    from .io import load_model
+    from kdistill import data
+    from kdistill.engine.evaluate import evaluate_model, predict_split
+    from kdistill.io import load_model
 
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"--model: no file {args.model}")
@@ -352,8 +352,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--split val: this data set was loaded without a validation split")
     import torch
 
-    from .engine.loop import _check_outputs, check_inputs, check_teacher
-    from .schema import check_number
+    from kdistill.engine.loop import _check_outputs, check_inputs, check_teacher
+    from kdistill.config.schema import check_number
 
     if not 0 < check_number(args.temperature, "--temperature") <= 1e4:
         raise ValueError(f"--temperature: must be in (0, 1e4], got {args.temperature}")
@@ -394,7 +394,7 @@ def _run_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import experiments
+    from kdistill import experiments
 
     if args.list or not args.experiment:
         for name, desc in experiments.describe():
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="keep a stratified share of the transfer set (seeded by data.seed)")
     p.add_argument("--temperature", "-T", type=float)
     p.add_argument("--alpha", type=float, help="soft-target weight in [0, 1]; 1 - alpha goes to the hard labels")
-    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.divergences)")
+    p.add_argument("--loss", choices=list(LOSS_KINDS), help="the soft term's kind (kdistill.losses.divergences)")
     add_trust_code(p)
     _add_common(p)
     p.set_defaults(func=lambda a: _train_like(a, distill=True))
@@ -464,14 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "it finished are kept (cifar10-kd, cifar100-kd, cifar10-mini)")
     p.set_defaults(func=_run)
 
-    # Further commands live in kdistill/commands/*.py, each with `register(subparsers)`.
+    # Further commands live in kdistill/cli/*.py, each with `register(subparsers)`.
     import importlib
     import pkgutil
 
-    from . import commands
+    import kdistill.cli as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and info.name != "app":
             importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     _document(sub)
     return parser
@@ -504,7 +504,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _train_default(dest: str):
-    from .engine.config import TrainConfig
+    from kdistill.engine.config import TrainConfig
 
     return getattr(TrainConfig(), dest, None)
 

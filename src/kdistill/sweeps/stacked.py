@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.mlp import MLP
+from kdistill.models.mlp import MLP
 
 # Activations whose derivative is a function of their output (so no pre-activation is kept), and GELU.
 _ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.GELU: "gelu"}

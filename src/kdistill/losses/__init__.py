@@ -1,7 +1,7 @@
 """Distillation losses: pure functions of logits.
 
 The soft-target kinds (``kl``, ``reverse_kl``, ``jsd``, ``tv``, ``soft_ce``, ``logit_mse``, ``prob_mse``)
-live in :mod:`kdistill.divergences`, one registered function each; ``LOSS_KINDS`` is a live view of
+live in :mod:`kdistill.losses.divergences`, one registered function each; ``LOSS_KINDS`` is a live view of
 their names. Their temperature and T^2 conventions are in each function's docstring; in short, with
 p = softmax(teacher / T) and q = softmax(student / T), ``kl`` is T^2 * KL(p || q) and the KL family
 carries T^2 because its gradients scale as 1/T^2 (Hinton et al. 2015, section 2).
@@ -42,9 +42,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .divergences import KIND_NAMES, resolve
+from kdistill.losses.divergences import KIND_NAMES, resolve
 
-LOSS_KINDS = KIND_NAMES  # the registered kinds' names (live); see kdistill.divergences
+LOSS_KINDS = KIND_NAMES  # the registered kinds' names (live); see kdistill.losses.divergences
 STACKED_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")  # what the multi-student losses implement
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20

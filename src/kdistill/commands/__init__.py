@@ -1,1 +1,0 @@
-"""Extra ``kdistill`` subcommands: each module defines ``register(subparsers)`` and is found automatically."""
