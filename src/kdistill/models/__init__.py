@@ -6,6 +6,7 @@ from kdistill.models.mlp import MLP, apply_max_norm
 from kdistill.models.registry import ModelSpec, available, build_model, register
 from kdistill.models import caffe_nets  # noqa: F401,E402  registers caffe_lenet, cifar_quick, cifar_mini
 from kdistill.models import cifar  # noqa: F401,E402  registers the CRD / mdistiller CIFAR zoo (resnet*, wrn, vgg*)
+from kdistill.models import lm  # noqa: F401,E402  registers lm (a small causal transformer language model)
 
 __all__ = [
     "MLP", "ConvNet", "LeNet5", "ModelSpec", "apply_max_norm", "available", "build_model", "register",

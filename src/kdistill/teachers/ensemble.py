@@ -1,6 +1,7 @@
 """Ensembles of teachers, used as one teacher (Hinton et al. 2015, section 4).
 
-The soft targets of an ensemble are a mean of its members' predictive distributions at temperature T:
+The soft targets of an ensemble are a mean of its members' predictive distributions at temperature T
+(per-position outputs (B, L, C), a language model's tokens or a speech model's frames, at each position):
 
 * ``geometric``: the renormalised geometric mean, ``∝ Π_k p_k^(1/K)``. Since ``p_k ∝ exp(z_k / T)``, this
   equals ``softmax(mean_k z_k / T)``: averaging the members' *logits* gives targets that are exact at
@@ -8,7 +9,7 @@ The soft targets of an ensemble are a mean of its members' predictive distributi
 * ``arithmetic``: ``mean_k softmax(z_k / T)``. A mixture of softmaxes is in general not the softmax of any
   fixed logits at all temperatures, so the ensemble **combines at its own temperature** ``T`` (stored on
   the object) and returns ``T · log(mixture)``; ``softmax(returned / T)`` is then exactly the mixture.
-  Distil with ``TrainConfig.temperature`` equal to the ensemble's ``temperature`` (the trainer cannot check
+  Distil with the KD method's ``temperature`` equal to the ensemble's ``temperature`` (the trainer cannot check
   this for you; :meth:`EnsembleTeacher.at_temperature` makes a copy for another T). For the distribution at
   any T without that contract, use :meth:`EnsembleTeacher.log_probs` / :meth:`EnsembleTeacher.probs`.
 
@@ -26,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.teachers.blackbox import run_teacher
+from kdistill.teachers.logits_files import run_teacher
 from kdistill.data.dataset import TensorData
 from kdistill.teachers.base import CachedTeacher, ModuleTeacher, Teacher
 
 MEANS = ("arithmetic", "geometric")
+POSITION_CHUNK = 256
+"""Windows of per-position data combined at a time by :meth:`EnsembleTeacher.predict`."""
 
 
 def _check(mean: str, temperature: float) -> None:
@@ -41,10 +44,12 @@ def _check(mean: str, temperature: float) -> None:
 
 
 def combine_log_probs(member_logits: torch.Tensor, mean: str = "arithmetic", temperature: float = 1.0) -> torch.Tensor:
-    """Log of the ensemble distribution at ``temperature`` from stacked member logits (K x N x C)."""
+    """Log of the ensemble distribution at ``temperature`` from stacked member logits: K x N x C, or
+    K x N x L x C (any number of position dimensions) for per-position outputs, combined at each position."""
     _check(mean, temperature)
-    if member_logits.dim() != 3 or member_logits.shape[0] < 1:
-        raise ValueError(f"member_logits: need K x N x C with K >= 1, got shape {tuple(member_logits.shape)}")
+    if member_logits.dim() < 3 or member_logits.shape[0] < 1:
+        raise ValueError(f"member_logits: need K x N x C (or K x N x L x C) with K >= 1, got shape "
+                         f"{tuple(member_logits.shape)}")
     z = member_logits.double() / temperature
     if mean == "geometric":
         return F.log_softmax(z.mean(dim=0), dim=-1).float()
@@ -125,8 +130,14 @@ class EnsembleTeacher:
         return torch.stack(out)
 
     def predict(self, data: TensorData, batch_size: int = 2048) -> torch.Tensor:
-        """Combined logits (as :meth:`logits`) for every sample of ``data``, in order."""
-        return combine_logits(self.predict_members(data, batch_size), self.mean, self.temperature)
+        """Combined logits (as :meth:`logits`) for every sample of ``data``, in order. Per-position data is
+        combined ``POSITION_CHUNK`` windows at a time, so the K members' (N, L, V) logits are never all held."""
+        if data.y.dim() < 2:
+            return combine_logits(self.predict_members(data, batch_size), self.mean, self.temperature)
+        parts = [combine_logits(self.predict_members(data.subset(torch.arange(i, min(i + POSITION_CHUNK, len(data)))),
+                                                     batch_size), self.mean, self.temperature)
+                 for i in range(0, len(data), POSITION_CHUNK)]
+        return torch.cat(parts)
 
     def cache(self, data: TensorData) -> CachedTeacher:
         """The combined logits over ``data`` looked up by sample id: for un-augmented transfer sets."""
