@@ -26,17 +26,19 @@ distillation pass as a student with soft weight alpha = 0, i.e. trained on the l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kdistill import data as kdata
-from kdistill.sweeps.multi import fit_grid
+from kdistill.data import TensorData
+from kdistill.engine import FitResult, TrainConfig
+from kdistill.experiments import RunContext
 from kdistill.outputs.results import role_metrics, save_figure, summarize, write_results
 from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
+from kdistill.sweeps.multi import fit_grid
 from kdistill.teachers.base import ModuleTeacher
-from kdistill.engine import TrainConfig
-from kdistill.experiments import RunContext
 
 NAME = "nnfwp"
 DESCRIPTION = "MNIST 784-16-16-10 teacher, 784-10 benchmark and MSE students (NNFwP article); a distilled 784-10 that beats the benchmark"
@@ -96,7 +98,23 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(s: dict[str, Any], lr: float, seed: int, schedule: str = "constant", **distill: Any) -> TrainConfig:
+def student_grid(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Part 2's student search, in order of preference (a tie on validation goes to the first): soft-term kind,
+    temperature, soft weight alpha and learning rate, as the profile lists them."""
+    return grid(
+        loss=s["search_losses"],
+        T=[float(t) for t in s["search_temperatures"]],
+        alpha=[float(a) for a in s["search_alphas"]],
+        lr=[float(v) for v in s["search_student_lrs"]],
+    )
+
+
+def benchmark_rates(s: dict[str, Any]) -> list[float]:
+    """Part 2's benchmark search: its learning rates ascending (a tie on validation goes to the lower rate)."""
+    return sorted(float(lr) for lr in s["search_benchmark_lrs"])
+
+
+def _config(s: dict[str, Any], lr: float, seed: int, schedule: str = "constant") -> TrainConfig:
     """The article's optimiser: plain SGD (no momentum), one pass, ``batch_size`` samples per step."""
     return TrainConfig(
         epochs=s["epochs"],
@@ -107,8 +125,24 @@ def _config(s: dict[str, Any], lr: float, seed: int, schedule: str = "constant",
         schedule=schedule,
         seed=seed,
         checkpoint=False,
-        **distill,
     )
+
+
+def _kd(temperature: float, alpha: float, kind: str) -> dict[str, Any]:
+    """The ``fit(method=...)`` of a distilled net: soft term ``kind`` at ``temperature``, weight ``alpha``."""
+    return {"name": "kd", "temperature": float(temperature), "alpha": float(alpha), "kind": kind}
+
+
+def _benchmark(s: dict[str, Any], seed: int, lr: float, schedule: str, kind: str) -> tuple[TrainConfig, dict]:
+    """The benchmark as a member of its seed's distillation pass: soft weight alpha = 0, so its loss is the
+    cross-entropy with the labels alone and it trains exactly as ``fit`` without a teacher would
+    (tests/test_multi.py checks this equivalence); ``kind`` is the pass's soft-term kind (it shapes the pass)."""
+    return _config(s, lr, seed, schedule), _kd(1.0, 0.0, kind)
+
+
+def _student(s: dict[str, Any], seed: int, c: dict[str, Any], schedule: str) -> tuple[TrainConfig, dict]:
+    """A distilled 784-10 of the search grid's setting ``c``."""
+    return _config(s, c["lr"], seed, schedule), _kd(c["T"], c["alpha"], c["loss"])
 
 
 def _record(result, **fields: Any) -> dict[str, Any]:
@@ -190,217 +224,220 @@ def _best_mse(s, records) -> list[dict[str, Any]]:
     return select(part1, lr=best)
 
 
+@dataclass
+class _Study:
+    """What every stage reads (settings, splits, seeds, the run's context) and the records written so far."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    seeds: list[int]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def one_pass(self, what: str, spec: str, runs: list[tuple[TrainConfig, Any]], teacher=None) -> list[FitResult]:
+        """``fit(build_model(spec, seed=cfg.seed), cfg, method=m)`` for every ``(cfg, m)`` of ``runs``, all in
+        one stacked pass (:func:`kdistill.sweeps.multi.fit_grid`: each equals its solo ``fit`` up to float
+        rounding)."""
+        results = fit_grid(spec, self.train, [c for c, _ in runs], teacher=teacher, methods=[m for _, m in runs],
+                           val=self.val, test=self.test, progress=self.ctx.progress)
+        self.ctx.log(f"{what}: {len(runs)} net(s) `{spec}` in one pass, {results[0].wall_time_s:.1f} s")
+        return results
+
+
 def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     with intra_op_threads(s["threads"]):
         return _run(s, ctx)
 
 
 def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Train each seed's teachers; per seed, the article's part 1; then part 2: choose the benchmark's rate and
+    the student's setting on validation with the first seed, train both with every later seed; summarise."""
+    study = load_mnist(s, ctx)
+    t_fits, t2_fits = train_teachers(study)
+    choice: dict[str, Any] = {}
+    for k, seed in enumerate(study.seeds):
+        cached = ModuleTeacher(t_fits[k].model).cache(study.train)  # one teacher pass feeds this seed's students
+        ctx.log(f"seed {seed}: teacher {100 * t_fits[k].test['accuracy']:.2f}% test")
+        article_part1(study, seed, cached)
+        if s["part2_teacher_epochs"]:  # part 2 learns from a converged teacher of the same architecture
+            cached = ModuleTeacher(t2_fits[k].model).cache(study.train)
+            ctx.log(f"seed {seed}: part-2 teacher {100 * t2_fits[k].test['accuracy']:.2f}% test")
+        if k == 0:
+            choice = choose_on_validation(study, seed, cached, t2_fits[k].model)
+        else:
+            train_chosen(study, seed, cached, choice)
+    return summarise(study, [r.test for r in t_fits], [r.test for r in t2_fits], choice)
+
+
+def load_mnist(s: dict[str, Any], ctx: RunContext) -> _Study:
+    """MNIST (inputs in [0, 1]) with its validation split, the training split cut to ``train_size``."""
     if s["batch_size"] < 1 or s["epochs"] < 1:
         raise ValueError("batch_size / epochs: must be >= 1")
     seeds = seed_list(s["seed"], s["seeds"])
     bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
-    train, val, test = bundle.train, bundle.val, bundle.test
+    train = bundle.train
     if s["train_size"]:
         train = kdata.stratified_fraction(train, s["train_size"] / len(train), seed=s["seed"])
-    ctx.log(f"MNIST: {len(train)} training images (inputs in [0, 1]), {len(val)} validation, {len(test)} test")
-    student_grid = grid(
-        loss=s["search_losses"],
-        T=[float(t) for t in s["search_temperatures"]],
-        alpha=[float(a) for a in s["search_alphas"]],
-        lr=[float(v) for v in s["search_student_lrs"]],
+    ctx.log(f"MNIST: {len(train)} training images (inputs in [0, 1]), {len(bundle.val)} validation, "
+            f"{len(bundle.test)} test")
+    return _Study(s, ctx, train, bundle.val, bundle.test, seeds)
+
+
+def train_teachers(study: _Study) -> tuple[list[FitResult], list[FitResult]]:
+    """Every seed's article teacher, then every seed's part-2 teacher (the article's when
+    ``part2_teacher_epochs`` is 0): they differ only in seed, so each kind trains all seeds in one pass."""
+    s = study.s
+    t_seeds = [seed + TEACHER_SEED_OFFSET for seed in study.seeds]  # never a student's init or data order
+    t_fits = study.one_pass("article teachers", s["teacher"],
+                            [(_config(s, s["teacher_lr"], ts), None) for ts in t_seeds])
+    if not s["part2_teacher_epochs"]:
+        return t_fits, t_fits
+    t2_cfgs = [
+        TrainConfig(epochs=s["part2_teacher_epochs"], batch_size=s["part2_teacher_batch_size"],
+                    lr=s["part2_teacher_lr"], seed=ts + TEACHER_SEED_OFFSET, checkpoint=False)
+        for ts in t_seeds
+    ]
+    return t_fits, study.one_pass("part-2 teachers", s["teacher"], [(c, None) for c in t2_cfgs])
+
+
+def article_part1(study: _Study, seed: int, cached) -> None:
+    """Part 1, the article: the benchmark and the six MSE students of one seed, in one pass."""
+    s = study.s
+    runs = [_benchmark(s, seed, s["benchmark_lr"], "constant", "logit_mse")]
+    runs += [(_config(s, lr, seed), _kd(1.0, 1.0, "logit_mse")) for lr in s["student_lrs"]]
+    rs = study.one_pass(f"seed {seed}: part 1", s["student"], runs, cached)
+    study.records.append(_record(rs[0], part=1, role="benchmark", seed=seed, lr=s["benchmark_lr"]))
+    for lr, r in zip(s["student_lrs"], rs[1:]):
+        study.records.append(_record(r, part=1, role="mse-student", seed=seed, lr=lr))
+    study.ctx.log(
+        f"seed {seed}: benchmark {100 * rs[0].test['accuracy']:.2f}%, MSE students "
+        + ", ".join(f"{100 * r.test['accuracy']:.1f}" for r in rs[1:])
+        + " % test"
     )
 
-    records: list[dict[str, Any]] = []
-    chosen_bench_lr: float | None = None
-    chosen_student: dict[str, Any] | None = None
-    shown: dict[str, Any] = {}  # the first seed's part-2 teacher and chosen nets, for the deployment table
 
-    def one_pass(what: str, spec: str, configs: list[TrainConfig], teacher=None) -> list[Any]:
-        """``fit`` of ``build_model(spec, seed=cfg.seed)`` for every config, all in one stacked pass
-        (:func:`kdistill.sweeps.multi.fit_grid`: each result equals its solo ``fit`` up to float rounding)."""
-        results = fit_grid(spec, train, configs, teacher=teacher, val=val, test=test, progress=ctx.progress)
-        ctx.log(f"{what}: {len(configs)} net(s) `{spec}` in one pass, {results[0].wall_time_s:.1f} s")
-        return results
+def search(study: _Study, seed: int, cached) -> tuple[list[FitResult], dict[float, FitResult]]:
+    """Part 2's search with the first seed: one pass per soft-term kind (the kind shapes the pass), the
+    benchmark's rates riding in the first. Returns the students in grid order and the benchmarks by rate."""
+    s = study.s
+    settings, rates = student_grid(s), benchmark_rates(s)
+    students: dict[int, FitResult] = {}
+    benchmarks: dict[float, FitResult] = {}
+    for j, kind in enumerate(dict.fromkeys(c["loss"] for c in settings)):
+        idx = [i for i, c in enumerate(settings) if c["loss"] == kind]
+        runs = [_benchmark(s, seed, lr, s["part2_schedule"], kind) for lr in rates] if j == 0 else []
+        n_bench = len(runs)
+        runs += [_student(s, seed, settings[i], s["part2_schedule"]) for i in idx]
+        what = f"seed {seed}: search, loss {kind}" + (", with the benchmark's rates" if n_bench else "")
+        rs = study.one_pass(what, s["student"], runs, cached)
+        for lr, r in zip(rates, rs[:n_bench]):
+            study.records.append(_record(r, part=2, role="benchmark-search", seed=seed, lr=lr))
+            benchmarks[lr] = r
+        students.update(zip(idx, rs[n_bench:]))
+    for i, c in enumerate(settings):
+        study.records.append(_record(students[i], part=2, role="student-search", seed=seed, **c))
+    return [students[i] for i in range(len(settings))], benchmarks
 
-    def bench_config(seed: int, lr: float, schedule: str, kind: str) -> TrainConfig:
-        # The benchmark rides in its seed's student pass as a student with soft weight alpha = 0: its loss is
-        # then the cross-entropy with the labels alone, and it trains exactly as fit without a teacher would
-        # (the teacher's outputs get weight 0; tests/test_multi.py checks this equivalence).
-        return _config(s, lr, seed, schedule, loss=kind, temperature=1.0, alpha=0.0)
 
-    def student_config(seed: int, c: dict[str, Any], schedule: str) -> TrainConfig:
-        return _config(s, c["lr"], seed, schedule, loss=c["loss"], temperature=c["T"], alpha=c["alpha"])
+def choose_on_validation(study: _Study, seed: int, cached, teacher) -> dict[str, Any]:
+    """Run the search and choose the benchmark's rate and the student's setting on validation
+    (:func:`~kdistill.sweeps.grid.choose_best`); the chosen runs become the first seed's part-2 records.
+    Returns the choice and, for the deployment table, the chosen nets and the teacher they learned from."""
+    s, records = study.s, study.records
+    students, benchmarks = search(study, seed, cached)
+    bench_lr = choose_best(select(records, role="benchmark-search"), ["lr"], "val_accuracy")["lr"]
+    student = choose_best(select(records, role="student-search"), ["loss", "T", "alpha", "lr"], "val_accuracy")
+    study.ctx.log(f"chosen on validation: benchmark lr {bench_lr}; student {label(student)}")
+    for rec in select(records, role="benchmark-search", lr=bench_lr):
+        records.append({**rec, "role": "benchmark"})
+    for rec in select(records, role="student-search", **student):
+        records.append({**rec, "role": "student"})
+    teacher_name = f"teacher {s['teacher']}" + (" (part 2, converged)" if s["part2_teacher_epochs"] else "")
+    shown = {
+        teacher_name: teacher,
+        f"distilled {s['student']} ({label(student)})": students[student_grid(s).index(student)].model,
+        f"student alone {s['student']} (tuned benchmark, lr={bench_lr:g})": benchmarks[bench_lr].model,
+    }
+    return {"benchmark_lr": bench_lr, "student": student, "shown": shown}
 
-    # Every seed's teachers first: they differ only in seed, so each kind trains all seeds in one pass.
-    t_seeds = [seed + TEACHER_SEED_OFFSET for seed in seeds]  # teacher and students never share an init or data order
-    t_fits = one_pass("article teachers", s["teacher"], [_config(s, s["teacher_lr"], ts) for ts in t_seeds])
-    teacher_tests = [r.test for r in t_fits]
-    if s["part2_teacher_epochs"]:
-        t2_cfgs = [
-            TrainConfig(
-                epochs=s["part2_teacher_epochs"],
-                batch_size=s["part2_teacher_batch_size"],
-                lr=s["part2_teacher_lr"],
-                seed=ts + TEACHER_SEED_OFFSET,
-                checkpoint=False,
-            )
-            for ts in t_seeds
-        ]
-        t2_fits = one_pass("part-2 teachers", s["teacher"], t2_cfgs)
-    else:
-        t2_fits = t_fits
-    part2_teacher_tests = [r.test for r in t2_fits]
 
-    for k, seed in enumerate(seeds):
-        cached = ModuleTeacher(t_fits[k].model).cache(train)  # one teacher pass feeds every student of this seed
-        ctx.log(f"seed {seed}: teacher {100 * t_fits[k].test['accuracy']:.2f}% test")
+def train_chosen(study: _Study, seed: int, cached, choice: dict[str, Any]) -> None:
+    """Part 2 with a later seed: the chosen benchmark and the chosen student, in one pass."""
+    s, c = study.s, choice["student"]
+    rb, rst = study.one_pass(
+        f"seed {seed}: part 2",
+        s["student"],
+        [_benchmark(s, seed, choice["benchmark_lr"], s["part2_schedule"], c["loss"]),
+         _student(s, seed, c, s["part2_schedule"])],
+        cached,
+    )
+    study.records.append(_record(rb, part=2, role="benchmark", seed=seed, lr=choice["benchmark_lr"]))
+    study.records.append(_record(rst, part=2, role="student", seed=seed, **c))
 
-        # Part 1: the article. The benchmark and the six MSE students in one pass.
-        rs = one_pass(
-            f"seed {seed}: part 1",
-            s["student"],
-            [bench_config(seed, s["benchmark_lr"], "constant", "logit_mse")]
-            + [_config(s, lr, seed, loss="logit_mse", alpha=1.0) for lr in s["student_lrs"]],
-            cached,
-        )
-        records.append(_record(rs[0], part=1, role="benchmark", seed=seed, lr=s["benchmark_lr"]))
-        for lr, r in zip(s["student_lrs"], rs[1:]):
-            records.append(_record(r, part=1, role="mse-student", seed=seed, lr=lr))
-        ctx.log(
-            f"seed {seed}: benchmark {100 * rs[0].test['accuracy']:.2f}%, MSE students "
-            + ", ".join(f"{100 * r.test['accuracy']:.1f}" for r in rs[1:])
-            + " % test"
-        )
 
-        # Part 2: a converged teacher of the same architecture; choose on validation with the first seed,
-        # then train the chosen benchmark and student with every seed.
-        if s["part2_teacher_epochs"]:
-            cached = ModuleTeacher(t2_fits[k].model).cache(train)
-            ctx.log(f"seed {seed}: part-2 teacher {100 * t2_fits[k].test['accuracy']:.2f}% test")
-        if seed == seeds[0]:
-            # The search: one pass per loss kind (the kind shapes the pass); the benchmark's rates ride in the first.
-            bench_lrs = [float(lr) for lr in s["search_benchmark_lrs"]]
-            kinds = list(dict.fromkeys(c["loss"] for c in student_grid))
-            student_results: dict[int, Any] = {}
-            bench_results: dict[float, Any] = {}
-            for j, kind in enumerate(kinds):
-                idx = [i for i, c in enumerate(student_grid) if c["loss"] == kind]
-                bench = [bench_config(seed, lr, s["part2_schedule"], kind) for lr in bench_lrs] if j == 0 else []
-                rs = one_pass(
-                    f"seed {seed}: search, loss {kind}" + (", with the benchmark's rates" if bench else ""),
-                    s["student"],
-                    bench + [student_config(seed, student_grid[i], s["part2_schedule"]) for i in idx],
-                    cached,
-                )
-                if bench:
-                    for lr, r in zip(bench_lrs, rs):
-                        records.append(_record(r, part=2, role="benchmark-search", seed=seed, lr=lr))
-                        bench_results[lr] = r
-                student_results.update(zip(idx, rs[len(bench) :]))
-            for i, cfg in enumerate(student_grid):
-                records.append(_record(student_results[i], part=2, role="student-search", seed=seed, **cfg))
-            chosen_bench_lr = choose_best(
-                select(records, role="benchmark-search"), ["lr"], "val_accuracy", tie_break=lambda st: st["lr"]
-            )["lr"]
-            chosen_student = choose_best(
-                select(records, role="student-search"), ["loss", "T", "alpha", "lr"], "val_accuracy"
-            )
-            ctx.log(f"chosen on validation: benchmark lr {chosen_bench_lr}; student {label(chosen_student)}")
-            for rec in select(records, role="benchmark-search", lr=chosen_bench_lr):
-                records.append({**rec, "role": "benchmark"})
-            for rec in select(records, role="student-search", **chosen_student):
-                records.append({**rec, "role": "student"})
-            # For the deployment table: the search's chosen nets and the teacher they learned from.
-            pick = next(i for i, c in enumerate(student_grid) if all(c[f] == v for f, v in chosen_student.items()))
-            teacher_name = f"teacher {s['teacher']}" + (" (part 2, converged)" if s["part2_teacher_epochs"] else "")
-            shown = {
-                teacher_name: t2_fits[k].model,
-                f"distilled {s['student']} ({label(chosen_student)})": student_results[pick].model,
-                f"student alone {s['student']} (tuned benchmark, lr={chosen_bench_lr:g})":
-                    bench_results[chosen_bench_lr].model,
-            }
-        else:
-            assert chosen_bench_lr is not None and chosen_student is not None
-            c = chosen_student
-            rb, rst = one_pass(
-                f"seed {seed}: part 2",
-                s["student"],
-                [
-                    bench_config(seed, chosen_bench_lr, s["part2_schedule"], c["loss"]),
-                    student_config(seed, c, s["part2_schedule"]),
-                ],
-                cached,
-            )
-            records.append(_record(rb, part=2, role="benchmark", seed=seed, lr=chosen_bench_lr))
-            records.append(_record(rst, part=2, role="student", seed=seed, **c))
-
-    assert chosen_student is not None
+def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tuned student against the tuned and the article's benchmark: mean test-accuracy gaps (points) and
+    the per-seed differences."""
     p2_bench = select(records, part=2, role="benchmark")
     p2_student = select(records, part=2, role="student")
     p1_bench = select(records, part=1, role="benchmark")
-    gain = (
-        summarize([100 * r["test_accuracy"] for r in p2_student])["mean"]
-        - summarize([100 * r["test_accuracy"] for r in p2_bench])["mean"]
-    )
-    gain_article = (
-        summarize([100 * r["test_accuracy"] for r in p2_student])["mean"]
-        - summarize([100 * r["test_accuracy"] for r in p1_bench])["mean"]
-    )
+    student_mean = summarize([100 * r["test_accuracy"] for r in p2_student])["mean"]
+    gain = student_mean - summarize([100 * r["test_accuracy"] for r in p2_bench])["mean"]
+    gain_article = student_mean - summarize([100 * r["test_accuracy"] for r in p1_bench])["mean"]
     per_seed = [
         100 * (a["test_accuracy"] - b["test_accuracy"])
         for a, b in zip(sorted(p2_student, key=lambda r: r["seed"]), sorted(p2_bench, key=lambda r: r["seed"]))
     ]
-    wins = sum(d > 0 for d in per_seed)
-    beats = gain > 0
+    return {"gain": gain, "gain_article": gain_article, "per_seed": per_seed, "wins": sum(d > 0 for d in per_seed),
+            "beats": gain > 0}
 
+
+def _models(s, records, teacher_tests, part2_teacher_tests, choice) -> dict[str, dict[str, Any]]:
+    """results.json's roles: test errors and accuracy over seeds, with each net's spec and setting."""
+    keys = ("errors", "accuracy")
     models: dict[str, dict[str, Any]] = {
-        "teacher": {**role_metrics(teacher_tests, ("errors", "accuracy")), "spec": s["teacher"], "lr": s["teacher_lr"]},
-        "benchmark": {
-            **role_metrics([r["test"] for r in p1_bench], ("errors", "accuracy")),
-            "spec": s["student"],
-            "lr": s["benchmark_lr"],
-        },
+        "teacher": {**role_metrics(teacher_tests, keys), "spec": s["teacher"], "lr": s["teacher_lr"]},
+        "benchmark": {**role_metrics([r["test"] for r in select(records, part=1, role="benchmark")], keys),
+                      "spec": s["student"], "lr": s["benchmark_lr"]},
     }
     for lr in s["student_lrs"]:
-        models[f"mse-student-lr{lr:g}"] = {
-            **role_metrics(
-                [r["test"] for r in select(records, part=1, role="mse-student", lr=lr)], ("errors", "accuracy")
-            ),
-            "spec": s["student"],
-            "lr": lr,
-            "loss": "logit_mse",
-        }
-    models["part2-teacher"] = {
-        **role_metrics(part2_teacher_tests, ("errors", "accuracy")),
-        "spec": s["teacher"],
-        "epochs": s["part2_teacher_epochs"] or s["epochs"],
-    }
-    models["tuned-benchmark"] = {
-        **role_metrics([r["test"] for r in p2_bench], ("errors", "accuracy")),
-        "spec": s["student"],
-        "lr": chosen_bench_lr,
-    }
-    models["distilled"] = {
-        **role_metrics([r["test"] for r in p2_student], ("errors", "accuracy")),
-        "spec": s["student"],
-        **chosen_student,
-    }
+        runs = select(records, part=1, role="mse-student", lr=lr)
+        models[f"mse-student-lr{lr:g}"] = {**role_metrics([r["test"] for r in runs], keys), "spec": s["student"],
+                                           "lr": lr, "loss": "logit_mse"}
+    models["part2-teacher"] = {**role_metrics(part2_teacher_tests, keys), "spec": s["teacher"],
+                               "epochs": s["part2_teacher_epochs"] or s["epochs"]}
+    models["tuned-benchmark"] = {**role_metrics([r["test"] for r in select(records, part=2, role="benchmark")], keys),
+                                 "spec": s["student"], "lr": choice["benchmark_lr"]}
+    models["distilled"] = {**role_metrics([r["test"] for r in select(records, part=2, role="student")], keys),
+                           "spec": s["student"], **choice["student"]}
+    return models
 
-    _plot(s, records, [t["accuracy"] for t in teacher_tests], chosen_student, ctx.out / "nnfwp.png")
+
+def _tables(s, records, choice) -> dict[str, str]:
+    """results.md's rows: part 1's MSE students, part 2's student search and benchmark search."""
+    chosen, bench_lr = choice["student"], choice["benchmark_lr"]
     mse_rows = "\n".join(
         f"| {lr:g} | {_pct([r['test_accuracy'] for r in select(records, part=1, role='mse-student', lr=lr)])} |"
         for lr in s["student_lrs"]
     )
     search_rows = "\n".join(
         f"| {r['loss']} | {r['T']:g} | {r['alpha']:g} | {r['lr']:g} | {100 * r['val_accuracy']:.2f} |"
-        + (" chosen |" if all(r[k] == chosen_student[k] for k in chosen_student) else " |")
+        + (" chosen |" if all(r[k] == chosen[k] for k in chosen) else " |")
         for r in select(records, role="student-search")
     )
     bench_rows = "\n".join(
-        f"| {r['lr']:g} | {100 * r['val_accuracy']:.2f} |" + (" chosen |" if r["lr"] == chosen_bench_lr else " |")
+        f"| {r['lr']:g} | {100 * r['val_accuracy']:.2f} |" + (" chosen |" if r["lr"] == bench_lr else " |")
         for r in select(records, role="benchmark-search")
     )
+    return {"mse": mse_rows, "search": search_rows, "bench": bench_rows}
+
+
+def _markdown(study: _Study, teacher_tests, part2_teacher_tests, choice, cmp: dict[str, Any]) -> str:
+    s, records, seeds = study.s, study.records, study.seeds
+    rows = _tables(s, records, choice)
+    p1_bench = select(records, part=1, role="benchmark")
     n = len(seeds)
     t2_text = (
         f"`{s['teacher']}` trained for {s['part2_teacher_epochs']} epochs (batch {s['part2_teacher_batch_size']}, "
@@ -408,11 +445,11 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         if s["part2_teacher_epochs"]
         else "the article's teacher"
     )
-    md = f"""
+    return f"""
 Article (NNFwP, from-scratch NumPy): teacher ~86.7%, benchmark ~90%, MSE students 82.0 / 82.7 / 82.6 / 82.3 /
 69.4 / 36.6% at learning rates 0.001 ... 0.3. Open question: can a 784-10 student beat the benchmark?
 
-{len(train)} training images, one pass, {s["batch_size"]} sample(s) per plain SGD step (no momentum);
+{len(study.train)} training images, one pass, {s["batch_size"]} sample(s) per plain SGD step (no momentum);
 inputs in [0, 1]. Test accuracy in %, mean ± std over {n} seed(s) {seeds}; each seed trains its own teachers,
 whose outputs are computed once and shared by all that seed's students.
 
@@ -423,7 +460,7 @@ Benchmark `{s["student"]}` trained directly (lr {s["benchmark_lr"]}): {_pct([r["
 
 | student lr (MSE on teacher logits) | test accuracy |
 |---|---|
-{mse_rows}
+{rows["mse"]}
 
 ## Part 2: a distilled 784-10 student against the benchmark, same budget
 
@@ -432,22 +469,31 @@ schedule. Benchmark learning rate, chosen on validation (seed {seeds[0]}):
 
 | lr | validation accuracy | |
 |---|---|---|
-{bench_rows}
+{rows["bench"]}
 
 Teacher for part 2: {t2_text}: {_pct([t["accuracy"] for t in part2_teacher_tests])} test.
 Distilled student (soft-target loss, temperature, soft weight alpha, learning rate), chosen on validation (seed {seeds[0]}):
 
 | loss | T | alpha | lr | validation accuracy | |
 |---|---|---|---|---|---|
-{search_rows}
+{rows["search"]}
 
-Test accuracy over {n} seeds — tuned benchmark (lr {chosen_bench_lr:g}): {_pct([r["test_accuracy"] for r in p2_bench])};
-distilled student ({label(chosen_student)}): {_pct([r["test_accuracy"] for r in p2_student])}.
-Difference {gain:+.2f} points (student higher on {wins} of {n} seeds; per seed: {", ".join(f"{d:+.2f}" for d in per_seed)});
-against the article's benchmark (lr {s["benchmark_lr"]}): {gain_article:+.2f} points.
-**The distilled student {"beats" if beats else "does not beat"} the tuned benchmark on mean test accuracy.**
+Test accuracy over {n} seeds — tuned benchmark (lr {choice["benchmark_lr"]:g}): {_pct([r["test_accuracy"] for r in select(records, part=2, role="benchmark")])};
+distilled student ({label(choice["student"])}): {_pct([r["test_accuracy"] for r in select(records, part=2, role="student")])}.
+Difference {cmp["gain"]:+.2f} points (student higher on {cmp["wins"]} of {n} seeds; per seed: {", ".join(f"{d:+.2f}" for d in cmp["per_seed"])});
+against the article's benchmark (lr {s["benchmark_lr"]}): {cmp["gain_article"]:+.2f} points.
+**The distilled student {"beats" if cmp["beats"] else "does not beat"} the tuned benchmark on mean test accuracy.**
 Plot: `nnfwp.png`.
 """
+
+
+def summarise(study: _Study, teacher_tests, part2_teacher_tests, choice: dict[str, Any]) -> dict[str, Any]:
+    """The results tail: roles, plot, results.md, results.json and the deployment table."""
+    s, ctx, records = study.s, study.ctx, study.records
+    cmp = compare(records)
+    models = _models(s, records, teacher_tests, part2_teacher_tests, choice)
+    _plot(s, records, [t["accuracy"] for t in teacher_tests], choice["student"], ctx.out / "nnfwp.png")
+    md = _markdown(study, teacher_tests, part2_teacher_tests, choice, cmp)
     results = write_results(
         ctx.out,
         NAME,
@@ -457,13 +503,13 @@ Plot: `nnfwp.png`.
         md,
         extra={
             "torch_threads": torch.get_num_threads(),
-            "chosen_benchmark_lr": chosen_bench_lr,
-            "chosen_student": chosen_student,
-            "student_minus_benchmark_points": gain,
-            "student_minus_article_benchmark_points": gain_article,
-            "per_seed_difference_points": per_seed,
-            "beats_benchmark": beats,
+            "chosen_benchmark_lr": choice["benchmark_lr"],
+            "chosen_student": choice["student"],
+            "student_minus_benchmark_points": cmp["gain"],
+            "student_minus_article_benchmark_points": cmp["gain_article"],
+            "per_seed_difference_points": cmp["per_seed"],
+            "beats_benchmark": cmp["beats"],
             "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
         },
     )
-    return ctx.deployment(shown, test, results)
+    return ctx.deployment(choice["shown"], study.test, results)
