@@ -30,10 +30,11 @@ from pathlib import Path
 
 LOCK_NAME = ".kdistill.lock"
 RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "metrics.csv", "checkpoint.safetensors",
-             "model.safetensors", "results.json", "results.md", "teacher_views.safetensors")
+             "model.safetensors", "results.json", "results.md", "teacher_views.safetensors",
+             "teacher_topk.safetensors")
 """The files a train/distill run writes into its directory (``--overwrite`` deletes these and no other)."""
 RESTARTABLE = frozenset({"config.yaml", "environment.json", "metrics.jsonl", "metrics.csv",
-                         "teacher_views.safetensors"})
+                         "teacher_views.safetensors", "teacher_topk.safetensors"})
 """Files of a run killed before its first checkpoint: a restart rewrites them, so nothing is lost."""
 _TMP = re.compile(r"^\.(?:.+\.[A-Za-z0-9_]+\.tmp|tmp[A-Za-z0-9]{6})$")
 """kdistill's atomic writes (``.NAME.XXXXXXXX.tmp``, see :func:`kdistill.io.atomic_path`) and safetensors'

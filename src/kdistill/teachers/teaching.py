@@ -16,6 +16,7 @@ from kdistill.data.stream import changing_items
 from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 from kdistill.engine.config import TrainConfig
 from kdistill.teachers.views import ViewTeacher, load_or_compute
+from kdistill.teachers.sparse import SparseCachedTeacher, sparse_cache
 
 
 class Teaching:
@@ -68,9 +69,15 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
             return Teaching(views.to(device), None, owned, compiled)
         if isinstance(teacher, ModuleTeacher) and aug.is_identity and not needs_features \
                 and should_cache(train, cfg.cache_teacher):
-            check_position_cache(teacher, train)
-            teacher = teacher.cache(train)
-        if isinstance(teacher, CachedTeacher):
+            if cfg.teacher_topk:  # top-k log-probabilities and the mass left out (kdistill.teachers.sparse)
+                teacher = sparse_cache(teacher, train, cfg.teacher_topk, path=topk_path(cfg, cache_path))
+            else:
+                check_position_cache(teacher, train)
+                teacher = teacher.cache(train)
+        if isinstance(teacher, SparseCachedTeacher) and not getattr(method, "sparse_targets", False):
+            raise ValueError(f"teacher: a sparse (top-k) cached teacher gives no full logits, which method {method.name} "
+                             "needs; use method kd, or a dense teacher (train.teacher_topk: 0)")
+        if isinstance(teacher, (CachedTeacher, SparseCachedTeacher)):
             if not aug.is_identity:
                 raise ValueError(f"train.augment: cached teacher logits were computed on un-augmented inputs ({aug}); "
                                  "remove the augmentation (and jitter) or give a teacher network that sees each batch")
@@ -85,6 +92,13 @@ def prepare_teaching(teacher: Any, train, cfg: TrainConfig, method, aug, device:
         if owned is not None:
             owned.release()
         raise
+
+
+def topk_path(cfg: TrainConfig, views_path: Path | None) -> Path | None:
+    """Where ``train.teacher_topk`` keeps the sparse cache: ``train.teacher_cache``, else beside the run's files."""
+    if cfg.teacher_cache:
+        return Path(cfg.teacher_cache)
+    return views_path.with_name("teacher_topk.safetensors") if views_path is not None else None
 
 
 POSITION_CACHE_BYTES = 2 * 2**30

@@ -1,0 +1,215 @@
+"""Distillation from sparse teacher targets: per position, the teacher's top-k classes and the mass left out.
+
+What is stored per position (:class:`SparseTargets`, built by :func:`sparsify`; cached by
+:mod:`kdistill.teachers.sparse`):
+
+* ``values`` (k,): the teacher's log-probabilities at T = 1, ``log_softmax(z)``, of its k most likely classes
+  (float16 by default: see :data:`DEFAULT_VALUE_DTYPE`);
+* ``indices`` (k,): those classes, in the smallest integer dtype that holds the vocabulary (:func:`index_dtype`);
+* ``tail`` (): the log of the probability mass of the V - k other classes at T = 1, computed as a logsumexp of
+  their logits in float64 (so a tail of 1e-30 is not lost to cancellation); -inf when k = V.
+
+The targets at temperature T, from exactly these numbers: k + 1 *buckets*, the k stored classes and one tail
+bucket holding every other class::
+
+    a_j    = values_j / T                                  (j < k)
+    a_tail = tail / T + (1 - 1/T) * log(V - k)
+    log p  = a - logsumexp(a)
+
+At T = 1 this is the teacher's distribution with its left-out classes merged into one bucket, renormalised over
+what is stored (float16 rounding leaves the stored masses summing to 1 within about 1e-3). At T != 1 the
+left-out classes' mass at T cannot be recovered from their mass at T = 1, so it is **approximated** by treating
+them as V - k equal logits holding the stored mass (each e^tail / (V - k), so at T their mass is
+(V - k) (e^tail / (V - k))^(1/T)): exact when the left-out logits are equal, otherwise (power-mean inequality)
+an upper bound on the tail's mass at T > 1 and a lower bound at T < 1.
+
+The student side: log q = log_softmax(s / T) over all V classes; its buckets are q at the k stored classes and
+Q, its mass on all the others (a logsumexp over them: finite for any logits). The loss is the registered kind
+(:mod:`kdistill.losses.divergences`) between the two (k + 1)-bucket distributions, with that kind's T^2
+convention; for ``kl``::
+
+    T^2 * ( sum_j p_j (log p_j - log q_j)  +  P_tail (log P_tail - log Q) )
+
+Merging classes into one bucket can only lower a divergence (data processing inequality), so the sparse
+KL is at most the dense one; with k = V there is no tail bucket and the loss is the dense loss (up to the
+rounding of the stored values). Kinds ``kl``, ``reverse_kl``, ``jsd``, ``tv``, ``soft_ce`` apply to buckets;
+``logit_mse`` and ``prob_mse`` compare every class and are refused. Positions, ``labels`` (-100 = ignore),
+``mask``, ``normalizer`` and chunking follow :func:`kdistill.losses.soft_loss` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdistill.losses import (DEFAULT_CHUNK_BYTES, _ChunkedSum, _check_temperature, _chunk_rows, _denominator,
+                             _hard_term, _masked_sum, _valid, _work)
+from kdistill.losses.divergences import resolve
+
+DEFAULT_VALUE_DTYPE = torch.float16
+"""float16, not bfloat16: the stored numbers are log-probabilities (<= 0, and in practice > -65504, float16's
+range; lower ones are clamped there, where the probability is 0 in any float), and float16 keeps 11 significant
+bits to bfloat16's 8: near the top of the distribution (log p in [-1, 0]) its spacing is 2^-11 against 2^-8, so
+the probabilities that carry the mass are 8x more precise in the same two bytes."""
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+BUCKET_KINDS = ("kl", "reverse_kl", "jsd", "tv", "soft_ce")
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype holding class ids 0 .. num_classes - 1: uint8 (<= 256), int16 (<= 32768),
+    int32 (torch's uint16 lacks the indexing ops the lookup needs, so 32769 .. 65536 classes take int32)."""
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """The sparse teacher outputs of a batch: ``values``/``indices`` (..., k), ``tail`` (...); see the module doc."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    num_classes: int
+
+    @property
+    def k(self) -> int:
+        return int(self.values.shape[-1])
+
+    def to(self, device) -> "SparseTargets":
+        return SparseTargets(self.values.to(device), self.indices.to(device), self.tail.to(device), self.num_classes)
+
+    def bytes_per_position(self) -> int:
+        return self.k * (self.values.element_size() + self.indices.element_size()) + self.tail.element_size()
+
+
+@torch.no_grad()
+def sparsify(logits: torch.Tensor, k: int, value_dtype: torch.dtype = DEFAULT_VALUE_DTYPE) -> SparseTargets:
+    """The top-``k`` log-probabilities (T = 1) of ``logits`` (..., V), their classes and the log of the mass
+    left out, computed in float64 and stored as the module doc says."""
+    v = logits.shape[-1]
+    if not (isinstance(k, int) and 1 <= k <= v):
+        raise ValueError(f"k: the number of classes kept per position must be an integer in [1, {v}], got {k!r}")
+    log_p = torch.log_softmax(logits.detach().to(torch.float64), dim=-1)
+    top, idx = log_p.topk(k, dim=-1)
+    if k == v:
+        tail = torch.full(log_p.shape[:-1], -math.inf, dtype=torch.float64, device=log_p.device)
+    else:
+        tail = torch.logsumexp(log_p.scatter(-1, idx, -math.inf), dim=-1)
+    low = torch.finfo(value_dtype).min  # a log-probability below it is a probability of 0 in any float
+    if k < v:
+        tail = tail.clamp(min=low)
+    return SparseTargets(top.clamp(min=low).to(value_dtype), idx.to(index_dtype(v)), tail.to(value_dtype), v)
+
+
+def _teacher_buckets(values: torch.Tensor, tail: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:
+    """log p over the k + 1 buckets at ``temperature`` (k buckets when k = V), float64 (see the module doc)."""
+    k = values.shape[-1]
+    a = values / temperature
+    if k < num_classes:
+        a_tail = tail / temperature + (1.0 - 1.0 / temperature) * math.log(num_classes - k)
+        a = torch.cat([a, a_tail.unsqueeze(-1)], dim=-1)
+    return a - torch.logsumexp(a, dim=-1, keepdim=True)
+
+
+def _student_buckets(s: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log q over the same buckets: log_softmax(s / T) at the stored classes, and the logsumexp of the others."""
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    picked = log_q.gather(-1, idx)
+    if idx.shape[-1] == s.shape[-1]:
+        return picked
+    rest = torch.logsumexp(log_q.scatter(-1, idx, -math.inf), dim=-1, keepdim=True)
+    return torch.cat([picked, rest], dim=-1)
+
+
+def _check_sparse(student_logits: torch.Tensor, targets: SparseTargets, labels, mask, kind: str) -> None:
+    if kind not in BUCKET_KINDS:
+        raise ValueError(f"kind: {kind!r} compares every class, which sparse (top-k) teacher targets do not hold; "
+                         f"use one of {BUCKET_KINDS}, or a dense teacher")
+    positions = tuple(student_logits.shape[:-1])
+    if student_logits.dim() < 2 or tuple(targets.values.shape[:-1]) != positions \
+            or targets.indices.shape != targets.values.shape or tuple(targets.tail.shape) != positions:
+        raise ValueError(f"sparse teacher targets of positions {tuple(targets.values.shape[:-1])} (k = {targets.k}) "
+                         f"do not match the student logits {tuple(student_logits.shape)}")
+    if targets.num_classes != student_logits.shape[-1]:
+        raise ValueError(f"teacher: its sparse targets are over {targets.num_classes} classes, the student outputs "
+                         f"{student_logits.shape[-1]}; a teacher and a student must share a vocabulary")
+    for name, t in (("labels", labels), ("mask", mask)):
+        if t is not None and tuple(t.shape) != positions:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match the logits' positions {positions}")
+
+
+def sparse_soft_loss(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float,
+    kind: str = "kl",
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    **options: float,
+) -> torch.Tensor:
+    """The soft term from sparse teacher targets (module doc): the ``kind`` between the (k + 1)-bucket
+    distributions, summed over valid positions (mask keeps it, label not -100) / their count or ``normalizer``,
+    in float64 chunks of positions; the result has the student logits' dtype."""
+    _check_temperature(temperature)
+    div, opts = resolve(kind, options)
+    _check_sparse(student_logits, targets, labels, mask, kind)
+    work = _work(student_logits)
+    valid = _valid(student_logits, labels, mask)
+    denom = _denominator(valid, normalizer, work)
+    v, k = student_logits.shape[-1], targets.k
+    s = student_logits.reshape(-1, v)
+    packed = torch.cat([targets.values.reshape(-1, k).to(work), targets.indices.reshape(-1, k).to(work),
+                        targets.tail.reshape(-1, 1).to(work)], dim=1).to(s.device)  # ids < 2^31: exact in float
+    rows_valid = valid.reshape(-1)
+
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        idx = b[:, k:2 * k].long()
+        log_p = _teacher_buckets(b[:, :k], b[:, 2 * k], temperature, v)
+        log_q = _student_buckets(a, idx, temperature)
+        return div.fn(log_q * temperature, log_p * temperature, temperature, **opts)  # fn divides by T again
+
+    rows = _chunk_rows(v, torch.finfo(work).bits // 8, chunk_bytes)
+    if rows is None or rows >= s.shape[0]:
+        total = _masked_sum(run, s, packed, rows_valid, work)
+    elif torch.is_grad_enabled() and s.requires_grad:
+        total = _ChunkedSum.apply(s, packed, rows_valid, run, rows, work)
+    else:
+        total = sum(_masked_sum(run, s[i:i + rows], packed[i:i + rows], rows_valid[i:i + rows], work)
+                    for i in range(0, s.shape[0], rows))
+    return (total / denom).to(student_logits.dtype)
+
+
+def sparse_distillation_loss(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    kind: str = "kl",
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    **options: float,
+) -> torch.Tensor:
+    """``alpha`` * :func:`sparse_soft_loss` + (1 - ``alpha``) * cross-entropy with ``labels``, both over the same
+    valid positions, as :func:`kdistill.losses.distillation_loss` with dense teacher logits."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: the soft-target weight must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and labels is None:
+        raise ValueError(f"labels: required when alpha < 1 (alpha={alpha}); pass labels or set alpha=1")
+    soft = sparse_soft_loss(student_logits, targets, temperature=temperature, kind=kind, labels=labels, mask=mask,
+                            normalizer=normalizer, chunk_bytes=chunk_bytes, **options)
+    if alpha == 1.0:
+        return soft
+    valid = _valid(student_logits, labels, mask)
+    hard = _hard_term(student_logits, labels, valid, _denominator(valid, normalizer, torch.float32))
+    return alpha * soft + (1.0 - alpha) * hard.to(soft.dtype)

@@ -1,0 +1,168 @@
+"""Sparse cached teachers: the teacher runs once over the data and keeps, per (sample id, position), its top-k
+log-probabilities, their classes and the mass left out (:mod:`kdistill.losses.sparse` says exactly what is stored
+and how the loss uses it, temperature included).
+
+Pass the result to ``fit`` as the teacher::
+
+    teacher = sparse_cache(lm_teacher, bundle.train, k=32, path="teacher_top32.safetensors")
+    fit(student, bundle.train, cfg, teacher=teacher, method={"name": "kd", "temperature": 2})
+
+or let ``fit`` build it: ``train.teacher_topk: 32`` with a teacher network and data that can be cached.
+Outputs are looked up by sample id, never by batch position, so any shuffling or subset finds its own rows.
+The file (safetensors: ``ids``, ``values``, ``indices``, ``tail``) carries a manifest -- teacher weights hash,
+data fingerprint, tokenizer hash, k, classes, dtypes -- and is reused only when every field matches this run;
+otherwise it is refused naming what changed. A batch of the teacher's dense logits is sparsified as soon as it
+is computed, so memory holds one batch of (B, L, V) floats, never the data's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdistill.data.stream import inputs_to, iterate
+from kdistill.io import atomic_path
+from kdistill.losses.sparse import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, SparseTargets, index_dtype, sparsify
+from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
+from kdistill.teachers.views import data_fingerprint, teacher_fingerprint
+
+MANIFEST_KEY = "kdistill_sparse_teacher"
+FORMAT = "kdistill-sparse-teacher/1"
+
+
+class SparseCachedTeacher:
+    """Sparse teacher outputs keyed by sample id: ``logits(x, ids)`` returns the rows' :class:`SparseTargets`."""
+
+    needs_inputs = False
+    sparse_targets = True
+
+    def __init__(self, ids: torch.Tensor, targets: SparseTargets, manifest: dict[str, Any] | None = None,
+                 path: str | Path | None = None) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        if len(ids) != len(targets.values) or (len(ids) and int(ids.min()) < 0) or len(torch.unique(ids)) != len(ids):
+            raise ValueError(f"sparse teacher: need one row per unique id >= 0, got {len(ids)} ids and "
+                             f"{len(targets.values)} rows")
+        self.targets, self.manifest, self.path = targets, manifest or {}, Path(path) if path is not None else None
+        size = int(ids.max()) + 1 if len(ids) else 0
+        self.row_of = torch.full((size,), -1, dtype=torch.long)  # dense ids (window numbers, row numbers)
+        self.row_of[ids] = torch.arange(len(ids))
+        self.ids = ids
+
+    @property
+    def num_classes(self) -> int:
+        return self.targets.num_classes
+
+    @property
+    def k(self) -> int:
+        return self.targets.k
+
+    def bytes_per_position(self) -> int:
+        return self.targets.bytes_per_position()
+
+    def to(self, device) -> "SparseCachedTeacher":
+        self.targets, self.row_of = self.targets.to(device), self.row_of.to(device)
+        return self
+
+    def logits(self, x, ids: torch.Tensor) -> SparseTargets:
+        """The stored targets of the samples ``ids`` (``x`` is not read: the outputs were computed on it)."""
+        rows = self.row_of[ids.to(self.row_of.device)]
+        t = self.targets
+        return SparseTargets(t.values[rows], t.indices[rows], t.tail[rows], t.num_classes)
+
+    def check_covers(self, data) -> None:
+        """Raise unless every sample of ``data`` has rows here, of its positions and classes."""
+        ids = data.index.cpu()
+        row_of = self.row_of.cpu()
+        if len(ids) and (int(ids.max()) >= len(row_of) or bool((row_of[ids] < 0).any())):
+            raise ValueError(f"teacher: the sparse cache does not cover every sample of {data.name} (ids missing); "
+                             "build it on this data (sparse_cache(teacher, data, k))")
+        if data.num_classes != self.num_classes:
+            raise ValueError(vocabulary_mismatch(self.num_classes, data))
+        positions = tuple(self.targets.values.shape[1:-1])
+        wanted = tuple(getattr(data, "input_shape", positions))[:len(positions)]
+        if positions != wanted:
+            raise ValueError(f"teacher: the sparse cache holds {positions} positions per sample, {data.name} has "
+                             f"{wanted}; build it on this data")
+
+
+def tokenizer_hash(tokenizer: Any) -> str | None:
+    """sha256 of a Hugging Face ``tokenizers.Tokenizer``'s JSON (or of ``str(tokenizer)``); None without one."""
+    if tokenizer is None:
+        return None
+    text = tokenizer.to_str() if hasattr(tokenizer, "to_str") else str(tokenizer)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _manifest(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype, tokenizer: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "teacher_sha256": teacher_fingerprint(teacher), "data_sha256": data_fingerprint(data),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "k": k, "num_classes": data.num_classes,
+            "value_dtype": str(value_dtype).removeprefix("torch."),
+            "index_dtype": str(index_dtype(data.num_classes)).removeprefix("torch."), "samples": len(data)}
+
+
+@torch.no_grad()
+def compute_sparse(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype, batch_size: int = 64):
+    """(ids, targets): the teacher's sparse outputs for every sample of ``data``, one batch at a time."""
+    device = next(teacher.module.parameters()).device
+    ids_all, parts = [], []
+    for x, _, ids in iterate(data, batch_size):
+        logits = teacher.logits(inputs_to(x, device))
+        if logits.shape[-1] != data.num_classes:
+            raise ValueError(vocabulary_mismatch(int(logits.shape[-1]), data))
+        parts.append(sparsify(logits, k, value_dtype).to("cpu"))
+        ids_all.append(ids.cpu())
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return torch.cat(ids_all), SparseTargets(cat("values"), cat("indices"), cat("tail"), data.num_classes)
+
+
+def _refusal(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> ValueError:
+    diff = [key for key in wanted if found.get(key) != wanted[key]]
+    what = ", ".join(f"{key} differs" if key.endswith("sha256") else
+                     f"{key} (file: {found.get(key)!r}, this run: {wanted[key]!r})" for key in diff)
+    return ValueError(f"teacher cache: {path} was made for another setup: {what}; delete it or give another path")
+
+
+def sparse_cache(teacher: nn.Module | ModuleTeacher, data, k: int, *, path: str | Path | None = None,
+                 tokenizer: Any = None, value_dtype: str | torch.dtype = DEFAULT_VALUE_DTYPE,
+                 batch_size: int = 64) -> SparseCachedTeacher:
+    """The teacher's top-``k`` outputs on ``data`` (a TensorData or streamed split), read from ``path`` when its
+    manifest matches this teacher, data, tokenizer, k and dtypes (else refused, naming what changed), or
+    computed once and written there (a temp file, then renamed). ``value_dtype``: float16 (default),
+    bfloat16 or float32."""
+    if isinstance(value_dtype, str):
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype: one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+        value_dtype = VALUE_DTYPES[value_dtype]
+    if not (isinstance(k, int) and 1 <= k <= data.num_classes):
+        raise ValueError(f"train.teacher_topk: the classes kept per position must be in [1, {data.num_classes}] "
+                         f"({data.name}'s classes), got {k!r}")
+    owned = teacher if not isinstance(teacher, ModuleTeacher) else None
+    net = ModuleTeacher(teacher) if owned is not None else teacher
+    try:
+        manifest = _manifest(net, data, k, value_dtype, tokenizer)
+        path = Path(path) if path is not None else None
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                found = json.loads((f.metadata() or {}).get(MANIFEST_KEY, "{}"))
+            if found != manifest:
+                raise _refusal(path, found, manifest)
+            t = load_file(str(path))
+            return SparseCachedTeacher(t["ids"], SparseTargets(t["values"], t["indices"], t["tail"], data.num_classes),
+                                       manifest, path)
+        ids, targets = compute_sparse(net, data, k, value_dtype, batch_size)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"ids": ids, "values": targets.values.contiguous(), "indices": targets.indices.contiguous(),
+                           "tail": targets.tail.contiguous()}, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest)})
+        return SparseCachedTeacher(ids, targets, manifest, path)
+    finally:
+        if owned is not None:
+            net.release()
