@@ -19,19 +19,22 @@ a constant rate is used).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kdistill import data as kdata
+from kdistill.engine import TrainConfig, fit
 from kdistill.engine.evaluate import classification_metrics, predict_logits
+from kdistill.experiments import RunContext
+from kdistill.losses import soft_loss
 from kdistill.models import build_model
 from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
-from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, curve_mean_until, first_step_reaching, intra_op_threads, mean_curve, rank_correlation, seed_list
+from kdistill.sweeps.grid import (TEACHER_SEED_OFFSET, choose_best, curve_mean_until, first_step_reaching,
+                                  intra_op_threads, mean_curve, rank_correlation, seed_list)
 from kdistill.teachers.base import ModuleTeacher
-from kdistill.engine import TrainConfig, fit
-from kdistill.experiments import RunContext
 
 NAME = "lambda-sweep"
 DESCRIPTION = (
@@ -84,7 +87,32 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainConfig:
+def lambda_grid(s: dict[str, Any]) -> list[float]:
+    """The soft-label weights lambda, ascending: a tie on validation goes to the smaller lambda."""
+    return sorted(float(v) for v in s["lambdas"])
+
+
+def families(s: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The two families, (key, title, soft term): the write-up's T = 1 soft cross-entropy, and KL·T² at the
+    higher T that the write-up guessed might help."""
+    high = float(s["high_temperature"])
+    return [
+        ("T1", "T = 1, soft cross-entropy (as the write-up)", {"temperature": 1.0, "loss": "soft_ce"}),
+        (f"T{high:g}", f"T = {high:g}, KL·T²", {"temperature": high, "loss": "kl"}),
+    ]
+
+
+def family_settings(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Family key -> its soft term (``temperature``, ``loss``: the soft-term kind), as the roles report them."""
+    return {key: setting for key, _, setting in families(s)}
+
+
+def kd(alpha: float, temperature: float, loss: str) -> dict[str, Any]:
+    """The ``fit(method=...)`` of a student at soft weight ``alpha`` of a family's soft term."""
+    return {"name": "kd", "temperature": float(temperature), "alpha": float(alpha), "kind": loss}
+
+
+def _config(s: dict[str, Any], epochs: int, seed: int, eval_every_steps: int = 0) -> TrainConfig:
     return TrainConfig(
         epochs=epochs,
         batch_size=s["batch_size"],
@@ -95,14 +123,12 @@ def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainC
         schedule="constant",
         seed=seed,
         checkpoint=False,
-        **distill,
+        eval_every_steps=eval_every_steps,
     )
 
 
 def teacher_student_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> dict[str, float]:
     """The soft cross-entropy at T = 1 (the write-up's teacher-student loss) and KL·T² at ``temperature``."""
-    from kdistill.losses import soft_loss
-
     return {
         "soft_ce_T1": float(soft_loss(logits, teacher_logits, temperature=1.0, kind="soft_ce")),
         "kl_T2": float(soft_loss(logits, teacher_logits, temperature=temperature, kind="kl")),
@@ -224,7 +250,38 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 
 
 def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    lambdas = [float(v) for v in s["lambdas"]]
+    """Train the teacher; with every seed, the student at every lambda of both families (lambda = 0 once, shared);
+    summarise the curves and choose lambda on validation."""
+    sweep = load_mnist(s, ctx)
+    teacher, t_fit = train_teacher(sweep)
+    for seed in sweep.seeds:
+        train_students(sweep, seed)
+    return summarise(sweep, teacher, t_fit)
+
+
+@dataclass
+class _Sweep:
+    """What every stage reads (settings, splits, seeds, lambdas, the teacher's outputs) and the runs so far."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    train: kdata.TensorData
+    val: kdata.TensorData
+    test: kdata.TensorData
+    curve_val: kdata.TensorData
+    seeds: list[int]
+    lambdas: list[float]
+    teacher: dict[str, Any] = field(default_factory=dict)  # cached (training split), curve, val, test, entropy
+    # family -> lambda -> one run per seed
+    by_family: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
+    # The first seed's students of the KL·T² family (lambda = 0 included) by lambda: the candidates for the
+    # deployment table, whose lambda is only chosen (on validation, over all seeds) once every seed ran.
+    first_seed: dict[float, torch.nn.Module] = field(default_factory=dict)
+
+
+def load_mnist(s: dict[str, Any], ctx: RunContext) -> _Sweep:
+    """MNIST with the profile's subsets, the fixed validation subset of the curves, and the declared grid."""
+    lambdas = lambda_grid(s)
     if not lambdas or min(lambdas) < 0 or max(lambdas) > 1:
         raise ValueError(f"lambdas: soft-term weights in [0, 1], got {s['lambdas']}")
     if 0.0 not in lambdas:
@@ -238,76 +295,96 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         train = kdata.stratified_fraction(train, s["train_size"] / len(train), seed=s["seed"])
     if s["test_size"]:
         test = kdata.stratified_fraction(test, s["test_size"] / len(test), seed=s["seed"])
-    transfer = train  # teacher and students see the same training images
     curve_val = kdata.stratified_fraction(val, min(1.0, s["curve_val_size"] / len(val)), seed=s["seed"])
     ctx.log(f"MNIST: {len(train)} train, {len(val)} validation ({len(curve_val)} for the curves), {len(test)} test")
+    by_family = {fam: {lam: [] for lam in lambdas} for fam, _, _ in families(s)}
+    return _Sweep(s, ctx, train, val, test, curve_val, seeds, lambdas, by_family=by_family)
 
+
+def train_teacher(sweep: _Sweep) -> tuple[torch.nn.Module, Any]:
+    """The teacher, on the students' training images (the transfer set), and its outputs, computed once."""
+    s = sweep.s
     # The teacher gets its own seed: with the students' seed the lambda = 0 student would retrace it exactly.
     t_seed = s["seed"] + TEACHER_SEED_OFFSET
-    teacher = build_model(s["teacher"], bundle.input_shape, 10, seed=t_seed)
-    t_fit = fit(teacher, train, _config(s, s["teacher_epochs"], t_seed), val=val, test=test, progress=ctx.progress)
-    ctx.log(f"teacher {s['teacher']}: {100 * t_fit.test['accuracy']:.2f}% test ({t_fit.wall_time_s:.0f} s)")
+    teacher = build_model(s["teacher"], sweep.train.input_shape, 10, seed=t_seed)
+    t_fit = fit(teacher, sweep.train, _config(s, s["teacher_epochs"], t_seed), val=sweep.val, test=sweep.test,
+                progress=sweep.ctx.progress)
+    sweep.ctx.log(f"teacher {s['teacher']}: {100 * t_fit.test['accuracy']:.2f}% test ({t_fit.wall_time_s:.0f} s)")
     frozen = ModuleTeacher(teacher)
-    cached = frozen.cache(transfer)  # one teacher pass, shared by every student
-    t_curve = frozen.predict(curve_val)
-    t_val, t_test = frozen.predict(val), frozen.predict(test)
-    teacher_entropy = float(-(F.softmax(t_curve, 1) * F.log_softmax(t_curve, 1)).sum(1).mean())
-
-    high = float(s["high_temperature"])
-    families = [("T1", "T = 1, soft cross-entropy (as the write-up)"), (f"T{high:g}", f"T = {high:g}, KL·T²")]
-    settings = {"T1": {"temperature": 1.0, "loss": "soft_ce"}, f"T{high:g}": {"temperature": high, "loss": "kl"}}
-    by_family: dict[str, dict[float, list[dict[str, Any]]]] = {f: {lam: [] for lam in lambdas} for f, _ in families}
-    high_family = families[1][0]
-    # The first seed's students of the KL·T² family (lambda = 0 included) by lambda: the candidates for the
-    # deployment table, whose lambda is only chosen (on validation, over all seeds) once every seed ran.
-    first_seed: dict[float, torch.nn.Module] = {}
-
-    def train_one(lam: float, seed: int, fam: str) -> dict[str, Any]:
-        model = build_model(s["student"], bundle.input_shape, 10, seed=seed)
-        rec = CurveRecorder(model, curve_val, t_curve, high)
-        rec.record(0)
-        cfg = _config(s, s["student_epochs"], seed, alpha=lam, eval_every_steps=s["eval_every"], **settings[fam])
-        r = fit(model, transfer, cfg, teacher=cached if lam > 0 else None, progress=ctx.progress, on_eval=rec)
-        if seed == seeds[0] and (lam == 0 or fam == high_family):
-            first_seed[lam] = model
-        v = classification_metrics(predict_logits(model, val.x), val.y, t_val, 1.0, detailed=False)
-        t = classification_metrics(predict_logits(model, test.x), test.y, t_test, 1.0, detailed=False)
-        return {
-            "lambda": lam,
-            "seed": seed,
-            "family": fam,
-            "val_accuracy": v["accuracy"],
-            "test": t,
-            "test_accuracy": t["accuracy"],
-            "test_errors": t["errors"],
-            "curve": rec.points,
-            "iterations": rec.points[-1]["step"],
-            "wall_time_s": r.wall_time_s,
-        }
-
-    for seed in seeds:
-        shared = train_one(0.0, seed, "T1")  # no teacher signal: the same run serves both families
-        for fam, _ in families:
-            by_family[fam][0.0].append({**shared, "family": fam})
-        for fam, _ in families:
-            for lam in (x for x in lambdas if x > 0):
-                by_family[fam][lam].append(train_one(lam, seed, fam))
-                r = by_family[fam][lam][-1]
-                ctx.log(
-                    f"{fam} lambda={lam:g} seed {seed}: {100 * r['val_accuracy']:.2f}% validation "
-                    f"after {r['iterations']} iterations ({r['wall_time_s']:.0f} s)"
-                )
-
-    iterations = by_family["T1"][0.0][0]["iterations"]
-    early = min(s["early_iterations"], iterations)
-    models: dict[str, dict[str, Any]] = {
-        "teacher": {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"]},
+    cached = frozen.cache(sweep.train)  # one teacher pass, shared by every student
+    t_curve = frozen.predict(sweep.curve_val)
+    sweep.teacher = {
+        "cached": cached,
+        "curve": t_curve,
+        "val": frozen.predict(sweep.val),
+        "test": frozen.predict(sweep.test),
+        "entropy": float(-(F.softmax(t_curve, 1) * F.log_softmax(t_curve, 1)).sum(1).mean()),
     }
+    return teacher, t_fit
+
+
+def train_students(sweep: _Sweep, seed: int) -> None:
+    """One seed: lambda = 0 once (no teacher signal: the same run serves both families), then every lambda > 0
+    of each family."""
+    shared = train_student(sweep, 0.0, seed, "T1")
+    for fam in sweep.by_family:
+        sweep.by_family[fam][0.0].append({**shared, "family": fam})
+    for fam in sweep.by_family:
+        for lam in (x for x in sweep.lambdas if x > 0):
+            r = train_student(sweep, lam, seed, fam)
+            sweep.by_family[fam][lam].append(r)
+            sweep.ctx.log(
+                f"{fam} lambda={lam:g} seed {seed}: {100 * r['val_accuracy']:.2f}% validation "
+                f"after {r['iterations']} iterations ({r['wall_time_s']:.0f} s)"
+            )
+
+
+def train_student(sweep: _Sweep, lam: float, seed: int, fam: str) -> dict[str, Any]:
+    """One student of family ``fam`` at soft weight ``lam`` (0: no teacher), its curve and final accuracies."""
+    s, t = sweep.s, sweep.teacher
+    model = build_model(s["student"], sweep.train.input_shape, 10, seed=seed)
+    rec = CurveRecorder(model, sweep.curve_val, t["curve"], float(s["high_temperature"]))
+    rec.record(0)
+    cfg = _config(s, s["student_epochs"], seed, eval_every_steps=s["eval_every"])
+    method = kd(lam, **family_settings(s)[fam]) if lam > 0 else None
+    r = fit(model, sweep.train, cfg, teacher=t["cached"] if lam > 0 else None, method=method,
+            progress=sweep.ctx.progress, on_eval=rec)
+    if seed == sweep.seeds[0] and (lam == 0 or fam == families(s)[1][0]):
+        sweep.first_seed[lam] = model
+    v = classification_metrics(predict_logits(model, sweep.val.x), sweep.val.y, t["val"], 1.0, detailed=False)
+    te = classification_metrics(predict_logits(model, sweep.test.x), sweep.test.y, t["test"], 1.0, detailed=False)
+    return {
+        "lambda": lam,
+        "seed": seed,
+        "family": fam,
+        "val_accuracy": v["accuracy"],
+        "test": te,
+        "test_accuracy": te["accuracy"],
+        "test_errors": te["errors"],
+        "curve": rec.points,
+        "iterations": rec.points[-1]["step"],
+        "wall_time_s": r.wall_time_s,
+    }
+
+
+def best_lambda(sweep: _Sweep, fam: str, distilled_only: bool = False) -> float:
+    """The lambda of family ``fam`` with the best mean validation accuracy over seeds (``choose_best``; the grid
+    is ascending, so a tie goes to the smaller lambda); ``distilled_only``: among lambda > 0."""
+    records = [{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in sweep.lambdas
+               if lam > 0 or not distilled_only for r in sweep.by_family[fam][lam]]
+    return choose_best(records, ["lam"], "val_accuracy")["lam"]
+
+
+def family_tables(sweep: _Sweep, early: int, models: dict[str, dict[str, Any]]) -> tuple[dict, dict, dict]:
+    """Per family and lambda: the speed summary, a results.md row, the role in ``models`` (added here);
+    per family the verdict and the lambda chosen on validation. Returns (tables, verdicts, summary)."""
+    s, lambdas = sweep.s, sweep.lambdas
+    settings = family_settings(s)
     tables, verdicts, summary = {}, {}, {}
-    for fam, _ in families:
+    for fam in sweep.by_family:
         rows = []
         for lam in lambdas:
-            runs = by_family[fam][lam]
+            runs = sweep.by_family[fam][lam]
             role = "baseline" if lam == 0 else f"{fam}-lambda{lam:g}"
             if role not in models:
                 models[role] = {
@@ -327,43 +404,26 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             )
         tables[fam] = "\n".join(rows)
         verdicts[fam] = _verdict(lambdas, summary[fam])
-        best_lam = choose_best(
-            [{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in lambdas for r in by_family[fam][lam]],
-            ["lam"],
-            "val_accuracy",
-            tie_break=lambda st: st["lam"],
-        )["lam"]
-        verdicts[fam]["best_lambda_on_validation"] = best_lam
+        verdicts[fam]["best_lambda_on_validation"] = best_lambda(sweep, fam)
+    return tables, verdicts, summary
 
-    _plot_curves(
-        s,
-        families,
-        by_family,
-        "val_accuracy",
-        "validation accuracy (%)",
-        f"LeNet student, first {early} iterations (mean over {len(seeds)} seed(s))",
-        ctx.out / "accuracy_first_1000.png",
-        until=early,
-    )
-    _plot_curves(
-        s,
-        families,
-        by_family,
-        "val_accuracy",
-        "validation accuracy (%)",
-        f"LeNet student, whole run ({iterations} iterations)",
-        ctx.out / "accuracy_whole_run.png",
-    )
-    _plot_curves(
-        s,
-        families,
-        by_family,
-        lambda fam: "soft_ce_T1" if fam == "T1" else "kl_T2",
-        "teacher-student loss on validation",
-        "Teacher-student loss: soft cross-entropy at T = 1 (left), KL·T² at the higher T (right)",
-        ctx.out / "teacher_student_loss.png",
-        log=True,
-    )
+
+def plots(sweep: _Sweep, early: int, iterations: int) -> None:
+    """The accuracy curves (the early window, the whole run) and the teacher-student loss curves."""
+    s, fams, by_family, out = sweep.s, [(f, title) for f, title, _ in families(sweep.s)], sweep.by_family, sweep.ctx.out
+    _plot_curves(s, fams, by_family, "val_accuracy", "validation accuracy (%)",
+                 f"LeNet student, first {early} iterations (mean over {len(sweep.seeds)} seed(s))",
+                 out / "accuracy_first_1000.png", until=early)
+    _plot_curves(s, fams, by_family, "val_accuracy", "validation accuracy (%)",
+                 f"LeNet student, whole run ({iterations} iterations)", out / "accuracy_whole_run.png")
+    _plot_curves(s, fams, by_family, lambda fam: "soft_ce_T1" if fam == "T1" else "kl_T2",
+                 "teacher-student loss on validation",
+                 "Teacher-student loss: soft cross-entropy at T = 1 (left), KL·T² at the higher T (right)",
+                 out / "teacher_student_loss.png", log=True)
+
+
+def _markdown(sweep: _Sweep, t_fit, early: int, iterations: int, tables: dict, verdicts: dict) -> str:
+    s, lambdas, seeds, fams = sweep.s, sweep.lambdas, sweep.seeds, families(sweep.s)
 
     def verdict_line(fam: str, title: str) -> str:
         v = verdicts[fam]
@@ -380,58 +440,62 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         "| final val. acc. "
         "| final test acc. | teacher-student loss, last (share of max) |\n|---|---|---|---|---|---|---|"
     ).format(e=early, r=s["reach_accuracy"])
-    md = f"""
+    return f"""
 Write-up (Caffe, MNIST): over the first 1,000 iterations accuracy was highest at λ = 0 and fell as λ grew
 (λ = 1 lowest): soft labels slowed training; the teacher-student loss stayed near 80% of its maximum.
 
 Teacher `{s["teacher"]}`: {fmt(100 * t_fit.test["accuracy"])}% test after {s["teacher_epochs"]} epoch(s). Students
-`{s["student"]}`, {iterations} iterations (batch {s["batch_size"]}, {len(transfer)} training images), SGD lr {s["lr"]},
-momentum {s["momentum"]}, weight decay {s["weight_decay"]}; seeds {seeds}. "curve" columns: a fixed subset of {len(curve_val)}
+`{s["student"]}`, {iterations} iterations (batch {s["batch_size"]}, {len(sweep.train)} training images), SGD lr {s["lr"]},
+momentum {s["momentum"]}, weight decay {s["weight_decay"]}; seeds {seeds}. "curve" columns: a fixed subset of {len(sweep.curve_val)}
 validation images, measured every {s["eval_every"]} iterations; "final" columns: the whole validation split and test. Accuracies in %, mean ± std over seeds. Teacher entropy
-at T = 1 on those images: {teacher_entropy:.3f} nats (the soft cross-entropy's floor).
+at T = 1 on those images: {sweep.teacher["entropy"]:.3f} nats (the soft cross-entropy's floor).
 
-### {families[0][1]}
+### {fams[0][1]}
 
 {head}
 {tables["T1"]}
 
-### {families[1][1]}
+### {fams[1][1]}
 
 {head}
-{tables[families[1][0]]}
+{tables[fams[1][0]]}
 
 ### Does "soft labels slow training" still hold?
 
-{verdict_line("T1", families[0][1])}
-{verdict_line(families[1][0], families[1][1])}
+{verdict_line("T1", fams[0][1])}
+{verdict_line(fams[1][0], fams[1][1])}
 
 Plots: `accuracy_first_1000.png`, `accuracy_whole_run.png`, `teacher_student_loss.png`.
 """
-    results = write_results(
-        ctx.out,
-        NAME,
-        ctx.profile,
-        ctx.elapsed,
-        models,
-        md,
-        extra={
-            "torch_threads": torch.get_num_threads(),
-            "iterations": iterations,
-            "early_iterations": early,
-            "teacher_entropy_T1": teacher_entropy,
-            "verdicts": verdicts,
-            "summary": summary,
-            "curves": {
-                fam: {f"{lam:g}": [r["curve"] for r in by_family[fam][lam]] for lam in lambdas} for fam, _ in families
-            },
-        },
-    )
-    # The teacher, the first seed's KL·T² student at the lambda > 0 best on validation (the same choice and
-    # tie-break as best_lambda_on_validation, which may also be 0) and its lambda = 0 run (no teacher signal).
-    distilled = [{"lam": lam, "val_accuracy": r["val_accuracy"]} for lam in lambdas if lam > 0
-                 for r in by_family[high_family][lam]]
-    lam = choose_best(distilled, ["lam"], "val_accuracy", tie_break=lambda st: st["lam"])["lam"]
+
+
+def summarise(sweep: _Sweep, teacher: torch.nn.Module, t_fit) -> dict[str, Any]:
+    """The results tail: roles, tables, verdicts, plots, results.json / results.md and the deployment table."""
+    s, ctx, lambdas = sweep.s, sweep.ctx, sweep.lambdas
+    iterations = sweep.by_family["T1"][0.0][0]["iterations"]
+    early = min(s["early_iterations"], iterations)
+    models: dict[str, dict[str, Any]] = {
+        "teacher": {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"]},
+    }
+    tables, verdicts, summary = family_tables(sweep, early, models)
+    plots(sweep, early, iterations)
+    md = _markdown(sweep, t_fit, early, iterations, tables, verdicts)
+    extra = {
+        "torch_threads": torch.get_num_threads(),
+        "iterations": iterations,
+        "early_iterations": early,
+        "teacher_entropy_T1": sweep.teacher["entropy"],
+        "verdicts": verdicts,
+        "summary": summary,
+        "curves": {fam: {f"{lam:g}": [r["curve"] for r in runs[lam]] for lam in lambdas}
+                   for fam, runs in sweep.by_family.items()},
+    }
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
+    # The teacher, the first seed's KL·T² student at the lambda > 0 best on validation (the same choice as
+    # best_lambda_on_validation, which may also be 0) and its lambda = 0 run (no teacher signal).
+    high_family = families(s)[1][0]
+    lam = best_lambda(sweep, high_family, distilled_only=True)
     shown = {f"teacher {s['teacher']}": teacher,
-             f"distilled {s['student']} (lambda={lam:g}, T={high:g})": first_seed[lam],
-             f"student alone {s['student']} (lambda=0)": first_seed[0.0]}
-    return ctx.deployment(shown, test, results)
+             f"distilled {s['student']} (lambda={lam:g}, T={float(s['high_temperature']):g})": sweep.first_seed[lam],
+             f"student alone {s['student']} (lambda=0)": sweep.first_seed[0.0]}
+    return ctx.deployment(shown, sweep.test, results)
