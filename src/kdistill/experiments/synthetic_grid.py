@@ -18,20 +18,21 @@ the training split's mean and standard deviation.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdistill.data import DataBundle, TensorData, split_validation
-from kdistill.models import build_model
-from kdistill.sweeps.multi import fit_grid
-from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
-from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, aggregate, choose_best, grid, intra_op_threads, rank_correlation, seed_list, select, within_noise
-from kdistill.teachers.base import ModuleTeacher
 from kdistill.engine import TrainConfig, fit
 from kdistill.experiments import RunContext
+from kdistill.models import build_model
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.sweeps.grid import (TEACHER_SEED_OFFSET, aggregate, choose_best, grid, intra_op_threads,
+                                  rank_correlation, seed_list, select, within_noise)
+from kdistill.sweeps.multi import fit_grid
+from kdistill.teachers.base import ModuleTeacher
 
 NAME = "synthetic-grid"
 DESCRIPTION = "make_classification 3x3 data-quality grid: student accuracy vs T (best T on validation); width vs best T"
@@ -100,8 +101,17 @@ def make_data(s: dict[str, Any], class_sep: float, informative: float) -> DataBu
     return DataBundle(train=norm(train, "train"), val=norm(val, "val"), test=norm(test, "test"))
 
 
-def _config(s: dict[str, Any], epochs: int, seed: int, temperature: float | None = None) -> TrainConfig:
-    distill = {} if temperature is None else {"temperature": float(temperature), "alpha": s["alpha"], "loss": "kl"}
+def data_grid(s: dict[str, Any]) -> list[dict[str, float]]:
+    """The nine data sets: class separation (slowest) times informative fraction."""
+    return grid(class_sep=s["class_seps"], informative=s["informative"])
+
+
+def temperature_grid(s: dict[str, Any]) -> list[float]:
+    """The distillation temperatures, ascending: a tie on validation goes to the lower T."""
+    return sorted(float(t) for t in s["temperatures"])
+
+
+def _config(s: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(
         epochs=epochs,
         batch_size=s["batch_size"],
@@ -110,8 +120,15 @@ def _config(s: dict[str, Any], epochs: int, seed: int, temperature: float | None
         schedule=s["schedule"],
         seed=seed,
         checkpoint=False,
-        **distill,
     )
+
+
+def _method(s: dict[str, Any], T: float | None) -> dict[str, Any]:
+    """A distilled student's ``fit(method=...)`` at temperature ``T`` (KL·T², soft weight ``alpha``); ``None``:
+    the baseline, soft weight 0, i.e. the hard labels alone (it shares the width's stacked pass)."""
+    if T is None:
+        return {"name": "kd", "temperature": 1.0, "alpha": 0.0, "kind": "kl"}
+    return {"name": "kd", "temperature": float(T), "alpha": float(s["alpha"]), "kind": "kl"}
 
 
 def _record(result, **fields: Any) -> dict[str, Any]:
@@ -134,11 +151,10 @@ def _train_students(s, bundle, cached, widths, seeds, records, progress, **setti
     first: dict[float | None, nn.Module] = {}
     for width in widths:
         spec = f"mlp:{width},{width}"
-        plan = [(seed, T) for seed in seeds for T in [None, *s["temperatures"]]]
-        configs = [_config(s, s["student_epochs"], seed, T) if T is not None
-                   else replace(_config(s, s["student_epochs"], seed), alpha=0.0) for seed, T in plan]
-        results = fit_grid(spec, bundle.train, configs, teacher=cached, val=bundle.val, test=bundle.test,
-                           progress=progress)
+        plan = [(seed, T) for seed in seeds for T in [None, *temperature_grid(s)]]
+        results = fit_grid(spec, bundle.train, [_config(s, s["student_epochs"], seed) for seed, _ in plan],
+                           teacher=cached, methods=[_method(s, T) for _, T in plan], val=bundle.val,
+                           test=bundle.test, progress=progress)
         for (seed, T), r in zip(plan, results):
             role = "baseline" if T is None else "distilled"
             records.append(_record(r, **setting, width=width, role=role, T=None if T is None else float(T), seed=seed))
@@ -266,9 +282,39 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         return _run(s, ctx)
 
 
+@dataclass
+class _Study:
+    """What every stage reads (settings, seeds, the run's context) and what they found so far."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    seeds: list[int]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    teachers: dict[tuple, float] = field(default_factory=dict)  # (class_sep, informative) -> teacher test accuracy
+    best_T: dict[tuple, float] = field(default_factory=dict)  # (class_sep, informative) -> T chosen on validation
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # results.json's roles
+    table: list[str] = field(default_factory=list)  # results.md's rows, one per data set
+    shown: dict[str, nn.Module] = field(default_factory=dict)  # the deployment table's models ...
+    shown_test: TensorData | None = None  # ... and their test split
+
+    @property
+    def width_key(self) -> tuple[float, float]:
+        return self.s["width_class_sep"], self.s["width_informative"]
+
+
 def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Per data set of the grid: train the teacher, the baseline and a student per T, choose T on validation;
+    then, on one data set, the best T per student width; summarise."""
+    study = _Study(s, ctx, check_settings(s))
+    for setting in data_grid(s):
+        distil_on_dataset(study, setting["class_sep"], setting["informative"])
+    _plot_grid(s, study.records, study.teachers, study.best_T, ctx.out / "accuracy_vs_T.png")
+    return summarise(study, width_study(study))
+
+
+def check_settings(s: dict[str, Any]) -> list[int]:
+    """Refuse settings the grid cannot run, before any work; return the student seeds."""
     seeds = seed_list(s["seed"], s["seeds"])
-    width_key = (s["width_class_sep"], s["width_informative"])
     if s["width_class_sep"] not in s["class_seps"] or s["width_informative"] not in s["informative"]:
         raise ValueError(
             "width_class_sep / width_informative: must name one of the grid's data sets "
@@ -276,112 +322,118 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         )
     if not s["temperatures"] or min(s["temperatures"]) <= 0:
         raise ValueError(f"temperatures: need a list of T > 0, got {s['temperatures']}")
-    records: list[dict[str, Any]] = []
-    teachers: dict[tuple, float] = {}
-    models: dict[str, dict[str, Any]] = {}
-    best_T: dict[tuple, float] = {}
-    table = []
-    shown: dict[str, nn.Module] = {}
-    shown_test: TensorData | None = None
-    for setting in grid(class_sep=s["class_seps"], informative=s["informative"]):
-        sep, inf = setting["class_sep"], setting["informative"]
-        bundle = make_data(s, sep, inf)
-        t_seed = s["seed"] + TEACHER_SEED_OFFSET  # never the same initialisation or data order as a student
-        teacher = build_model(s["teacher"], bundle.input_shape, s["classes"], seed=t_seed)
-        t_fit = fit(
-            teacher,
-            bundle.train,
-            _config(s, s["teacher_epochs"], t_seed),
-            val=bundle.val,
-            test=bundle.test,
-            progress=ctx.progress,
-        )
-        teachers[(sep, inf)] = t_fit.test["accuracy"]
-        cached = ModuleTeacher(teacher).cache(bundle.train)  # one teacher pass, shared by every student
-        widths = [s["student_width"]] + (
-            [w for w in s["widths"] if w != s["student_width"]] if (sep, inf) == width_key else []
-        )
-        students = _train_students(s, bundle, cached, widths, seeds, records, ctx.progress, class_sep=sep,
-                                   informative=inf)
+    return seeds
 
-        mine = select(records, class_sep=sep, informative=inf, width=s["student_width"])
-        dist = select(mine, role="distilled")
-        best = choose_best(dist, ["T"], "val_accuracy", tie_break=lambda st: st["T"])["T"]
-        near = [d["T"] for d in within_noise(dist, ["T"], "val_accuracy")]
-        best_T[(sep, inf)] = best
-        if (sep, inf) == width_key:
-            # The deployment table's data set: the one of the width study. Its teacher, the first seed's
-            # student at the best T (validation) and the same student on the hard labels.
-            spec = f"mlp:{s['student_width']},{s['student_width']}"
-            shown = {f"teacher {s['teacher']}": teacher, f"distilled {spec} (T={best:g})": students[best],
-                     f"student alone {spec}": students[None]}
-            shown_test = bundle.test
-        base = select(mine, role="baseline")
-        at_best = select(dist, T=best)
-        key = f"sep{sep}-inf{inf}"
-        models[f"{key}/teacher"] = {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"]}
-        models[f"{key}/baseline"] = {
-            **role_metrics(
-                [r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]} for r in base], ("errors", "accuracy")
-            ),
-            "spec": f"mlp:{s['student_width']},{s['student_width']}",
-        }
-        models[f"{key}/distilled"] = {
-            **role_metrics(
-                [r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]} for r in at_best],
-                ("errors", "accuracy"),
-            ),
-            "spec": f"mlp:{s['student_width']},{s['student_width']}",
-            "temperature": best,
-        }
-        b_sum = summarize([r["test_accuracy"] for r in base])
-        d_sum = summarize([r["test_accuracy"] for r in at_best])
-        table.append(
-            f"| {sep} | {inf} | {100 * t_fit.test['accuracy']:.2f} | {_pct(b_sum)} | {best:g} | "
-            f"{', '.join(f'{t:g}' for t in near)} | {_pct(d_sum)} |"
-        )
-        ctx.log(
-            f"{key}: teacher {100 * t_fit.test['accuracy']:.2f}%, baseline {_pct(b_sum)}%, best T {best:g} "
-            f"(validation) -> distilled {_pct(d_sum)}% test"
-        )
 
-    _plot_grid(s, records, teachers, best_T, ctx.out / "accuracy_vs_T.png")
+def train_teacher(s: dict[str, Any], bundle: DataBundle, progress: bool) -> tuple[nn.Module, Any]:
+    """The data set's teacher, on the hard labels, with its own seed (never a student's init or data order)."""
+    t_seed = s["seed"] + TEACHER_SEED_OFFSET
+    teacher = build_model(s["teacher"], bundle.input_shape, s["classes"], seed=t_seed)
+    t_fit = fit(teacher, bundle.train, _config(s, s["teacher_epochs"], t_seed), val=bundle.val, test=bundle.test,
+                progress=progress)
+    return teacher, t_fit
 
-    # Part 2: best T against student width, on one data set.
-    wrec = select(records, class_sep=width_key[0], informative=width_key[1])
+
+def choose_T(records: list[dict[str, Any]]) -> tuple[float, list[float]]:
+    """The T whose distilled students have the best mean validation accuracy (``choose_best``: the temperatures
+    are declared ascending, so a tie goes to the lower T), and the temperatures within one seed std of it."""
+    dist = select(records, role="distilled")
+    best = choose_best(dist, ["T"], "val_accuracy")["T"]
+    return best, [d["T"] for d in within_noise(dist, ["T"], "val_accuracy")]
+
+
+def distil_on_dataset(study: _Study, sep: float, inf: float) -> None:
+    """One data set: its teacher, baseline and distilled students (every width on the width study's data set),
+    T chosen on validation, its roles and results.md row."""
+    s = study.s
+    bundle = make_data(s, sep, inf)
+    teacher, t_fit = train_teacher(s, bundle, study.ctx.progress)
+    study.teachers[(sep, inf)] = t_fit.test["accuracy"]
+    cached = ModuleTeacher(teacher).cache(bundle.train)  # one teacher pass, shared by every student
+    widths = [s["student_width"]] + (
+        [w for w in s["widths"] if w != s["student_width"]] if (sep, inf) == study.width_key else []
+    )
+    students = _train_students(s, bundle, cached, widths, study.seeds, study.records, study.ctx.progress,
+                               class_sep=sep, informative=inf)
+    mine = select(study.records, class_sep=sep, informative=inf, width=s["student_width"])
+    best, near = choose_T(mine)
+    study.best_T[(sep, inf)] = best
+    if (sep, inf) == study.width_key:
+        # The deployment table's data set: the one of the width study. Its teacher, the first seed's
+        # student at the best T (validation) and the same student on the hard labels.
+        spec = f"mlp:{s['student_width']},{s['student_width']}"
+        study.shown = {f"teacher {s['teacher']}": teacher, f"distilled {spec} (T={best:g})": students[best],
+                       f"student alone {spec}": students[None]}
+        study.shown_test = bundle.test
+    report_dataset(study, sep, inf, t_fit, mine, best, near)
+
+
+def report_dataset(study: _Study, sep, inf, t_fit, mine, best: float, near: list[float]) -> None:
+    """The data set's roles (teacher, baseline, distilled at the chosen T), results.md row and log line."""
+    s = study.s
+    spec = f"mlp:{s['student_width']},{s['student_width']}"
+    base = select(mine, role="baseline")
+    at_best = select(mine, role="distilled", T=best)
+    key = f"sep{sep}-inf{inf}"
+
+    def tests(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return role_metrics([r | {"errors": r["test_errors"], "accuracy": r["test_accuracy"]} for r in rs],
+                            ("errors", "accuracy"))
+
+    study.models[f"{key}/teacher"] = {**role_metrics([t_fit.test], ("errors", "accuracy")), "spec": s["teacher"]}
+    study.models[f"{key}/baseline"] = {**tests(base), "spec": spec}
+    study.models[f"{key}/distilled"] = {**tests(at_best), "spec": spec, "temperature": best}
+    b_sum = summarize([r["test_accuracy"] for r in base])
+    d_sum = summarize([r["test_accuracy"] for r in at_best])
+    study.table.append(
+        f"| {sep} | {inf} | {100 * t_fit.test['accuracy']:.2f} | {_pct(b_sum)} | {best:g} | "
+        f"{', '.join(f'{t:g}' for t in near)} | {_pct(d_sum)} |"
+    )
+    study.ctx.log(
+        f"{key}: teacher {100 * t_fit.test['accuracy']:.2f}%, baseline {_pct(b_sum)}%, best T {best:g} "
+        f"(validation) -> distilled {_pct(d_sum)}% test"
+    )
+
+
+def width_study(study: _Study) -> dict[str, Any]:
+    """Part 2: the best T (on validation) against student width, on one data set; its plot and table rows."""
+    s = study.s
+    wrec = select(study.records, class_sep=study.width_key[0], informative=study.width_key[1])
     widths = sorted({r["width"] for r in wrec})
-    best_by_width, near_by_width, width_rows = {}, {}, []
+    best_by_width, near_by_width, rows = {}, {}, []
     for w in widths:
-        dist = select(wrec, width=w, role="distilled")
-        best_by_width[w] = choose_best(dist, ["T"], "val_accuracy", tie_break=lambda st: st["T"])["T"]
-        near_by_width[w] = [d["T"] for d in within_noise(dist, ["T"], "val_accuracy")]
+        best_by_width[w], near_by_width[w] = choose_T(select(wrec, width=w))
         base = summarize([r["test_accuracy"] for r in select(wrec, width=w, role="baseline")])
-        at_best = summarize([r["test_accuracy"] for r in select(dist, T=best_by_width[w])])
-        width_rows.append(
+        at_best = summarize([r["test_accuracy"] for r in select(wrec, width=w, role="distilled", T=best_by_width[w])])
+        rows.append(
             f"| 2x{w} | {_pct(base)} | {best_by_width[w]:g} | "
             f"{', '.join(f'{t:g}' for t in near_by_width[w])} | {_pct(at_best)} |"
         )
-    _plot_widths(s, wrec, widths, best_by_width, near_by_width, ctx.out / "best_T_vs_width.png")
+    _plot_widths(s, wrec, widths, best_by_width, near_by_width, study.ctx.out / "best_T_vs_width.png")
     rho = rank_correlation(widths, [best_by_width[w] for w in widths])
-    in_range = sum(2.5 <= t <= 5 for t in best_T.values())
+    return {"widths": widths, "best": best_by_width, "near": near_by_width, "rows": rows, "rho": rho}
 
+
+def _markdown(study: _Study, width: dict[str, Any]) -> str:
+    s, width_key, rho = study.s, study.width_key, width["rho"]
+    in_range = sum(2.5 <= t <= 5 for t in study.best_T.values())
     claim = "rises with width" if rho > 0.5 else "falls with width" if rho < -0.5 else "shows no clear trend with width"
-    md = f"""
+    return f"""
 Tutorial (part III): the best T lay between 2.5 and 5 on all nine data sets and distilled students
 beat the baseline everywhere; whether wider students prefer a higher T was left open.
 
 Teacher `{s["teacher"]}`, student `mlp:{s["student_width"]},{s["student_width"]}`; {s["optimizer"]} lr {s["lr"]}
 ({s["schedule"]}), batch {s["batch_size"]}, {s["teacher_epochs"]} teacher / {s["student_epochs"]} student epochs;
 distilled students learn from the soft targets alone (alpha = {s["alpha"]}, KL·T²). {s["samples"]} samples:
-{s["test_fraction"]:.0%} test, {s["val_size"]} validation, the rest training. Student seeds {seeds}; teacher and
+{s["test_fraction"]:.0%} test, {s["val_size"]} validation, the rest training. Student seeds {study.seeds}; teacher and
 data fixed per data set. Accuracy in %, mean ± std over seeds; "T within noise" lists the temperatures whose
 mean validation accuracy is within one seed standard deviation of the best.
 
 | class_sep | informative | teacher (test) | baseline (test) | best T (validation) | T within noise | distilled at best T (test) |
 |---|---|---|---|---|---|---|
-{chr(10).join(table)}
+{chr(10).join(study.table)}
 
-Best T within [2.5, 5] on {in_range} of {len(best_T)} data sets. Plot: `accuracy_vs_T.png`.
+Best T within [2.5, 5] on {in_range} of {len(study.best_T)} data sets. Plot: `accuracy_vs_T.png`.
 
 ## Does a wider student prefer a higher T?
 
@@ -389,26 +441,24 @@ Data set class_sep {width_key[0]}, informative {width_key[1]}; every width gets 
 
 | student | baseline (test) | best T (validation) | T within noise | distilled at best T (test) |
 |---|---|---|---|---|
-{chr(10).join(width_rows)}
+{chr(10).join(width["rows"])}
 
 Spearman rank correlation between width and best T: {fmt(rho)} — on this data the best T {claim}
-(n = {len(widths)} widths, {s["seeds"]} seed(s) each). Plot: `best_T_vs_width.png`.
+(n = {len(width["widths"])} widths, {s["seeds"]} seed(s) each). Plot: `best_T_vs_width.png`.
 """
-    results = write_results(
-        ctx.out,
-        NAME,
-        ctx.profile,
-        ctx.elapsed,
-        models,
-        md,
-        extra={
-            "torch_threads": torch.get_num_threads(),
-            "best_T": {f"sep{k[0]}-inf{k[1]}": v for k, v in best_T.items()},
-            "best_T_by_width": {str(w): best_by_width[w] for w in widths},
-            "T_within_noise_by_width": {str(w): near_by_width[w] for w in widths},
-            "width_best_T_spearman": rho,
-            "records": records,
-        },
-    )
-    assert shown_test is not None  # width_key is one of the grid's data sets (checked above)
-    return ctx.deployment(shown, shown_test, results)
+
+
+def summarise(study: _Study, width: dict[str, Any]) -> dict[str, Any]:
+    """The results tail: results.json / results.md and the deployment table."""
+    ctx = study.ctx
+    extra = {
+        "torch_threads": torch.get_num_threads(),
+        "best_T": {f"sep{k[0]}-inf{k[1]}": v for k, v in study.best_T.items()},
+        "best_T_by_width": {str(w): width["best"][w] for w in width["widths"]},
+        "T_within_noise_by_width": {str(w): width["near"][w] for w in width["widths"]},
+        "width_best_T_spearman": width["rho"],
+        "records": study.records,
+    }
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, study.models, _markdown(study, width), extra=extra)
+    assert study.shown_test is not None  # width_key is one of the grid's data sets (checked before any work)
+    return ctx.deployment(study.shown, study.shown_test, results)
