@@ -66,12 +66,14 @@ def child(name: str, steps: int) -> None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         print(json.dumps({"s_per_step": dt / steps, "faults_per_step": faults / steps}))
         return
-    cfg = dict(batch_size=128, lr=0.05, seed=0, checkpoint=False, temperature=4.0, alpha=0.9, **kw)
+    cfg = dict(batch_size=128, lr=0.05, seed=0, checkpoint=False, **kw)
+    method = {"name": "kd", "temperature": 4.0, "alpha": 0.9} if teacher is not None else None  # None: CE
     fit(build_model(spec, shape, 10, seed=0), data.subset(torch.arange(128 * 5)), TrainConfig(epochs=1, **cfg),
-        teacher=teacher, progress=False)  # warm-up: kernels, thread pool, allocator
+        teacher=teacher, method=method, progress=False)  # warm-up: kernels, thread pool, allocator
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    fit(build_model(spec, shape, 10, seed=0), data, TrainConfig(epochs=1, **cfg), teacher=teacher, progress=False)
+    fit(build_model(spec, shape, 10, seed=0), data, TrainConfig(epochs=1, **cfg), teacher=teacher, method=method,
+        progress=False)
     dt = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     print(json.dumps({"s_per_step": dt / steps, "faults_per_step": faults / steps}))

@@ -306,24 +306,30 @@ def _tutorial(make_student, teacher, dataset, steps, warmup, autograd_teacher, d
 DEVICE = "cpu"  # set by main(): every kdistill config below trains there
 
 
-def config(temperature: float = 20.0, jitter: int = 0, batch: int = BATCH, **kw: Any) -> TrainConfig:
-    return TrainConfig(epochs=1, batch_size=batch, lr=LR, temperature=temperature, alpha=1.0, jitter=jitter, seed=0,
-                       device=DEVICE, **kw)
+Run = tuple[TrainConfig, dict[str, Any]]
+"""A student's training config and its method (KD at temperature T, soft targets only)."""
 
 
-def kd_fit(spec: str, train: TensorData, teacher, cfg: TrainConfig) -> float:
+def config(temperature: float = 20.0, jitter: int = 0, batch: int = BATCH, **kw: Any) -> Run:
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=LR, jitter=jitter, seed=0, device=DEVICE, **kw)
+    return cfg, {"name": "kd", "temperature": temperature, "alpha": 1.0}
+
+
+def kd_fit(spec: str, train: TensorData, teacher, run: Run) -> float:
     """Seconds of ``fit``'s training loop (one epoch over ``train``; teacher caching excluded)."""
     model = build_model(spec, train.input_shape, train.num_classes, seed=0)
-    return fit(model, train, cfg, teacher=teacher, progress=False).wall_time_s
+    cfg, method = run
+    return fit(model, train, cfg, teacher=teacher, method=method, progress=False).wall_time_s
 
 
-def kd_sequential(spec: str, train: TensorData, teacher, cfgs: list[TrainConfig]) -> float:
-    return sum(kd_fit(spec, train, teacher, c) for c in cfgs)
+def kd_sequential(spec: str, train: TensorData, teacher, runs: list[Run]) -> float:
+    return sum(kd_fit(spec, train, teacher, r) for r in runs)
 
 
-def kd_many(spec: str, train: TensorData, teacher, cfgs: list[TrainConfig]) -> float:
+def kd_many(spec: str, train: TensorData, teacher, runs: list[Run]) -> float:
+    cfgs, methods = [c for c, _ in runs], [m for _, m in runs]
     models = [build_model(spec, train.input_shape, train.num_classes, seed=c.seed) for c in cfgs]
-    return fit_many(models, train, cfgs, teacher=teacher, progress=False)[0].wall_time_s
+    return fit_many(models, train, cfgs, teacher=teacher, methods=methods, progress=False)[0].wall_time_s
 
 
 # ----- measurement ------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def _header_file(path: Path, header: dict, body: bytes) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Every file the catalogue feeds the CLI: a real teacher run, broken weights, logits, data, configs."""
-    from kdistill.teachers.blackbox import save_logits
+    from kdistill.teachers.logits_files import save_logits
     from kdistill.engine.evaluate import predict_split
     from kdistill.io import load_model, save_model
     from kdistill.models import build_model
@@ -221,7 +221,7 @@ CLI_CASES = [
     ("wd-inf", T + " --set train.weight_decay=.inf", "train.weight_decay"),
     ("wd-negative", T + " --set train.weight_decay=-1", "train.weight_decay"),
     ("momentum-nan", T + " --set train.momentum=nan", "train.momentum"),
-    ("train-T-inf", T + " --set train.temperature=inf", "train.temperature"),
+    ("train-T-inf", T + " --set train.temperature=inf", "train.temperature: is an option of the method (KD) now"),
     ("clip-inf", T + " --set train.clip_grad_norm=inf", "train.clip_grad_norm"),
     ("warmup-1.5", T + " --set train.warmup=1.5", "train.warmup"),
     ("fraction-nan", D + " --fraction nan", "fraction"),
@@ -529,7 +529,7 @@ API_CASES = [
     ("tc-lr-inf", lambda: _tc(lr=math.inf), "train.lr"),
     ("tc-epochs-bool", lambda: _tc(epochs=True), "train.epochs"),
     ("tc-lr-text", lambda: _tc(lr="fast"), "train.lr"),
-    ("tc-T-huge", lambda: _tc(temperature=1e200), "train.temperature"),
+    ("tc-T-huge", lambda: _tc_from({"temperature": 1e200}), "train.temperature: is an option of the method (KD) now"),
     ("tc-device", lambda: _tc(device="banana"), "train.device"),
     ("tc-wd-inf-string", lambda: _tc(weight_decay=".inf"), "train.weight_decay"),
     ("tc-unknown-key", lambda: _tc_from({"lrr": 1}), "did you mean 'lr'"),
@@ -632,7 +632,7 @@ def test_logits_with_huge_ids_use_no_dense_table():
 
 def test_logits_for_the_same_data_are_accepted(files):
     """The file's own data and a subset of it are accepted, and each sample gets the teacher's row for its id."""
-    from kdistill.teachers.blackbox import logits_teacher
+    from kdistill.teachers.logits_files import logits_teacher
     from kdistill.engine.evaluate import predict_split
     from kdistill.io import load_model
 

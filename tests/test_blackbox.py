@@ -7,13 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdistill import data
-from kdistill.teachers.blackbox import load_logits, logits_teacher, save_logits
+from kdistill.teachers.logits_files import load_logits, logits_teacher, save_logits
 from kdistill.cli.app import main
 from kdistill.models import build_model
 from kdistill.teachers.base import ModuleTeacher
 from kdistill.engine import TrainConfig, fit
 
-CFG = dict(epochs=3, batch_size=64, lr=0.1, seed=3, temperature=4.0, alpha=1.0, checkpoint=False)
+CFG = dict(epochs=3, batch_size=64, lr=0.1, seed=3, checkpoint=False)
+KD = {"name": "kd", "temperature": 4.0, "alpha": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +40,17 @@ def test_logits_file_roundtrip_keeps_rows_aligned_by_id(digits, teacher_net, tmp
 
 def test_student_from_saved_logits_equals_student_from_live_module(digits, teacher_net, tmp_path):
     live = fit(build_model("mlp:32", digits.input_shape, 10, seed=3), digits.train, TrainConfig(**CFG),
-               teacher=teacher_net, progress=False).model
+               teacher=teacher_net, method=KD, progress=False).model
     path = save_logits(tmp_path / "t.safetensors", ModuleTeacher(teacher_net).predict(digits.train),
                        digits.train.index, data=digits.train.name)
     unlabelled = data.drop_labels(digits.train)  # alpha = 1: the labels are never needed
     from_file = fit(build_model("mlp:32", digits.input_shape, 10, seed=3), unlabelled, TrainConfig(**CFG),
-                    teacher=logits_teacher(path, unlabelled), progress=False).model
+                    teacher=logits_teacher(path, unlabelled), method=KD, progress=False).model
     x = digits.test.x
     assert torch.allclose(live(x), from_file(x), atol=1e-5)
     # A different teacher would give a different student: the comparison can fail.
     other = fit(build_model("mlp:32", digits.input_shape, 10, seed=3), digits.train, TrainConfig(**CFG),
-                teacher=build_model("mlp:48", digits.input_shape, 10, seed=1), progress=False).model
+                teacher=build_model("mlp:48", digits.input_shape, 10, seed=1), method=KD, progress=False).model
     assert not torch.allclose(live(x), other(x), atol=1e-3)
 
 
@@ -85,14 +86,14 @@ def test_mismatched_files_are_clear_errors(digits, tmp_path):
 
 def test_onnx_teacher_matches_module(digits, teacher_net, tmp_path):
     pytest.importorskip("onnxruntime")
-    from kdistill.teachers.blackbox import OnnxTeacher, export_onnx
+    from kdistill.teachers.onnx_model import OnnxTeacher, export_onnx
 
     path = export_onnx(teacher_net, tmp_path / "t.onnx", digits.input_shape)
     onnx = OnnxTeacher(path)
     onnx.check(digits.train)
     assert torch.allclose(onnx.predict(digits.test), ModuleTeacher(teacher_net).predict(digits.test), atol=1e-4)
     student = fit(build_model("mlp:32", digits.input_shape, 10, seed=3), digits.train, TrainConfig(**{**CFG, "jitter": 1}),
-                  teacher=onnx, test=digits.test, progress=False)  # live: it sees the jittered batches
+                  teacher=onnx, method=KD, test=digits.test, progress=False)  # live: it sees the jittered batches
     assert student.test["accuracy"] > 0.7
     nine = data.TensorData(digits.train.x, digits.train.y % 9, tuple(str(i) for i in range(9)))
     with pytest.raises(ValueError, match="classes"):

@@ -13,7 +13,8 @@ from kdistill.models import build_model
 from kdistill.sweeps.multi import fit_many
 from kdistill.teachers.base import ModuleTeacher
 
-CFG = dict(epochs=2, batch_size=32, lr=0.05, temperature=4.0, alpha=0.5, jitter=1, max_norm=3.0, device="cpu")
+CFG = dict(epochs=2, batch_size=32, lr=0.05, jitter=1, max_norm=3.0, device="cpu")
+KD = {"name": "kd", "temperature": 4.0, "alpha": 0.5}
 
 
 def _free_port() -> int:
@@ -47,7 +48,7 @@ def _worker(rank: int, n: int, port: int, out: str) -> None:
         d = data.load("digits", seed=0)
         teacher = _Counting(_teacher(d))
         r = fit(build_model("mlp:32,16", d.input_shape, 10, seed=0), d.train, TrainConfig(**CFG),
-                teacher=teacher, val=d.val, out_dir=out, progress=False)
+                teacher=teacher, method=KD, val=d.val, out_dir=out, progress=False)
         torch.save({"params": [p.detach() for p in r.model.parameters()], "history": r.history,
                     "sizes": teacher.sizes},
                    os.path.join(out, f"rank{rank}.pt"))
@@ -59,7 +60,7 @@ def test_two_processes_train_the_same_student_as_one(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     d = data.load("digits", seed=0)
     alone = fit(build_model("mlp:32,16", d.input_shape, 10, seed=0), d.train, TrainConfig(**CFG),
-                teacher=_teacher(d), val=d.val, progress=False)
+                teacher=_teacher(d), method=KD, val=d.val, progress=False)
     runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     steps = 2 * (len(d.train) // 32)
     for run in runs:  # each process saw half of every batch (so identical full batches cannot pass) ...

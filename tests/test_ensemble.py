@@ -96,11 +96,13 @@ def test_student_distilled_from_ensemble_learns(digits):
     members = [fit(build_model("mlp:48", digits.input_shape, 10, seed=s), digits.train,
                    TrainConfig(epochs=6, batch_size=64, lr=0.1, seed=s), progress=False).model for s in range(3)]
     ens = EnsembleTeacher(members, mean="geometric", temperature=4.0)
-    cfg_d = TrainConfig(epochs=6, batch_size=64, lr=0.1, seed=0, temperature=4.0, alpha=1.0)
+    cfg_d = TrainConfig(epochs=6, batch_size=64, lr=0.1, seed=0)
+    kd = {"name": "kd", "temperature": 4.0, "alpha": 1.0}
     # jitter > 0 keeps the ensemble live (it needs inputs); here jitter 0 and an explicit cache.
     student = fit(build_model("mlp:32", digits.input_shape, 10, seed=0), digits.train, cfg_d,
-                  teacher=ens.cache(digits.train), test=digits.test, progress=False)
+                  teacher=ens.cache(digits.train), method=kd, test=digits.test, progress=False)
     assert student.test["accuracy"] > 0.85
     live = fit(build_model("mlp:32", digits.input_shape, 10, seed=0), digits.train,
-               TrainConfig(**{**cfg_d.__dict__, "jitter": 1}), teacher=ens, test=digits.test, progress=False)
+               TrainConfig(**{**cfg_d.__dict__, "jitter": 1}), teacher=ens, method=kd, test=digits.test,
+               progress=False)
     assert live.test["accuracy"] > 0.8

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+import kdistill.sweeps.multi
 from kdistill import TrainConfig, fit
 from kdistill.cli.app import main
 from kdistill.losses import distillation_loss, stacked_distillation_loss, stacked_distillation_loss_and_grad
+from kdistill.methods import build_method
 from kdistill.models import build_model
 from kdistill.sweeps.multi import fit_many
 from kdistill.sweeps.stacked import StackedMLP, mlp_signature
@@ -27,14 +29,23 @@ def teacher(digits):
     return t
 
 
-def _check_equivalent(digits, teacher, configs, init_seeds=None, spec=SPEC):
+def _kd(temperature=1.0, alpha=1.0, kind="kl"):
+    return {"name": "kd", "temperature": temperature, "alpha": alpha, "kind": kind}
+
+
+DKD = {"name": "dkd", "warmup": 0}
+
+
+def _check_equivalent(digits, teacher, configs, init_seeds=None, spec=SPEC, methods=None):
+    """fit_many of ``configs`` and ``methods`` (one per student; None: fit's default) equals one fit per student."""
     init_seeds = init_seeds or [c.seed for c in configs]
+    methods = methods or [None] * len(configs)
     together = fit_many([build_model(spec, digits.input_shape, 10, seed=s) for s in init_seeds], digits.train, configs,
-                        teacher=teacher, val=digits.val, test=digits.test, progress=False)
-    for cfg, seed, r in zip(configs, init_seeds, together):
+                        teacher=teacher, methods=methods, val=digits.val, test=digits.test, progress=False)
+    for cfg, method, seed, r in zip(configs, methods, init_seeds, together):
         alone = fit(build_model(spec, digits.input_shape, 10, seed=seed), digits.train, cfg, teacher=teacher,
-                    val=digits.val, test=digits.test, progress=False)
-        assert torch.allclose(_params(r.model), _params(alone.model), atol=1e-4, rtol=0), cfg
+                    method=method, val=digits.val, test=digits.test, progress=False)
+        assert torch.allclose(_params(r.model), _params(alone.model), atol=1e-4, rtol=0), (cfg, method)
         assert abs(r.history[-1]["train_loss"] - alone.history[-1]["train_loss"]) < 1e-4
         assert abs(r.test["errors"] - alone.test["errors"]) <= 1 and abs(r.val["errors"] - alone.val["errors"]) <= 1
         assert [h["epoch"] for h in r.history] == [h["epoch"] for h in alone.history]
@@ -46,16 +57,18 @@ def test_each_student_equals_its_solo_run_sgd_jitter_live_teacher(digits, teache
     # Different temperatures, alphas, learning rates, momenta, weight decays and seeds; jitter means the
     # module teacher runs live, once per step for all groups; seeds 0, 0, 1 make two batch-sharing groups.
     grid = [(2.0, 1.0, 0.1, 0.9, 0.0, 0), (5.0, 0.6, 0.05, 0.5, 1e-3, 0), (1.0, 0.0, 0.2, 0.0, 0.0, 1)]
-    configs = [TrainConfig(epochs=3, batch_size=32, lr=lr, momentum=m, weight_decay=wd, temperature=t, alpha=a,
-                           seed=s, jitter=1) for t, a, lr, m, wd, s in grid]
-    _check_equivalent(digits, teacher, configs)
+    configs = [TrainConfig(epochs=3, batch_size=32, lr=lr, momentum=m, weight_decay=wd, seed=s, jitter=1)
+               for t, a, lr, m, wd, s in grid]
+    _check_equivalent(digits, teacher, configs, methods=[_kd(t, a) for t, a, *_ in grid])
 
 
 def test_each_student_equals_its_solo_run_adam_cached_teacher(digits, teacher):
     # Shared lr/momentum/decay: the fused optimiser path; cached teacher; one group with distinct inits.
-    configs = [TrainConfig(epochs=3, batch_size=48, optimizer="adam", lr=3e-3, weight_decay=1e-4, temperature=t,
-                           alpha=a, seed=7, schedule="cosine") for t, a in [(1.0, 1.0), (4.0, 0.5), (20.0, 0.9)]]
-    _check_equivalent(digits, teacher, configs, init_seeds=[1, 2, 3], spec="mlp:20,activation=tanh")
+    grid = [(1.0, 1.0), (4.0, 0.5), (20.0, 0.9)]
+    configs = [TrainConfig(epochs=3, batch_size=48, optimizer="adam", lr=3e-3, weight_decay=1e-4, seed=7,
+                           schedule="cosine") for _ in grid]
+    _check_equivalent(digits, teacher, configs, init_seeds=[1, 2, 3], spec="mlp:20,activation=tanh",
+                      methods=[_kd(t, a) for t, a in grid])
 
 
 def test_supervised_and_max_norm_students_equal_solo_runs(digits):
@@ -70,24 +83,23 @@ def test_linear_one_sample_plain_sgd_students_equal_solo_runs(digits, teacher):
     # nnfwp's setting: a linear model (an MLP without hidden layer), one sample per plain SGD step, one pass;
     # logit MSE with constant rates, then KL mixed with the labels under a cosine schedule.
     common = {"epochs": 1, "batch_size": 1, "momentum": 0.0, "nesterov": False, "checkpoint": False}
-    mse = [TrainConfig(lr=lr, loss="logit_mse", alpha=a, schedule="constant", seed=s, **common)
-           for lr, a, s in [(0.01, 1.0, 0), (0.002, 1.0, 0), (0.01, 0.0, 0), (0.005, 0.5, 2)]]
-    _check_equivalent(digits, teacher, mse, spec="linear")
-    kl = [TrainConfig(lr=lr, temperature=t, alpha=a, schedule="cosine", seed=3, **common)
-          for lr, t, a in [(0.05, 1.0, 1.0), (0.02, 4.0, 0.5)]]
-    _check_equivalent(digits, teacher, kl, spec="linear")
+    grid = [(0.01, 1.0, 0), (0.002, 1.0, 0), (0.01, 0.0, 0), (0.005, 0.5, 2)]
+    mse = [TrainConfig(lr=lr, schedule="constant", seed=s, **common) for lr, a, s in grid]
+    _check_equivalent(digits, teacher, mse, spec="linear", methods=[_kd(alpha=a, kind="logit_mse") for _, a, _ in grid])
+    grid = [(0.05, 1.0, 1.0), (0.02, 4.0, 0.5)]
+    kl = [TrainConfig(lr=lr, schedule="cosine", seed=3, **common) for lr, t, a in grid]
+    _check_equivalent(digits, teacher, kl, spec="linear", methods=[_kd(t, a) for _, t, a in grid])
 
 
 def test_alpha_zero_student_equals_supervised_fit(digits, teacher):
     # A student with soft weight 0 learns from the labels alone: it equals fit without a teacher, so a
     # directly trained baseline can share its seed's distillation pass.
-    configs = [TrainConfig(epochs=1, batch_size=1, lr=lr, momentum=0.0, nesterov=False, schedule="cosine", seed=4,
-                           loss=kind, alpha=a, temperature=2.0) for lr, kind, a in
-               [(0.02, "kl", 0.0), (0.05, "kl", 1.0)]] + [
-        TrainConfig(epochs=2, batch_size=16, lr=0.1, seed=4, loss="logit_mse", alpha=0.0)]
-    for cfgs in (configs[:2], configs[2:]):
+    configs = [TrainConfig(epochs=1, batch_size=1, lr=lr, momentum=0.0, nesterov=False, schedule="cosine", seed=4)
+               for lr in (0.02, 0.05)] + [TrainConfig(epochs=2, batch_size=16, lr=0.1, seed=4)]
+    methods = [_kd(2.0, 0.0, "kl"), _kd(2.0, 1.0, "kl"), _kd(2.0, 0.0, "logit_mse")]
+    for cfgs, mets in ((configs[:2], methods[:2]), (configs[2:], methods[2:])):
         together = fit_many([build_model("linear", digits.input_shape, 10, seed=4) for _ in cfgs], digits.train, cfgs,
-                            teacher=teacher, val=digits.val, test=digits.test, progress=False)
+                            teacher=teacher, methods=mets, val=digits.val, test=digits.test, progress=False)
         alone = fit(build_model("linear", digits.input_shape, 10, seed=4), digits.train, cfgs[0], val=digits.val,
                     test=digits.test, progress=False)
         assert torch.allclose(_params(together[0].model), _params(alone.model), atol=1e-4, rtol=0)
@@ -99,10 +111,11 @@ def test_keep_best_restores_each_students_best_epoch(digits, teacher):
     # Constant schedule, so the first b epochs of a 4-epoch run are a b-epoch run; high learning rates
     # make validation errors go up and down, so some student's best epoch comes before the last.
     def run(epochs, keep_best):
-        configs = [TrainConfig(epochs=epochs, batch_size=32, lr=lr, momentum=0.5, schedule="constant", temperature=3.0,
-                               seed=s, keep_best=keep_best) for lr, s in [(0.3, 0), (0.3, 1), (0.5, 1), (0.05, 2)]]
+        configs = [TrainConfig(epochs=epochs, batch_size=32, lr=lr, momentum=0.5, schedule="constant", seed=s,
+                               keep_best=keep_best) for lr, s in [(0.3, 0), (0.3, 1), (0.5, 1), (0.05, 2)]]
         models = [build_model(SPEC, digits.input_shape, 10, seed=c.seed) for c in configs]
-        return fit_many(models, digits.train, configs, teacher=teacher, val=digits.val, progress=False)
+        return fit_many(models, digits.train, configs, teacher=teacher, methods=_kd(3.0), val=digits.val,
+                        progress=False)
 
     best = run(4, True)
     assert any(r.best_epoch < 4 for r in best)
@@ -124,10 +137,10 @@ def test_students_with_one_seed_share_batches_and_teacher_forward(digits, teache
             return super().logits(x, ids)
 
     counting = Counting(teacher)
-    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, temperature=t, seed=s, jitter=1)
-               for t, s in [(1.0, 0), (2.0, 0), (4.0, 0), (8.0, 5)]]
+    grid = [(1.0, 0), (2.0, 0), (4.0, 0), (8.0, 5)]
+    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, seed=s, jitter=1) for _, s in grid]
     fit_many([build_model(SPEC, digits.input_shape, 10, seed=0) for _ in configs], digits.train, configs,
-             teacher=counting, progress=False)
+             teacher=counting, methods=[_kd(t) for t, _ in grid], progress=False)
     steps = len(digits.train) // 64
     assert counting.calls == [2 * 64] * steps  # one forward per step for both seed groups, none per student
 
@@ -135,12 +148,42 @@ def test_students_with_one_seed_share_batches_and_teacher_forward(digits, teache
 def test_unstackable_students_fall_back_to_fit(digits, teacher):
     spec = "mlp:16,dropout=0.2"
     assert mlp_signature(build_model(spec, digits.input_shape, 10)) is None
-    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, temperature=t, seed=1) for t in (2.0, 4.0)]
+    configs = [TrainConfig(epochs=1, batch_size=64, lr=0.1, seed=1) for _ in range(2)]
+    methods = [_kd(t) for t in (2.0, 4.0)]
     together = fit_many([build_model(spec, digits.input_shape, 10, seed=1) for _ in configs], digits.train, configs,
-                        teacher=teacher, progress=False)
-    for cfg, r in zip(configs, together):
-        alone = fit(build_model(spec, digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher, progress=False)
+                        teacher=teacher, methods=methods, progress=False)
+    for cfg, method, r in zip(configs, methods, together):
+        alone = fit(build_model(spec, digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher,
+                    method=method, progress=False)
         assert torch.equal(_params(r.model), _params(alone.model))
+
+
+@pytest.mark.parametrize("methods, stacked", [
+    ([_kd(2.0, 0.5), _kd(4.0, 1.0)], True),                        # KD, one kind: per-student T and alpha
+    (["ce", _kd(3.0, 0.7, "logit_mse")], True),                    # CE is KD with alpha 0 in the stacked pass
+    ([_kd(2.0), _kd(2.0, kind="logit_mse")], False),               # two soft kinds cannot share one pass
+    ([DKD, DKD], False),                                           # DKD declares itself not stackable
+    ([_kd(2.0), DKD], False),                                      # one unstackable method sends all to fit
+], ids=["kd-kl", "ce-and-kd", "two-kinds", "dkd", "kd-and-dkd"])
+def test_fit_many_picks_the_backend_from_what_the_methods_declare(digits, teacher, monkeypatch, methods, stacked):
+    """Stacked when every method is ``stackable`` with one soft kind, else one fit per student (same MLPs)."""
+    assert build_method("kd").stackable and build_method("ce").stackable and not build_method("dkd").stackable
+    calls = {"stacked": 0, "fit": 0}
+    real_stacked, real_fit = kdistill.sweeps.multi._fit_stacked, kdistill.sweeps.multi.fit
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(kdistill.sweeps.multi, "_fit_stacked", counted("stacked", real_stacked))
+    monkeypatch.setattr(kdistill.sweeps.multi, "fit", counted("fit", real_fit))
+    train = digits.train.subset(torch.arange(128))
+    results = fit_many([build_model("mlp:8", digits.input_shape, 10, seed=s) for s in range(2)], train,
+                       TrainConfig(epochs=1, batch_size=64, lr=0.1), teacher=teacher, methods=methods, progress=False)
+    assert calls == ({"stacked": 1, "fit": 0} if stacked else {"stacked": 0, "fit": 2})
+    assert len(results) == 2 and all(r.history for r in results)
 
 
 def test_configs_that_cannot_share_a_pass_are_rejected(digits):
@@ -228,10 +271,11 @@ def test_sweep_cli_rejects_bad_input_before_work(tmp_path):
 def test_kinds_the_stacked_pass_lacks_train_each_student_alone(digits, teacher, kind):
     """A loss kind of the registry that the stacked losses do not implement trains the sweep one student at a
     time (the same weights as fit), instead of failing at the stacked pass's first step."""
-    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=64, temperature=2.0, alpha=0.5, loss=kind, seed=1)
+    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=64, seed=1)
     [r] = fit_many([build_model(SPEC, digits.input_shape, 10, seed=1)], digits.train, cfg, teacher=teacher,
-                   progress=False)
-    alone = fit(build_model(SPEC, digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher, progress=False)
+                   methods=_kd(2.0, 0.5, kind), progress=False)
+    alone = fit(build_model(SPEC, digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher,
+                method=_kd(2.0, 0.5, kind), progress=False)
     assert torch.equal(_params(r.model), _params(alone.model))
     assert r.history[-1]["loss_kd"] > 0
 

@@ -8,6 +8,7 @@ from kdistill.data import drop_labels
 from kdistill.models import build_model
 from kdistill.teachers.base import ModuleTeacher
 from kdistill.engine import lr_factor
+from kdistill.methods import build_method
 
 
 def _params(m):
@@ -37,8 +38,9 @@ def test_teacher_is_never_updated_and_student_learns_from_it(digits):
     before = _params(teacher).clone()
     for jitter in (0, 1):  # cached and live teacher paths
         student = build_model("mlp:32", digits.input_shape, 10, seed=1)
-        r = fit(student, drop_labels(digits.train), TrainConfig(epochs=15, lr=0.1, batch_size=64, temperature=4.0,
-                alpha=1.0, jitter=jitter), teacher=teacher, test=digits.test, progress=False)
+        r = fit(student, drop_labels(digits.train), TrainConfig(epochs=15, lr=0.1, batch_size=64, jitter=jitter),
+                teacher=teacher, method={"name": "kd", "temperature": 4.0, "alpha": 1.0}, test=digits.test,
+                progress=False)
         assert torch.equal(before, _params(teacher))
         assert not teacher.training
         assert r.test["accuracy"] > 0.85  # learned from soft targets alone, labels were dropped
@@ -46,10 +48,13 @@ def test_teacher_is_never_updated_and_student_learns_from_it(digits):
 
 def test_cached_and_live_teacher_give_identical_students(digits):
     teacher = build_model("mlp:32", digits.input_shape, 10, seed=0)
-    cfg = TrainConfig(epochs=2, lr=0.1, temperature=3.0, alpha=0.5, seed=1)
-    a = fit(build_model("mlp:16", digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher, progress=False)
-    cfg_live = TrainConfig(epochs=2, lr=0.1, temperature=3.0, alpha=0.5, seed=1, cache_teacher=False)
-    b = fit(build_model("mlp:16", digits.input_shape, 10, seed=1), digits.train, cfg_live, teacher=teacher, progress=False)
+    kd = {"name": "kd", "temperature": 3.0, "alpha": 0.5}
+    cfg = TrainConfig(epochs=2, lr=0.1, seed=1)
+    a = fit(build_model("mlp:16", digits.input_shape, 10, seed=1), digits.train, cfg, teacher=teacher, method=kd,
+            progress=False)
+    cfg_live = TrainConfig(epochs=2, lr=0.1, seed=1, cache_teacher=False)
+    b = fit(build_model("mlp:16", digits.input_shape, 10, seed=1), digits.train, cfg_live, teacher=teacher, method=kd,
+            progress=False)
     assert torch.allclose(_params(a.model), _params(b.model), atol=1e-5)
 
 
@@ -81,14 +86,16 @@ def test_resume_continues_exactly(digits, tmp_path):
 def test_bad_config_fails_before_work(digits):
     with pytest.raises(ValueError, match="train.lr"):
         TrainConfig(lr=-1)
-    with pytest.raises(ValueError, match="train.alpha"):
-        TrainConfig(alpha=2)
+    with pytest.raises(ValueError, match="method.alpha"):
+        build_method("kd", alpha=2)
+    with pytest.raises(ValueError, match="train.alpha: is an option of the method .* set method.alpha"):
+        TrainConfig.from_dict({"alpha": 0.5})
     with pytest.raises(ValueError, match="unknown option"):
         TrainConfig.from_dict({"epochz": 3})
     teacher = build_model("mlp:8", digits.input_shape, 10)
     with pytest.raises(ValueError, match="alpha"):
-        fit(build_model("mlp:8", digits.input_shape, 10), drop_labels(digits.train), TrainConfig(alpha=0.5),
-            teacher=teacher, progress=False)
+        fit(build_model("mlp:8", digits.input_shape, 10), drop_labels(digits.train), TrainConfig(),
+            teacher=teacher, method={"name": "kd", "alpha": 0.5}, progress=False)
     cached = ModuleTeacher(teacher).cache(digits.train)
     with pytest.raises(ValueError, match="jitter"):
         fit(build_model("mlp:8", digits.input_shape, 10), digits.train, TrainConfig(jitter=2), teacher=cached,
