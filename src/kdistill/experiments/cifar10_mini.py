@@ -12,6 +12,7 @@ once; its logits are computed once and looked up by sample id.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,7 +84,13 @@ def standardise(bundle: DataBundle, train: TensorData, test: TensorData) -> tupl
     return norm(train), norm(bundle.val), norm(test)
 
 
-def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainConfig:
+def distill_grid(s: dict[str, Any]) -> list[dict[str, float]]:
+    """The distilled students' settings in order of preference (a tie on validation goes to the first), T slowest:
+    [{"T": 1, "lam": 0.05}, ...]."""
+    return grid(T=[float(t) for t in s["temperatures"]], lam=[float(v) for v in s["lambdas"]])
+
+
+def _config(s: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(
         epochs=epochs,
         batch_size=s["batch_size"],
@@ -93,18 +100,13 @@ def _config(s: dict[str, Any], epochs: int, seed: int, **distill: Any) -> TrainC
         schedule=s["schedule"],
         seed=seed,
         checkpoint=False,
-        **distill,
     )
 
 
-def _distill_settings(T: float, lam: float) -> dict[str, Any]:
-    # At T = 1 the write-up's soft cross-entropy; above, KL·T². Both have the same gradients at T = 1.
-    return {"temperature": float(T), "alpha": float(lam), "loss": "soft_ce" if T == 1 else "kl"}
-
-
-def _configs(s: dict[str, Any]) -> list[dict[str, float]]:
-    """The distilled students' settings, T slowest: [{"T": 1, "lam": 0.05}, ...]."""
-    return grid(T=[float(t) for t in s["temperatures"]], lam=[float(v) for v in s["lambdas"]])
+def _method(T: float, lam: float) -> dict[str, Any]:
+    """A distilled student's ``fit(method=...)``: at T = 1 the write-up's soft cross-entropy, above it KL·T²
+    (both have the same gradients at T = 1); ``lam`` is the soft term's weight."""
+    return {"name": "kd", "temperature": float(T), "alpha": float(lam), "kind": "soft_ce" if T == 1 else "kl"}
 
 
 def _plot(s, teacher_hist, records, chosen, path) -> None:
@@ -117,7 +119,7 @@ def _plot(s, teacher_hist, records, chosen, path) -> None:
         "k--",
         label=f"teacher {s['teacher']}",
     )
-    configs = [("alone", None, None)] + [("distilled", c["lam"], c["T"]) for c in _configs(s)]
+    configs = [("alone", None, None)] + [("distilled", c["lam"], c["T"]) for c in distill_grid(s)]
     cmap = plt.get_cmap("tab10")
     names, means, stds, colors = [], [], [], []
     for i, (role, lam, T) in enumerate(configs):
@@ -156,7 +158,36 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         return _run(s, ctx)
 
 
+@dataclass
+class _Study:
+    """What every stage reads (settings, splits, seeds, the teacher) and the students' records so far."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    input_shape: tuple[int, ...]
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    seeds: list[int]
+    teacher: dict[str, Any] = field(default_factory=dict)  # model, record (test, history), cached, test logits
+    records: list[dict[str, Any]] = field(default_factory=list)
+    first_seed: dict[str, torch.nn.Module] = field(default_factory=dict)  # label -> first seed's model (deployment)
+
+
 def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Train the teacher; with every seed, the mini model alone and distilled at every (T, lambda) of the grid;
+    choose (lambda, T) on validation; summarise."""
+    study = load_cifar10(s, ctx)
+    train_teacher(study)
+    for seed in study.seeds:
+        train_student(study, seed, "alone")
+        for c in distill_grid(s):
+            train_student(study, seed, "distilled", lam=c["lam"], T=c["T"])
+    return summarise(study, choose_on_validation(study.records))
+
+
+def load_cifar10(s: dict[str, Any], ctx: RunContext) -> _Study:
+    """CIFAR-10 with its validation split and the profile's subsets, standardised with the training statistics."""
     if not s["lambdas"] or not all(0 < lam <= 1 for lam in s["lambdas"]):
         raise ValueError(f"lambdas: soft-term weights in (0, 1], got {s['lambdas']}")
     if not s["temperatures"] or min(s["temperatures"]) <= 0:
@@ -170,105 +201,114 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         test = kdata.stratified_fraction(test, s["test_size"] / len(test), seed=s["seed"])
     train, val, test = standardise(bundle, train, test)
     ctx.log(f"CIFAR-10: {len(train)} train, {len(val)} validation, {len(test)} test images")
+    return _Study(s, ctx, bundle.input_shape, train, val, test, seeds)
 
+
+def train_teacher(study: _Study) -> None:
+    """The quick model, trained once (or taken from an earlier attempt), and its logits computed once."""
+    s, ctx = study.s, study.ctx
     # The teacher gets its own seed, so no student starts from the teacher's initial conv weights.
     t_seed = s["seed"] + TEACHER_SEED_OFFSET
-    teacher = build_model(s["teacher"], bundle.input_shape, 10, seed=t_seed)
+    teacher = build_model(s["teacher"], study.input_shape, 10, seed=t_seed)
     t_rec = ctx.store.record("teacher")
     if t_rec is None or not ctx.store.load_into("teacher", teacher):
-        t_fit = fit(teacher, train, _config(s, s["teacher_epochs"], t_seed), val=val, test=test, progress=ctx.progress)
+        t_fit = fit(teacher, study.train, _config(s, s["teacher_epochs"], t_seed), val=study.val, test=study.test,
+                    progress=ctx.progress)
         t_rec = {"test": t_fit.test, "history": t_fit.history, "wall_time_s": round(t_fit.wall_time_s, 2)}
         ctx.unit("teacher", t_rec, teacher)
     ctx.log(f"teacher {s['teacher']}: {100 * t_rec['test']['accuracy']:.2f}% test ({t_rec['wall_time_s']:.0f} s)")
     frozen = ModuleTeacher(teacher)
-    cached = frozen.cache(train)  # one teacher pass over the training images, shared by every student
-    t_test = frozen.predict(test)
+    cached = frozen.cache(study.train)  # one teacher pass over the training images, shared by every student
+    study.teacher = {"model": teacher, "record": t_rec, "cached": cached, "test_logits": frozen.predict(study.test)}
 
-    records: list[dict[str, Any]] = []
-    first_seed: dict[str, torch.nn.Module] = {}  # label -> the first seed's model, for the deployment table
 
-    def student(seed: int, role: str, **fields: Any) -> None:
-        model = build_model(s["student"], bundle.input_shape, 10, seed=seed)
-        name = label(fields) if fields else "alone"
-        key = f"{name}/seed{seed}"
-        keep = seed == seeds[0]
-        stored = ctx.store.record(key)
-        if stored is not None and (not keep or ctx.store.load_into(key, model)):
-            records.append(stored)
-            if keep:
-                first_seed[name] = model
-            return
-        distill = _distill_settings(fields["T"], fields["lam"]) if fields else {}
-        r = fit(
-            model,
-            train,
-            _config(s, s["student_epochs"], seed, **distill),
-            teacher=cached if fields else None,
-            val=val,
-            progress=ctx.progress,
-        )
-        # One test pass gives the accuracy and the agreement with the teacher.
-        tm = classification_metrics(predict_logits(model, test.x), test.y, t_test, detailed=False)
-        r.test = {k: v for k, v in tm.items() if k not in ("kl_to_teacher", "teacher_agreement")}
-        agree = tm["teacher_agreement"]
-        rec = {
-            "role": role,
-            "seed": seed,
-            **fields,
-            "val_accuracy": r.val["accuracy"],
-            "test_accuracy": r.test["accuracy"],
-            "test": r.test,
-            "teacher_agreement": agree,
-            "wall_time_s": round(r.wall_time_s, 2),
-            "history": [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in r.history],
-        }
-        records.append(rec)
-        ctx.unit(key, rec, model if keep else None)
+def train_student(study: _Study, seed: int, role: str, **fields: Any) -> None:
+    """One mini model, alone or distilled at ``fields`` (lam, T); taken from an earlier attempt when stored."""
+    s, ctx = study.s, study.ctx
+    model = build_model(s["student"], study.input_shape, 10, seed=seed)
+    name = label(fields) if fields else "alone"
+    key = f"{name}/seed{seed}"
+    keep = seed == study.seeds[0]
+    stored = ctx.store.record(key)
+    if stored is not None and (not keep or ctx.store.load_into(key, model)):
+        study.records.append(stored)
         if keep:
-            first_seed[name] = model
-        ctx.log(
-            f"mini {role} {label(fields) if fields else ''} seed {seed}: {100 * r.val['accuracy']:.2f}% validation, "
-            f"{100 * r.test['accuracy']:.2f}% test ({r.wall_time_s:.0f} s)"
-        )
+            study.first_seed[name] = model
+        return
+    method = _method(fields["T"], fields["lam"]) if fields else None
+    teacher = study.teacher["cached"] if fields else None
+    r = fit(model, study.train, _config(s, s["student_epochs"], seed), teacher=teacher, method=method, val=study.val,
+            progress=ctx.progress)
+    # One test pass gives the accuracy and the agreement with the teacher.
+    tm = classification_metrics(predict_logits(model, study.test.x), study.test.y, study.teacher["test_logits"],
+                                detailed=False)
+    r.test = {k: v for k, v in tm.items() if k not in ("kl_to_teacher", "teacher_agreement")}
+    rec = {
+        "role": role,
+        "seed": seed,
+        **fields,
+        "val_accuracy": r.val["accuracy"],
+        "test_accuracy": r.test["accuracy"],
+        "test": r.test,
+        "teacher_agreement": tm["teacher_agreement"],
+        "wall_time_s": round(r.wall_time_s, 2),
+        "history": [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in r.history],
+    }
+    study.records.append(rec)
+    ctx.unit(key, rec, model if keep else None)
+    if keep:
+        study.first_seed[name] = model
+    ctx.log(
+        f"mini {role} {label(fields) if fields else ''} seed {seed}: {100 * r.val['accuracy']:.2f}% validation, "
+        f"{100 * r.test['accuracy']:.2f}% test ({r.wall_time_s:.0f} s)"
+    )
 
-    for seed in seeds:
-        student(seed, "alone")
-        for cfg in _configs(s):
-            student(seed, "distilled", lam=cfg["lam"], T=cfg["T"])
 
-    chosen = choose_best(select(records, role="distilled"), ["lam", "T"], "val_accuracy")
-    alone = select(records, role="alone")
-    best = select(records, role="distilled", **chosen)
+def choose_on_validation(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The distilled setting {"lam", "T"} with the best mean validation accuracy over seeds
+    (``choose_best``: a tie goes to the setting first in the grid, T slowest, as the profile lists them)."""
+    return choose_best(select(records, role="distilled"), ["lam", "T"], "val_accuracy")
+
+
+def _models(study: _Study, chosen: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """results.json's roles: the teacher, the mini model alone, distilled at the chosen and at every setting."""
+    s, shape, records = study.s, study.input_shape, study.records
+    keys = ("errors", "accuracy")
     models: dict[str, dict[str, Any]] = {
         "teacher": {
-            **role_metrics([t_rec["test"]], ("errors", "accuracy")),
+            **role_metrics([study.teacher["record"]["test"]], keys),
             "spec": s["teacher"],
-            "params": count_parameters(teacher),
-            "flops": count_flops(teacher, bundle.input_shape),
+            "params": count_parameters(study.teacher["model"]),
+            "flops": count_flops(study.teacher["model"], shape),
         },
         "mini-alone": {
-            **role_metrics([r["test"] for r in alone], ("errors", "accuracy")),
+            **role_metrics([r["test"] for r in select(records, role="alone")], keys),
             "spec": s["student"],
-            "params": count_parameters(build_model(s["student"], bundle.input_shape, 10)),
-            "flops": count_flops(build_model(s["student"], bundle.input_shape, 10), bundle.input_shape),
+            "params": count_parameters(build_model(s["student"], shape, 10)),
+            "flops": count_flops(build_model(s["student"], shape, 10), shape),
         },
         "mini-distilled": {
-            **role_metrics([r["test"] for r in best], ("errors", "accuracy")),
+            **role_metrics([r["test"] for r in select(records, role="distilled", **chosen)], keys),
             "spec": s["student"],
             "lambda": chosen["lam"],
             "temperature": chosen["T"],
         },
     }
+    for cfg in distill_grid(s):
+        models[f"mini-lambda{cfg['lam']:g}-T{cfg['T']:g}"] = {
+            **role_metrics([r["test"] for r in select(records, role="distilled", **cfg)], keys),
+            "spec": s["student"],
+            "lambda": cfg["lam"],
+            "temperature": cfg["T"],
+        }
+    return models
+
+
+def _rows(study: _Study, chosen: dict[str, float]) -> list[str]:
+    """results.md's table: validation, test and teacher agreement of every setting (alone first)."""
     rows = []
-    for cfg in [None, *_configs(s)]:
-        runs = alone if cfg is None else select(records, role="distilled", **cfg)
-        if cfg is not None:
-            models[f"mini-lambda{cfg['lam']:g}-T{cfg['T']:g}"] = {
-                **role_metrics([r["test"] for r in runs], ("errors", "accuracy")),
-                "spec": s["student"],
-                "lambda": cfg["lam"],
-                "temperature": cfg["T"],
-            }
+    for cfg in [None, *distill_grid(study.s)]:
+        runs = select(study.records, role="alone") if cfg is None else select(study.records, role="distilled", **cfg)
         val_acc = summarize([100 * r["val_accuracy"] for r in runs])
         test_acc = summarize([100 * r["test_accuracy"] for r in runs])
         agree = summarize([100 * r["teacher_agreement"] for r in runs])
@@ -278,17 +318,11 @@ def _run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             f"| {name} | {val_acc['mean']:.2f} ± {val_acc['std']:.2f} | {test_acc['mean']:.2f} ± {test_acc['std']:.2f} "
             f"| {agree['mean']:.1f} |{mark} |"
         )
-    _plot(
-        s,
-        [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in t_rec["history"]],
-        records,
-        chosen,
-        ctx.out / "cifar10_mini.png",
-    )
-    gain = (
-        summarize([100 * r["test_accuracy"] for r in best])["mean"]
-        - summarize([100 * r["test_accuracy"] for r in alone])["mean"]
-    )
+    return rows
+
+
+def _markdown(study: _Study, chosen: dict[str, float], gain: float) -> str:
+    s, t_rec = study.s, study.teacher["record"]
     md = f"""
 Write-up (Caffe): quick model 80-81%; mini model alone 78%, distilled at λ = 0.1, T = 1: 77% (ahead of the
 plain mini model early in training, behind at the end); λ = 0.1 and 0.05 beat normal training of the
@@ -296,36 +330,44 @@ quick model itself.
 
 Teacher `{s["teacher"]}`: {100 * t_rec["test"]["accuracy"]:.2f}% test after {s["teacher_epochs"]} epochs. Students
 `{s["student"]}`, {s["student_epochs"]} epochs each; SGD lr {s["lr"]} ({s["schedule"]}), momentum {s["momentum"]},
-weight decay {s["weight_decay"]}, batch {s["batch_size"]}, no augmentation; {len(train)} training,
-{len(val)} validation, {len(test)} test images; seeds {seeds}. λ is the soft term's weight. Accuracy in %,
+weight decay {s["weight_decay"]}, batch {s["batch_size"]}, no augmentation; {len(study.train)} training,
+{len(study.val)} validation, {len(study.test)} test images; seeds {study.seeds}. λ is the soft term's weight. Accuracy in %,
 mean ± std over seeds; teacher agreement = share of test images where the student's top class is the teacher's.
 
 | mini model | validation | test | teacher agreement | |
 |---|---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(_rows(study, chosen))}
 
 Chosen on validation: λ = {chosen["lam"]:g}, T = {chosen["T"]:g}; its test accuracy minus the mini model
 alone: {gain:+.2f} points. Plot: `cifar10_mini.png`.
 """
-    if ctx.store.resumed:
-        md += (f"\nResumed (`--resume`): {len(ctx.store.resumed)} finished model(s) were taken from an earlier attempt; "
-               "the wall time counts that attempt up to its last finished model.\n")
-    results = write_results(
-        ctx.out,
-        NAME,
-        ctx.profile,
-        ctx.elapsed,
-        models,
-        md,
-        extra={
-            "torch_threads": torch.get_num_threads(),
-            "chosen": {"lambda": chosen["lam"], "temperature": chosen["T"]},
-            "distilled_minus_alone_points": gain,
-            "teacher_history": t_rec["history"],
-            "resumed_units": list(ctx.store.resumed),
-            "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
-        },
+    if study.ctx.store.resumed:
+        md += (f"\nResumed (`--resume`): {len(study.ctx.store.resumed)} finished model(s) were taken from an earlier "
+               "attempt; the wall time counts that attempt up to its last finished model.\n")
+    return md
+
+
+def summarise(study: _Study, chosen: dict[str, float]) -> dict[str, Any]:
+    """The results tail: roles, plot, results.json / results.md and the deployment table."""
+    s, ctx, records, t_rec = study.s, study.ctx, study.records, study.teacher["record"]
+    models = _models(study, chosen)
+    teacher_hist = [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in t_rec["history"]]
+    _plot(s, teacher_hist, records, chosen, ctx.out / "cifar10_mini.png")
+    gain = (
+        summarize([100 * r["test_accuracy"] for r in select(records, role="distilled", **chosen)])["mean"]
+        - summarize([100 * r["test_accuracy"] for r in select(records, role="alone")])["mean"]
     )
-    shown = {f"teacher {s['teacher']}": teacher, f"{s['student']} alone": first_seed["alone"],
-             f"{s['student']} distilled (λ={chosen['lam']:g}, T={chosen['T']:g})": first_seed[label({"lam": chosen["lam"], "T": chosen["T"]})]}
-    return ctx.deployment(shown, test, results)
+    extra = {
+        "torch_threads": torch.get_num_threads(),
+        "chosen": {"lambda": chosen["lam"], "temperature": chosen["T"]},
+        "distilled_minus_alone_points": gain,
+        "teacher_history": t_rec["history"],
+        "resumed_units": list(ctx.store.resumed),
+        "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
+    }
+    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, _markdown(study, chosen, gain),
+                            extra=extra)
+    shown = {f"teacher {s['teacher']}": study.teacher["model"], f"{s['student']} alone": study.first_seed["alone"],
+             f"{s['student']} distilled (λ={chosen['lam']:g}, T={chosen['T']:g})":
+                 study.first_seed[label({"lam": chosen["lam"], "T": chosen["T"]})]}
+    return ctx.deployment(shown, study.test, results)
