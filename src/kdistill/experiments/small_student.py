@@ -20,6 +20,7 @@ by sample id) and every student, the baseline included, sees exactly the same im
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,11 +28,12 @@ import torch
 from kdistill import data as kdata
 from kdistill.data.dataset import TensorData
 from kdistill.models import build_model, count_parameters
-from kdistill.outputs.results import fmt, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, save_figure, summarize
 from kdistill.teachers.base import ModuleTeacher
 from kdistill.sweeps.multi import fit_many
 from kdistill.engine import FitResult, TrainConfig
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import choose_on_validation, finish, kd
 from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "small-student"
@@ -107,10 +109,11 @@ def sweep_summary(records: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
 
 
 def best_temperature(summary: dict[float, dict[str, Any]]) -> float:
-    """The T with the fewest mean validation errors (test errors are never looked at); ties go to the lower T."""
+    """The T with the fewest mean validation errors (test errors are never looked at), by ``choose_best``:
+    the summary lists T ascending, so ties go to the lower T."""
     if not summary:
         raise ValueError("sweep: no temperatures were run")
-    return min(summary, key=lambda T: (summary[T]["val_errors"]["mean"], T))
+    return choose_on_validation({T: v["val_errors"]["mean"] for T, v in summary.items()}, ["temperature"])
 
 
 def _role(results: list[FitResult], **info: Any) -> dict[str, Any]:
@@ -171,32 +174,21 @@ def _plot_roles(path, models: dict[str, Any], names: list[str]) -> None:
     save_figure(fig, path)
 
 
-def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    if s["main_teacher"] not in ("mlp", "cnn"):
-        raise ValueError(f"main_teacher: 'mlp' or 'cnn', got {s['main_teacher']!r}")
-    bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
-    val, test = bundle.val, bundle.test
-    train = augmented_copies(bundle.train, s["augment_copies"], s["augment_pixels"], s["seed"] + 1)
-    ctx.log(f"MNIST: {len(train)} transfer images ({train.name}), {len(val)} validation, {len(test)} test")
-    cache = cache_dir(s["teacher_cache"], ctx.out)
-    teachers, records = {}, {}
-    main_net = None  # the main teacher's network, for the deployment table
-    for name in ("mlp", "cnn"):
-        recipe = TeacherRecipe(spec=s[f"teacher_{name}"], epochs=s[f"teacher_{name}_epochs"], lr=s["teacher_lr"],
-                               weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"],
-                               batch_size=s["batch_size"], seed=s["seed"])
-        model, records[name] = get_teacher(recipe, bundle.train, val, test, ctx, cache)
-        if name == s["main_teacher"]:
-            main_net = model
-        teachers[name] = ModuleTeacher(model).cache(train)  # one teacher pass over the fixed transfer set
-    main, other = s["main_teacher"], "mlp" if s["main_teacher"] == "cnn" else "cnn"
-    seeds = [s["seed"] + i for i in range(s["seeds"])]
+Job = tuple[str, int, float, float]
+"""A student of one pass: ``(role name, seed, T, alpha)``."""
 
-    def config(seed: int, T: float = 1.0, alpha: float = 1.0) -> TrainConfig:
-        return TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed,
-                           temperature=T, alpha=alpha, checkpoint=False)
 
-    def train_together(teacher: str | None, jobs: list[tuple[str, int, float, float]]) -> list[FitResult]:
+@dataclass
+class _Cohort:
+    """The students' shared setting: the transfer set, the teachers' cached outputs, the splits."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    bundle: Any
+    train: TensorData
+    teachers: dict[str, ModuleTeacher]
+
+    def train_together(self, teacher: str | None, jobs: list[Job]) -> list[FitResult]:
         """Students ``(name, seed, T, alpha)`` learning from one teacher (None: hard labels), in one stacked pass.
 
         Each equals the same student trained alone by ``fit`` (kdistill.sweeps.multi's guarantee); students with
@@ -204,74 +196,115 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         """
         if not jobs:
             return []
+        s, ctx, bundle = self.s, self.ctx, self.bundle
         models = [build_model(s["student"], bundle.input_shape, 10, seed=seed) for _, seed, _, _ in jobs]
-        results = fit_many(models, train, [config(seed, T, a) for _, seed, T, a in jobs],
-                           teacher=None if teacher is None else teachers[teacher], val=val, test=test,
-                           out_dir=ctx.out, names=[f"{n}-seed{seed}" for n, seed, _, _ in jobs], progress=ctx.progress)
+        configs = [TrainConfig(epochs=s["student_epochs"], batch_size=s["batch_size"], lr=s["student_lr"], seed=seed,
+                               checkpoint=False) for _, seed, _, _ in jobs]
+        methods = None if teacher is None else [kd(T, a) for _, _, T, a in jobs]
+        results = fit_many(models, self.train, configs, teacher=None if teacher is None else self.teachers[teacher],
+                           methods=methods, val=bundle.val, test=bundle.test, out_dir=ctx.out,
+                           names=[f"{n}-seed{seed}" for n, seed, _, _ in jobs], progress=ctx.progress)
         ctx.log(f"{len(jobs)} students ({teacher or 'no'} teacher) in one pass: {results[0].wall_time_s:.0f} s")
         for (name, seed, _, _), r in zip(jobs, results):
             ctx.log(f"{name} seed {seed}: {r.val['errors']} validation, {r.test['errors']} test errors")
         return results
 
+
+def _load(s: dict[str, Any], ctx: RunContext) -> tuple[Any, TensorData]:
+    """MNIST with its validation split, and the transfer set (the training split, plus shifted copies)."""
+    if s["main_teacher"] not in ("mlp", "cnn"):
+        raise ValueError(f"main_teacher: 'mlp' or 'cnn', got {s['main_teacher']!r}")
+    bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
+    train = augmented_copies(bundle.train, s["augment_copies"], s["augment_pixels"], s["seed"] + 1)
+    ctx.log(f"MNIST: {len(train)} transfer images ({train.name}), {len(bundle.val)} validation, "
+            f"{len(bundle.test)} test")
+    return bundle, train
+
+
+def _train_teachers(s: dict[str, Any], ctx: RunContext, bundle, train: TensorData):
+    """Both teachers (trained on jittered inputs, or from the cache), each run once over the transfer set;
+    their records, and the main teacher's network (for the deployment table)."""
+    cache = cache_dir(s["teacher_cache"], ctx.out)
+    teachers, records, main_net = {}, {}, None
+    for name in ("mlp", "cnn"):
+        recipe = TeacherRecipe(spec=s[f"teacher_{name}"], epochs=s[f"teacher_{name}_epochs"], lr=s["teacher_lr"],
+                               weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"],
+                               batch_size=s["batch_size"], seed=s["seed"])
+        model, records[name] = get_teacher(recipe, bundle.train, bundle.val, bundle.test, ctx, cache)
+        if name == s["main_teacher"]:
+            main_net = model
+        teachers[name] = ModuleTeacher(model).cache(train)  # one teacher pass over the fixed transfer set
+    return teachers, records, main_net
+
+
+def _distil_and_choose(s: dict[str, Any], cohort: _Cohort, main: str, seeds: list[int]) -> dict[str, Any]:
+    """Distil from the main teacher, choosing the hard-label weight and T on validation.
+
+    First pass: the T = ``temperature`` role over all seeds, the hard-label weights (first seed) and the
+    temperature sweep (soft targets only) on the sweep seeds; a (T, seed) pair is trained once. The
+    hard-label weight is chosen on the first seed (ties: the larger soft weight), T by mean validation
+    errors (ties: the lower T). Second pass: the chosen weight and the chosen T over the remaining seeds.
+    """
     T = float(s["temperature"])
     sweep_seeds = [s["seed"] + i for i in range(s["sweep_seeds"])]
     sweep_ts = sorted({float(t) for t in s["sweep_temperatures"]})
-    baseline = train_together(None, [("baseline", seed, 1.0, 1.0) for seed in seeds])
-    from_other = train_together(other, [(f"distilled-{other}-T{T:g}", seed, T, 1.0) for seed in seeds])
-
-    # Main teacher, first pass: the T = 3 role over all seeds, the hard-label weights (first seed) and the
-    # temperature sweep (soft targets only) on the sweep seeds; a (T, seed) pair is trained once.
     runs: dict[tuple[float, int], FitResult] = {}
-    soft = [(t, seed) for seed in seeds for t in [T]] + [(t, seed) for t in sweep_ts for seed in sweep_seeds]
-    soft = list(dict.fromkeys(soft))
+    soft = list(dict.fromkeys([(T, seed) for seed in seeds] + [(t, seed) for t in sweep_ts for seed in sweep_seeds]))
     jobs = [(f"distilled-{main}-T{t:g}", seed, t, 1.0) for t, seed in soft]
     jobs += [(f"distilled-{main}-T{T:g}-a{a}", seeds[0], T, float(a)) for a in s["hard_alphas"]]
-    first = train_together(main, jobs)
-    runs.update({key: r for key, r in zip(soft, first)})
-    by_alpha = {a: r for a, r in zip(s["hard_alphas"], first[len(soft):])}
-    distilled = [runs[(T, seed)] for seed in seeds]
-    # Hard-label weight chosen on validation with the first seed; T chosen by mean validation errors.
-    alpha = min(by_alpha, key=lambda a: (by_alpha[a].val["errors"], -a))
+    first = cohort.train_together(main, jobs)
+    runs.update(zip(soft, first))
+    by_alpha = dict(zip(s["hard_alphas"], first[len(soft):]))
+
+    alpha = choose_on_validation({a: by_alpha[a].val["errors"] for a in sorted(by_alpha, reverse=True)}, ["alpha"])
     summary = sweep_summary([{"temperature": t, "seed": seed, "val_errors": runs[(t, seed)].val["errors"],
                               "test_errors": runs[(t, seed)].test["errors"]} for t in sweep_ts for seed in sweep_seeds])
     best_T = best_temperature(summary)
 
-    # Second pass: the chosen hard-label weight and the chosen T over the remaining seeds.
     hard_jobs = [(f"distilled-{main}-T{T:g}-a{alpha}", seed, T, float(alpha)) for seed in seeds[1:]]
     best_jobs = [(f"distilled-{main}-T{best_T:g}", seed, best_T, 1.0) for seed in seeds if (best_T, seed) not in runs]
-    second = train_together(main, hard_jobs + best_jobs)
-    with_hard = [by_alpha[alpha]] + second[:len(hard_jobs)]
+    second = cohort.train_together(main, hard_jobs + best_jobs)
     runs.update({(best_T, seed): r for (_, seed, _, _), r in zip(best_jobs, second[len(hard_jobs):])})
-    at_best = [runs[(best_T, seed)] for seed in seeds]
+    return {"T": T, "sweep_seeds": sweep_seeds, "by_alpha": by_alpha, "alpha": alpha, "summary": summary,
+            "best_T": best_T, "distilled": [runs[(T, seed)] for seed in seeds],
+            "with_hard": [by_alpha[alpha]] + second[:len(hard_jobs)], "at_best": [runs[(best_T, seed)] for seed in seeds]}
 
+
+def _roles(s: dict[str, Any], records: dict[str, Any], baseline: list[FitResult], from_other: list[FitResult],
+           d: dict[str, Any], main: str, other: str) -> dict[str, Any]:
+    """The ``models`` section: each teacher, then each student role over its seeds."""
     models: dict[str, Any] = {}
     for name, rec in records.items():
         models[f"teacher-{name}"] = {"test_errors": rec["test"]["errors"], "test_accuracy": rec["test"]["accuracy"],
                                      "seeds": 1, "spec": rec["spec"], "loaded_from_cache": rec["loaded_from_cache"],
                                      "train_wall_time_s": rec["train_wall_time_s"]}
-    params = count_parameters(baseline[0].model)
-    models["baseline"] = _role(baseline, spec=s["student"], params=params)
-    models[f"distilled-{main}"] = _role(distilled, teacher=main, temperature=T, alpha=1.0)
-    models[f"distilled-{main}+hard"] = _role(with_hard, teacher=main, temperature=T, alpha=alpha)
+    T = d["T"]
+    models["baseline"] = _role(baseline, spec=s["student"], params=count_parameters(baseline[0].model))
+    models[f"distilled-{main}"] = _role(d["distilled"], teacher=main, temperature=T, alpha=1.0)
+    models[f"distilled-{main}+hard"] = _role(d["with_hard"], teacher=main, temperature=T, alpha=d["alpha"])
     models[f"distilled-{other}"] = _role(from_other, teacher=other, temperature=T, alpha=1.0)
-    models[f"distilled-{main}-best-T"] = _role(at_best, teacher=main, temperature=best_T, alpha=1.0)
-    students = [n for n in models if not n.startswith("teacher")]
+    models[f"distilled-{main}-best-T"] = _role(d["at_best"], teacher=main, temperature=d["best_T"], alpha=1.0)
+    return models
 
-    _plot_sweep(ctx.out / "temperature_sweep.png", summary, models["baseline"], best_T,
-                f"{s['student']} student distilled from the {main} teacher at each T", len(val), len(test))
-    _plot_roles(ctx.out / "roles.png", models, students)
+
+def _markdown(s: dict[str, Any], models: dict[str, Any], records: dict[str, Any], d: dict[str, Any], main: str,
+              seeds: list[int], sizes: dict[str, int]) -> str:
+    """results.md: the reference, the teachers and transfer set, the roles, the two choices on validation."""
+    students = [n for n in models if not n.startswith("teacher")]
+    best_T, alpha, T = d["best_T"], d["alpha"], d["T"]
     sweep_rows = "\n".join(
         f"| {t:g} | {fmt(v['val_errors'])} | {fmt(v['test_errors'])} |" + (" chosen |" if t == best_T else " |")
-        for t, v in summary.items())
-    alpha_rows = "\n".join(f"| {a} | {r.val['errors']} |" + (" chosen |" if a == alpha else " |") for a, r in by_alpha.items())
+        for t, v in d["summary"].items())
+    alpha_rows = "\n".join(f"| {a} | {r.val['errors']} |" + (" chosen |" if a == alpha else " |")
+                           for a, r in d["by_alpha"].items())
     role_rows = "\n".join(
         f"| {n} | {models[n].get('teacher', '-')} | {models[n].get('temperature', '-')} | {models[n].get('alpha', '-')} | "
         f"{fmt(models[n]['val_errors'])} | {fmt(models[n]['test_errors'])} | {REFERENCE_004.get(n, '')} |"
         for n in students)
-    aug = (f"the {len(bundle.train)}-image training split plus {s['augment_copies']} copies shifted by up to "
-           f"{s['augment_pixels']} px ({len(train)} images, fixed once)" if s["augment_copies"]
-           else f"the {len(bundle.train)}-image training split, not augmented (reference 004's conditions)")
-    md = f"""
+    aug = (f"the {sizes['split']}-image training split plus {s['augment_copies']} copies shifted by up to "
+           f"{s['augment_pixels']} px ({sizes['transfer']} images, fixed once)" if s["augment_copies"]
+           else f"the {sizes['split']}-image training split, not augmented (reference 004's conditions)")
+    return f"""
 Reference 004 (Keras, 20-20 student, Adam, 50 epochs, no augmentation): 368 test errors alone, 331
 distilled at T = 3 from its 2x1200 teacher (168 errors), 323 with hard labels (weight 0.7), 340 from its
 CNN teacher (97 errors). Paper: best T between 2.5 and 4 for 30-unit layers.
@@ -280,7 +313,7 @@ Teachers (trained on jittered inputs, ±{s['teacher_jitter']} px): mlp = `{s['te
 ({s['teacher_mlp_epochs']} epochs): {records['mlp']['test']['errors']} test errors; cnn = `{s['teacher_cnn']}`
 ({s['teacher_cnn_epochs']} epochs): {records['cnn']['test']['errors']} test errors.
 Transfer set: {aug}.
-Students: `{s['student']}` ({params} parameters), {s['student_epochs']} epochs each, SGD lr {s['student_lr']},
+Students: `{s['student']}` ({models['baseline']['params']} parameters), {s['student_epochs']} epochs each, SGD lr {s['student_lr']},
 one-cycle schedule, seeds {seeds}. Distillation: KL·T² on soft targets (alpha = weight of the soft term).
 
 | role | teacher | T | alpha | validation errors | test errors | reference 004 |
@@ -293,8 +326,8 @@ Hard-label weight for `distilled-{main}+hard`, chosen on validation (seed {seeds
 |---|---|---|
 {alpha_rows}
 
-Temperature sweep (soft targets only, {main} teacher, seeds {sweep_seeds}); T chosen by mean validation
-errors ({len(val)} images); test errors shown for the record:
+Temperature sweep (soft targets only, {main} teacher, seeds {d['sweep_seeds']}); T chosen by mean validation
+errors ({sizes['val']} images); test errors shown for the record:
 
 | T | validation errors | test errors | |
 |---|---|---|---|
@@ -303,16 +336,38 @@ errors ({len(val)} images); test errors shown for the record:
 `distilled-{main}-best-T` is the student at the chosen T = {best_T:g} over all seeds {seeds}.
 Plots: `temperature_sweep.png`, `roles.png`.
 """
-    extra = {"chosen_alpha": alpha, "chosen_temperature": best_T, "main_teacher": main,
+
+
+def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Train the two teachers; train the student alone; distil it from the second teacher at T; distil it from
+    the main teacher, choosing the hard-label weight and T on validation; summarise."""
+    bundle, train = _load(s, ctx)
+    val, test = bundle.val, bundle.test
+    teachers, records, main_net = _train_teachers(s, ctx, bundle, train)
+    main, other = s["main_teacher"], "mlp" if s["main_teacher"] == "cnn" else "cnn"
+    seeds = [s["seed"] + i for i in range(s["seeds"])]
+    cohort = _Cohort(s, ctx, bundle, train, teachers)
+    T = float(s["temperature"])
+    baseline = cohort.train_together(None, [("baseline", seed, 1.0, 1.0) for seed in seeds])
+    from_other = cohort.train_together(other, [(f"distilled-{other}-T{T:g}", seed, T, 1.0) for seed in seeds])
+    d = _distil_and_choose(s, cohort, main, seeds)
+
+    models = _roles(s, records, baseline, from_other, d, main, other)
+    best_T = d["best_T"]
+    _plot_sweep(ctx.out / "temperature_sweep.png", d["summary"], models["baseline"], best_T,
+                f"{s['student']} student distilled from the {main} teacher at each T", len(val), len(test))
+    _plot_roles(ctx.out / "roles.png", models, [n for n in models if not n.startswith("teacher")])
+    md = _markdown(s, models, records, d, main, seeds,
+                   {"split": len(bundle.train), "transfer": len(train), "val": len(val)})
+    extra = {"chosen_alpha": d["alpha"], "chosen_temperature": best_T, "main_teacher": main,
              "transfer_set": {"name": train.name, "images": len(train), "augment_copies": s["augment_copies"]},
-             "validation_errors_by_alpha": {str(a): r.val["errors"] for a, r in by_alpha.items()},
-             "sweep": {str(t): v for t, v in summary.items()},
+             "validation_errors_by_alpha": {str(a): r.val["errors"] for a, r in d["by_alpha"].items()},
+             "sweep": {str(t): v for t, v in d["summary"].items()},
              "teachers": {k: {kk: vv for kk, vv in v.items() if kk != "test"} for k, v in records.items()}}
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
     # The main teacher, the first seed's student at the temperature chosen on validation, and its baseline.
     shown = {
         f"teacher {records[main]['spec']}": main_net,
-        f"distilled {s['student']} ({main} teacher, T={best_T:g})": at_best[0].model,
+        f"distilled {s['student']} ({main} teacher, T={best_T:g})": d["at_best"][0].model,
         f"student alone {s['student']}": baseline[0].model,
     }
-    return ctx.deployment(shown, test, results)
+    return finish(ctx, NAME, models, md, extra, shown, test)
