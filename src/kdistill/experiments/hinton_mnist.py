@@ -23,14 +23,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from kdistill import data as kdata
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.models import build_model, count_flops, count_parameters
-from kdistill.outputs.results import fmt, role_metrics, write_results
+from kdistill.outputs.results import role_metrics
 from kdistill.sweeps.multi import fit_many
 from kdistill.teachers.base import ModuleTeacher
-from kdistill.engine import TrainConfig, fit
+from kdistill.engine import FitResult, TrainConfig, fit
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import choose_on_validation, finish, kd
 
 NAME = "hinton-mnist"
 DESCRIPTION = "MNIST: jittered teacher, 2x800 student alone vs distilled (paper: 67 / 146 / 74 errors)"
@@ -63,11 +66,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {**_COMMON, "teacher": "cnn:32,64", "teacher_epochs": 8, "student_epochs": 20, "alphas": [1.0, 0.9],
               "seeds": 3, "augmented_copies": 10, "augmented_passes": 3},
 }
-
-
-def _student_config(s: dict[str, Any], seed: int, epochs: int, alpha: float, jitter: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["student_lr"], seed=seed,
-                       temperature=s["temperature"], alpha=alpha, jitter=jitter, checkpoint=False)
 
 
 def _role_names(protocols: list[str], headline: str) -> list[tuple[str, str, str]]:
@@ -112,27 +110,29 @@ def check_settings(s: dict[str, Any]) -> None:
                          "student_jitter > 0, or keep plain_protocol: true")
 
 
-def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    check_settings(s)
-    bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
-    train, val, test = bundle.train, bundle.val, bundle.test
-    ctx.log(f"MNIST: {len(train)} train, {len(val)} validation, {len(test)} test")
+def _student_config(s: dict[str, Any], seed: int, epochs: int, jitter: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["student_lr"], seed=seed, jitter=jitter,
+                       checkpoint=False)
 
-    # The teacher: regularised and trained on jittered inputs.
+
+def _train_teacher(s: dict[str, Any], ctx: RunContext, bundle) -> tuple[nn.Module, FitResult]:
+    """The teacher: regularised and trained on jittered inputs (retrained on every run, also on --resume,
+    into the experiment's own directory)."""
     teacher = build_model(s["teacher"], bundle.input_shape, 10, seed=s["seed"])
     tcfg = TrainConfig(
         epochs=s["teacher_epochs"], batch_size=s["batch_size"], lr=s["teacher_lr"],
         weight_decay=s["teacher_weight_decay"], jitter=s["teacher_jitter"], seed=s["seed"],
     )
     ctx.log(f"teacher {s['teacher']}: {tcfg.epochs} epochs, jitter ±{tcfg.jitter} px")
-    t_fit = fit(teacher, train, tcfg, val=val, test=test, out_dir=ctx.out / "teacher", progress=ctx.progress,
-                overwrite=True)  # retrained on every run (also on --resume) into the experiment's own directory
+    t_fit = fit(teacher, bundle.train, tcfg, val=bundle.val, test=bundle.test, out_dir=ctx.out / "teacher",
+                progress=ctx.progress, overwrite=True)
     ctx.log(f"teacher: {t_fit.test['errors']} test errors ({t_fit.wall_time_s:.0f} s)")
-    frozen = ModuleTeacher(teacher)
-    seeds = [s["seed"] + i for i in range(s["seeds"])]
+    return teacher, t_fit
 
-    # Each protocol is a transfer set, its teacher, a training length and the students' jitter; both
-    # students of a protocol share it.
+
+def _protocols(s: dict[str, Any], ctx: RunContext, train, frozen: ModuleTeacher) -> dict[str, tuple]:
+    """Each protocol: its transfer set, its teacher, its training length and the students' jitter; both
+    students of a protocol share it. The last one is the headline."""
     protocols = {}
     if s["plain_protocol"]:
         protocols["plain"] = (train, frozen.cache(train), s["student_epochs"], 0)  # one teacher pass, shared
@@ -142,32 +142,46 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         protocols["augmented"] = (copies, frozen.cache(copies), s["augmented_passes"], 0)
     if s["student_jitter"]:  # fresh views every epoch: the teacher sees each batch, nothing is cached
         protocols["jittered"] = (train, frozen, s["student_epochs"], s["student_jitter"])
+    return protocols
+
+
+def _train_pass(s: dict[str, Any], ctx: RunContext, bundle, setting: tuple, protocol: str,
+                jobs: list[tuple[int, float | None]]) -> list[FitResult]:
+    """Students ``(seed, alpha)`` of one protocol in one stacked pass; ``alpha=None`` is the baseline.
+
+    A baseline rides along as a student with soft-target weight 0: its loss is the hard-label
+    cross-entropy alone and it trains exactly as ``fit`` without a teacher (kdistill.sweeps.multi's
+    guarantee, tested). Students with the same seed share batches, as their solo runs would.
+    """
+    data, teaching, epochs, jitter = setting
+    names = [f"{protocol}-{'baseline' if a is None else f'distilled-a{a}'}-seed{seed}" for seed, a in jobs]
+    results = fit_many(
+        [build_model(s["student"], bundle.input_shape, 10, seed=seed) for seed, _ in jobs], data,
+        [_student_config(s, seed, epochs, jitter) for seed, _ in jobs], teacher=teaching,
+        methods=[kd(s["temperature"], 0.0 if a is None else a) for _, a in jobs],
+        val=bundle.val, test=bundle.test, out_dir=ctx.out, names=names, progress=ctx.progress,
+    )
+    ctx.log(f"{protocol}: {len(jobs)} students in one pass, {results[0].wall_time_s:.0f} s")
+    return results
+
+
+def _distil(s: dict[str, Any], ctx: RunContext, bundle, protocols: dict[str, tuple], seeds: list[int]):
+    """Every protocol's distilled students and baselines; the soft-target weight chosen on validation.
+
+    The weight is chosen with the first seed on the headline protocol (ties: the larger soft weight). The
+    headline's baselines do not depend on that choice, so they ride in the same pass.
+    """
     headline = list(protocols)[-1]
 
-    def train_pass(protocol: str, jobs: list[tuple[int, float | None]]) -> list:
-        """Students ``(seed, alpha)`` of one protocol in one stacked pass; ``alpha=None`` is the baseline.
+    def train_pass(protocol, jobs):
+        return _train_pass(s, ctx, bundle, protocols[protocol], protocol, jobs)
 
-        A baseline rides along as a student with soft-target weight 0: its loss is the hard-label
-        cross-entropy alone and it trains exactly as ``fit`` without a teacher (kdistill.sweeps.multi's
-        guarantee, tested). Students with the same seed share batches, as their solo runs would.
-        """
-        data, teaching, epochs, jitter = protocols[protocol]
-        names = [f"{protocol}-{'baseline' if a is None else f'distilled-a{a}'}-seed{seed}" for seed, a in jobs]
-        results = fit_many(
-            [build_model(s["student"], bundle.input_shape, 10, seed=seed) for seed, _ in jobs], data,
-            [_student_config(s, seed, epochs, 0.0 if a is None else a, jitter) for seed, a in jobs],
-            teacher=teaching, val=val, test=test, out_dir=ctx.out, names=names, progress=ctx.progress,
-        )
-        ctx.log(f"{protocol}: {len(jobs)} students in one pass, {results[0].wall_time_s:.0f} s")
-        return results
-
-    # The soft-target weight is chosen on validation, with the first seed, on the headline protocol. The
-    # headline's baselines do not depend on that choice, so they ride in the same pass.
     first = train_pass(headline, [(seeds[0], a) for a in s["alphas"]] + [(seed, None) for seed in seeds])
     by_alpha = dict(zip(s["alphas"], first))
     for alpha, r in by_alpha.items():
         ctx.log(f"{headline} distilled alpha={alpha}: {r.val['errors']} validation errors")
-    best_alpha = min(s["alphas"], key=lambda a: (by_alpha[a].val["errors"], -a))
+    best_alpha = choose_on_validation({a: by_alpha[a].val["errors"] for a in sorted(s["alphas"], reverse=True)},
+                                      ["alpha"])
 
     runs: dict[str, dict[str, list]] = {}
     for protocol in protocols:
@@ -180,7 +194,14 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         distilled, baseline = runs[protocol]["distilled"], runs[protocol]["baseline"]
         ctx.log(f"{protocol}: baseline {[r.test['errors'] for r in baseline]}, "
                 f"distilled {[r.test['errors'] for r in distilled]} test errors")
+    return runs, by_alpha, best_alpha
 
+
+def _roles(s: dict[str, Any], bundle, teacher: nn.Module, t_fit: FitResult, runs: dict[str, dict[str, list]],
+           protocols: list[str], headline: str) -> dict[str, Any]:
+    """The ``models`` section: the teacher, each protocol's two students (with their agreement with the
+    teacher on test), the headline student with its size."""
+    test = bundle.test
     t_test = predict_logits(teacher, test.x)
 
     def describe(results, spec):
@@ -194,13 +215,19 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         "teacher": {**role_metrics([t_fit.test]), "params": count_parameters(teacher),
                     "flops": count_flops(teacher, bundle.input_shape), "spec": s["teacher"]},
     }
-    for protocol, baseline, distilled in _role_names(list(protocols), headline):
+    for protocol, baseline, distilled in _role_names(protocols, headline):
         models[baseline] = describe(runs[protocol]["baseline"], s["student"])
         if protocol != headline:  # the headline's student is added below, with its size
             models[distilled] = describe(runs[protocol]["distilled"], s["student"])
     models["distilled"] = {**describe(runs[headline]["distilled"], s["student"]),
                            "params": count_parameters(student_model),
                            "flops": count_flops(student_model, bundle.input_shape)}
+    return models
+
+
+def _markdown(s: dict[str, Any], seeds: list[int], protocols: list[str], headline: str, by_alpha, best_alpha,
+              n_val: int) -> str:
+    """results.md: the paper's numbers, the setting, the roles, the choice of the soft-target weight."""
     alpha_table = "\n".join(
         f"| {a} | {by_alpha[a].val['errors']} |" + (" chosen |" if a == best_alpha else " |") for a in s["alphas"]
     )
@@ -212,18 +239,31 @@ Teacher: `{s['teacher']}`, {s['teacher_epochs']} epochs, jitter ±{s['teacher_ji
 (one-cycle), batch {s['batch_size']}. Distillation at T = {s['temperature']} with KL·T².
 
 Roles:
-""" + "\n".join(_role_lines(s, list(protocols), headline)) + "\n"
-    md += f"""
-Soft-target weight alpha, chosen on the {len(val)}-image validation split (seed {seeds[0]}, {headline} protocol):
+""" + "\n".join(_role_lines(s, protocols, headline)) + "\n"
+    return md + f"""
+Soft-target weight alpha, chosen on the {n_val}-image validation split (seed {seeds[0]}, {headline} protocol):
 
 | alpha (soft weight) | validation errors | |
 |---|---|---|
 {alpha_table}
 """
-    results = write_results(
-        ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-        extra={"chosen_alpha": best_alpha, "temperature": s["temperature"], "headline_protocol": headline,
-               "validation_errors_by_alpha": {str(a): by_alpha[a].val["errors"] for a in s["alphas"]}},
-    )
+
+
+def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Train the teacher; train the student alone and distilled (the soft weight chosen on validation) under
+    each protocol; summarise the teacher, baselines and distilled students, and deploy the headline one."""
+    check_settings(s)
+    bundle = kdata.load("mnist", path=ctx.data_path, val_size=s["val_size"], seed=s["seed"])
+    ctx.log(f"MNIST: {len(bundle.train)} train, {len(bundle.val)} validation, {len(bundle.test)} test")
+    teacher, t_fit = _train_teacher(s, ctx, bundle)
+    protocols = _protocols(s, ctx, bundle.train, ModuleTeacher(teacher))
+    headline = list(protocols)[-1]
+    seeds = [s["seed"] + i for i in range(s["seeds"])]
+    runs, by_alpha, best_alpha = _distil(s, ctx, bundle, protocols, seeds)
+    models = _roles(s, bundle, teacher, t_fit, runs, list(protocols), headline)
+    md = _markdown(s, seeds, list(protocols), headline, by_alpha, best_alpha, len(bundle.val))
+    extra = {"chosen_alpha": best_alpha, "temperature": s["temperature"], "headline_protocol": headline,
+             "validation_errors_by_alpha": {str(a): by_alpha[a].val["errors"] for a in s["alphas"]}}
     # The point of distilling: the student's size, speed and accuracy next to the teacher's.
-    return ctx.deployment({"teacher": teacher, "distilled": student_model}, test, results)
+    shown = {"teacher": teacher, "distilled": runs[headline]["distilled"][0].model}
+    return finish(ctx, NAME, models, md, extra, shown, bundle.test)
