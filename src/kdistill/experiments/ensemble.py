@@ -22,6 +22,7 @@ over repetitions.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,11 +34,12 @@ from kdistill.data.dataset import TensorData
 from kdistill.teachers.ensemble import EnsembleModel, combine_log_probs, combine_logits
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.models import build_model, count_parameters
-from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize
 from kdistill.teachers.base import CachedTeacher
 from kdistill.sweeps.multi import fit_grid
-from kdistill.engine import TrainConfig, fit
+from kdistill.engine import FitResult, TrainConfig, fit
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import choose_on_validation, finish, kd
 
 NAME = "ensemble"
 DESCRIPTION = "Ensemble teachers: single model vs K-model ensemble vs one model distilled from it (MNIST, Fashion-MNIST)"
@@ -63,13 +65,99 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(s: dict[str, Any], seed: int, mean_t_alpha: tuple[str, float, float] | None = None) -> TrainConfig:
+def _config(s: dict[str, Any], seed: int, student: bool = False) -> TrainConfig:
     """A member's recipe (jittered inputs), or the student's: the same steps as passes over the copies."""
-    if mean_t_alpha is None:
+    if not student:
         return TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=seed,
                            jitter=s["member_jitter"], checkpoint=False)
     return TrainConfig(epochs=s["epochs"] // s["copies"], batch_size=s["batch_size"], lr=s["lr"], seed=seed,
-                       temperature=mean_t_alpha[1], alpha=mean_t_alpha[2], checkpoint=False)
+                       checkpoint=False)
+
+
+Choice = tuple[str, float, float]
+"""A grid point: ``(mean, T, alpha)``; the grid is ``means x temperatures x alphas``, in order of preference."""
+
+
+@dataclass
+class _DataSet:
+    """One data set's splits, the student's transfer set and the two training stages of a repetition."""
+
+    name: str
+    s: dict[str, Any]
+    ctx: RunContext
+    bundle: Any
+    transfer: TensorData
+
+    def train_members(self, rep: int) -> tuple[dict[str, torch.Tensor], list[dict], list[nn.Module]]:
+        """The repetition's members (one stacked pass: they differ only in seed, each exactly as fit would
+        train it); their logits on the transfer set and the test split, test metrics and networks."""
+        s, test = self.s, self.bundle.test
+        logits = {"transfer": [], "test": []}
+        tests, nets = [], []
+        configs = [_config(s, s["seed"] + 100 * rep + i) for i in range(s["members"])]
+        for r in fit_grid(s["model"], self.bundle.train, configs, test=test, progress=self.ctx.progress):
+            tests.append(r.test)
+            nets.append(r.model)
+            for split, d in (("transfer", self.transfer), ("test", test)):
+                logits[split].append(predict_logits(r.model, d.x))
+        self.ctx.log(f"{self.name} rep {rep}: members' test errors {[t['errors'] for t in tests]}")
+        return {split: torch.stack(v) for split, v in logits.items()}, tests, nets
+
+    def distill(self, rep: int, member_logits: dict[str, torch.Tensor], choice: Choice) -> FitResult:
+        """A fresh student distilled from the members' ``mean`` at T, soft weight alpha."""
+        mean, temperature, alpha = choice
+        teacher = CachedTeacher(self.transfer.index, combine_logits(member_logits["transfer"], mean, temperature))
+        seed = self.s["seed"] + 100 * rep + 99
+        model = build_model(self.s["model"], self.bundle.input_shape, self.bundle.train.num_classes, seed=seed)
+        return fit(model, self.transfer, _config(self.s, seed, student=True), teacher=teacher,
+                   method=kd(temperature, alpha), val=self.bundle.val, test=self.bundle.test, progress=self.ctx.progress)
+
+
+def _repetitions(d: _DataSet, keep: bool) -> dict[str, Any]:
+    """Every repetition: a fresh ensemble and, per mean, a fresh student. In the first, every grid point is
+    distilled and each mean's (T, alpha) chosen on validation; later ones reuse the choice."""
+    s, test = d.s, d.bundle.test
+    means = list(s["means"])
+    grid: list[Choice] = list(itertools.product(means, s["temperatures"], s["alphas"]))
+    out: dict[str, Any] = {"singles": [], "by_choice": {}, "chosen": {}, "first_members": [],
+                           "ens": {m: [] for m in means},  # the ensemble as a classifier (its distribution at T = 1)
+                           "dist": {m: [] for m in means}}  # the student distilled from it
+    by_choice, chosen, ens, dist = out["by_choice"], out["chosen"], out["ens"], out["dist"]
+    for rep in range(s["reps"]):
+        member_logits, member_tests, nets = d.train_members(rep)
+        out["singles"].append(member_tests)
+        if keep and rep == 0:
+            out["first_members"] = nets
+        for mean in means:
+            ens[mean].append(classification_metrics(combine_log_probs(member_logits["test"], mean, 1.0), test.y))
+        if not chosen:
+            for choice in grid:
+                by_choice[choice] = d.distill(rep, member_logits, choice)
+                d.ctx.log(f"{d.name} {choice}: {by_choice[choice].val['errors']} validation errors")
+            for mean in means:
+                options = {c: by_choice[c].val["errors"] for c in grid if c[0] == mean}
+                chosen[mean] = choose_on_validation(options, ["mean", "temperature", "alpha"])
+                dist[mean].append(by_choice[chosen[mean]].test)
+        else:
+            for mean in means:
+                dist[mean].append(d.distill(rep, member_logits, chosen[mean]).test)
+        d.ctx.log(f"{d.name} rep {rep}: " + "; ".join(
+            f"{m}: ensemble {ens[m][-1]['errors']}, distilled {dist[m][-1]['errors']}" for m in means) + " test errors")
+    # The headline mean: the one whose chosen student did best on validation (ties: the first mean listed).
+    out["head"] = choose_on_validation({m: by_choice[chosen[m]].val["errors"] for m in means}, ["mean"])
+    out["grid"] = grid
+    return out
+
+
+def _share(r: dict[str, Any], mean: str, single_acc: list[float]) -> dict[str, Any]:
+    """Gains in test accuracy over the mean single model of the same repetition, and the share kept."""
+    ens_gain = [e["accuracy"] - a for e, a in zip(r["ens"][mean], single_acc)]
+    dist_gain = [d["accuracy"] - a for d, a in zip(r["dist"][mean], single_acc)]
+    e, d = sum(ens_gain) / len(ens_gain), sum(dist_gain) / len(dist_gain)
+    return {"ensemble_gain": summarize(ens_gain), "distilled_gain": summarize(dist_gain),
+            "retained_share_of_gain": d / e if e > 0 else float("nan"),
+            "retained_by_rep": [dg / eg if eg > 0 else float("nan") for dg, eg in zip(dist_gain, ens_gain)],
+            "chosen": {"temperature": r["chosen"][mean][1], "alpha": r["chosen"][mean][2]}}
 
 
 def _run_dataset(
@@ -77,101 +165,35 @@ def _run_dataset(
 ) -> tuple[dict[str, Any], tuple[dict[str, nn.Module], TensorData] | None]:
     """The data set's results, and with ``keep`` the models of its deployment table with its test split."""
     bundle = kdata.load(name, val_size=s["val_size"], seed=s["seed"], **({"path": ctx.data_path} if ctx.data_path else {}))
-    train, val, test = bundle.train, bundle.val, bundle.test
-    k = s["members"]
+    train, k = bundle.train, s["members"]
     # The student's transfer set: the training set plus jittered copies, each with its own sample ids.
     transfer = jittered_copies(train, s["copies"], s["member_jitter"], seed=s["seed"] + 7) if s["copies"] > 1 else train
-    ctx.log(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test; {k} members of {s['model']}; "
-            f"transfer set of {len(transfer)} ({s['copies']} copies)")
-    grid = list(itertools.product(s["means"], s["temperatures"], s["alphas"]))
-
-    def train_members(rep: int):
-        logits = {"transfer": [], "test": []}
-        tests, nets = [], []
-        # The members differ only in seed: one stacked pass trains them all, each exactly as fit would.
-        configs = [_config(s, s["seed"] + 100 * rep + i) for i in range(k)]
-        for r in fit_grid(s["model"], train, configs, test=test, progress=ctx.progress):
-            tests.append(r.test)
-            nets.append(r.model)
-            for split, d in (("transfer", transfer), ("test", test)):
-                logits[split].append(predict_logits(r.model, d.x))
-        ctx.log(f"{name} rep {rep}: members' test errors {[t['errors'] for t in tests]}")
-        return {split: torch.stack(v) for split, v in logits.items()}, tests, nets
-
-    def distill(rep: int, member_logits: dict[str, torch.Tensor], choice: tuple[str, float, float]):
-        mean, temperature, _ = choice
-        teacher = CachedTeacher(transfer.index, combine_logits(member_logits["transfer"], mean, temperature))
-        seed = s["seed"] + 100 * rep + 99
-        model = build_model(s["model"], bundle.input_shape, train.num_classes, seed=seed)
-        return fit(model, transfer, _config(s, seed, choice), teacher=teacher, val=val, test=test, progress=ctx.progress)
-
-    means = list(s["means"])
-    singles: list[list[dict]] = []
-    by_choice: dict[tuple[str, float, float], Any] = {}
-    chosen: dict[str, tuple[str, float, float]] = {}  # per mean: its (mean, T, alpha), chosen on validation
-    ens = {m: [] for m in means}  # per mean: the ensemble as a classifier (its distribution at T = 1), per rep
-    dist = {m: [] for m in means}  # per mean: the student distilled from it, per rep
-    first_members: list[nn.Module] = []  # the first repetition's members, for the deployment table
-    for rep in range(s["reps"]):
-        member_logits, member_tests, nets = train_members(rep)
-        singles.append(member_tests)
-        if keep and rep == 0:
-            first_members = nets
-        for mean in means:
-            ens[mean].append(classification_metrics(combine_log_probs(member_logits["test"], mean, 1.0), test.y))
-        if not chosen:  # first repetition: every (mean, T, alpha) on validation, the best per mean kept
-            for choice in grid:
-                by_choice[choice] = distill(rep, member_logits, choice)
-                ctx.log(f"{name} {choice}: {by_choice[choice].val['errors']} validation errors")
-            for mean in means:
-                options = [c for c in grid if c[0] == mean]
-                chosen[mean] = min(options, key=lambda c: (by_choice[c].val["errors"], options.index(c)))
-                dist[mean].append(by_choice[chosen[mean]].test)
-        else:
-            for mean in means:
-                dist[mean].append(distill(rep, member_logits, chosen[mean]).test)
-        ctx.log(f"{name} rep {rep}: " + "; ".join(
-            f"{m}: ensemble {ens[m][-1]['errors']}, distilled {dist[m][-1]['errors']}" for m in means) + " test errors")
-    # The headline mean: the one whose chosen student did best on validation.
-    head = min(means, key=lambda m: (by_choice[chosen[m]].val["errors"], means.index(m)))
-
-    # Gains in test accuracy over the mean single model of the same repetition, then their means.
-    single_acc = [sum(t["accuracy"] for t in rep) / len(rep) for rep in singles]
-
-    def share(mean: str) -> dict[str, Any]:
-        ens_gain = [e["accuracy"] - a for e, a in zip(ens[mean], single_acc)]
-        dist_gain = [d["accuracy"] - a for d, a in zip(dist[mean], single_acc)]
-        e, d = sum(ens_gain) / len(ens_gain), sum(dist_gain) / len(dist_gain)
-        return {"ensemble_gain": summarize(ens_gain), "distilled_gain": summarize(dist_gain),
-                "retained_share_of_gain": d / e if e > 0 else float("nan"),
-                "retained_by_rep": [dg / eg if eg > 0 else float("nan") for dg, eg in zip(dist_gain, ens_gain)],
-                "chosen": {"temperature": chosen[mean][1], "alpha": chosen[mean][2]}}
-
-    by_mean = {m: share(m) for m in means}
+    ctx.log(f"{name}: {len(train)} train, {len(bundle.val)} validation, {len(bundle.test)} test; {k} members of "
+            f"{s['model']}; transfer set of {len(transfer)} ({s['copies']} copies)")
+    r = _repetitions(_DataSet(name, s, ctx, bundle, transfer), keep)
+    head, means, chosen, by_choice = r["head"], list(s["means"]), r["chosen"], r["by_choice"]
+    single_acc = [sum(t["accuracy"] for t in rep) / len(rep) for rep in r["singles"]]
+    by_mean = {m: _share(r, m, single_acc) for m in means}
     params = count_parameters(build_model(s["model"], bundle.input_shape, train.num_classes))
     models: dict[str, Any] = {
-        f"{name}:single": {**role_metrics([t for rep in singles for t in rep]), "spec": s["model"], "params": params},
-        f"{name}:ensemble": {**role_metrics(ens[head]), "mean": head, "members": k, "params": k * params},
-        f"{name}:distilled": {**role_metrics(dist[head]), "spec": s["model"], "mean": head},
+        f"{name}:single": {**role_metrics([t for rep in r["singles"] for t in rep]), "spec": s["model"], "params": params},
+        f"{name}:ensemble": {**role_metrics(r["ens"][head]), "mean": head, "members": k, "params": k * params},
+        f"{name}:distilled": {**role_metrics(r["dist"][head]), "spec": s["model"], "mean": head},
     }
     for m in means:
         if m != head:
-            models[f"{name}:ensemble-{m}"] = {**role_metrics(ens[m]), "mean": m}
-            models[f"{name}:distilled-{m}"] = {**role_metrics(dist[m]), "mean": m}
+            models[f"{name}:ensemble-{m}"] = {**role_metrics(r["ens"][m]), "mean": m}
+            models[f"{name}:distilled-{m}"] = {**role_metrics(r["dist"][m]), "mean": m}
     retained = by_mean[head]["retained_share_of_gain"]
-    result = {
-        "name": name,
-        "models": models,
-        "summary": {
-            "chosen": {"mean": head, **by_mean[head]["chosen"]},
-            "validation_errors": {f"{m}, T={t}, alpha={a}": by_choice[(m, t, a)].val["errors"] for m, t, a in grid},
-            "single_accuracy_by_rep": single_acc,
-            **{key: by_mean[head][key] for key in ("ensemble_gain", "distilled_gain", "retained_by_rep")},
-            "retained_share_of_gain": retained,
-            "by_mean": by_mean,
-            "target_met": bool(retained >= s["target_retained"]),
-        },
-    }
+    result = {"name": name, "models": models, "summary": {
+        "chosen": {"mean": head, **by_mean[head]["chosen"]},
+        "validation_errors": {f"{m}, T={t}, alpha={a}": by_choice[(m, t, a)].val["errors"] for m, t, a in r["grid"]},
+        "single_accuracy_by_rep": single_acc,
+        **{key: by_mean[head][key] for key in ("ensemble_gain", "distilled_gain", "retained_by_rep")},
+        "retained_share_of_gain": retained,
+        "by_mean": by_mean,
+        "target_met": bool(retained >= s["target_retained"]),
+    }}
     if not keep:
         return result, None
     # The first repetition's models: its ensemble, combined with the headline mean as the experiment
@@ -179,11 +201,11 @@ def _run_dataset(
     # is the same architecture trained on the labels alone.
     _, T, alpha = chosen[head]
     shown = {
-        f"teacher ensemble {k} x {s['model']} ({head} mean)": EnsembleModel(first_members, head),
+        f"teacher ensemble {k} x {s['model']} ({head} mean)": EnsembleModel(r["first_members"], head),
         f"distilled {s['model']} ({head}, T={T:g}, alpha={alpha:g})": by_choice[chosen[head]].model,
-        f"student alone {s['model']} (one member)": first_members[0],
+        f"student alone {s['model']} (one member)": r["first_members"][0],
     }
-    return result, (shown, test)
+    return result, (shown, bundle.test)
 
 
 def _plot(per_dataset: list[dict[str, Any]], path) -> None:
@@ -245,8 +267,6 @@ repetition); the headline mean is the one whose chosen student made fewer valida
 
 ![accuracies](ensemble.png)
 """
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-                            extra={"per_dataset": {res["name"]: res["summary"] for res in per_dataset},
-                                   "threads": torch.get_num_threads()})
+    extra = {"per_dataset": {res["name"]: res["summary"] for res in per_dataset}, "threads": torch.get_num_threads()}
     shown, test = deployment
-    return ctx.deployment(shown, test, results)
+    return finish(ctx, NAME, models, md, extra, shown, test)
