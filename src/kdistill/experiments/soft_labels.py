@@ -24,8 +24,9 @@ import torch
 from kdistill import data as kdata
 from kdistill.engine.evaluate import predict_logits
 from kdistill.losses import soft_targets
-from kdistill.outputs.results import save_figure, write_results
+from kdistill.outputs.results import save_figure
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import finish
 from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "soft-labels"
@@ -181,6 +182,5 @@ Plots: `temperatures.png` (test digit {i}), `dark_knowledge.png` (the first test
 """
     extra = {"soft_target_stats": stats, "nearest_class": nearest, "similarity_T": high_T,
              "class_similarity": [[round(float(v), 6) for v in row] for row in sim]}
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
     # No student is trained here: the table has the teacher alone, measured as in the other experiments.
-    return ctx.deployment({f"teacher {s['teacher']}": teacher}, test, results)
+    return finish(ctx, NAME, models, md, extra, {f"teacher {s['teacher']}": teacher}, test)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from kdistill import data as kdata
-from kdistill.outputs.results import fmt, write_results
+from kdistill.outputs.results import fmt
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import finish
 from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS
 from kdistill.experiments.transfer_omit3 import VARIANT_LABEL, VARIANTS, candidate_table, check_classes, check_copies, deployment_models, extra_record, load_mnist, plot_offset_curve, plot_per_class, roles, table, train_students
 
@@ -87,5 +88,5 @@ Headline: distilled {fmt(d['test_error_pct'])}% test error before, {fmt(da['test
 Plots: `offset_curve.png` (errors against the shared offset; the test curve is drawn for illustration
 only), `per_class_accuracy.png` (test accuracy per digit before and after each offset).
 """
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
-    return ctx.deployment(deployment_models(runs, teacher, s, keep, f"only {kept}"), bundle.test, results)
+    shown = deployment_models(runs, teacher, s, keep, f"only {kept}")
+    return finish(ctx, NAME, models, md, extra_record(runs, record), shown, bundle.test)

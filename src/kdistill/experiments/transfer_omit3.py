@@ -30,11 +30,12 @@ from kdistill import data as kdata
 from kdistill.data.dataset import TensorData
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.models import build_model, count_parameters
-from kdistill.outputs.results import fmt, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, save_figure, summarize
 from kdistill.teachers.base import ModuleTeacher
 from kdistill.sweeps.multi import fit_many
 from kdistill.engine import TrainConfig
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import choose_on_validation, finish, kd
 from kdistill.experiments._mnist_teachers import TEACHER_SETTINGS, TeacherRecipe, cache_dir, get_teacher
 
 NAME = "transfer-omit3"
@@ -160,12 +161,12 @@ def train_students(
         transfer set, epochs and optimiser; students with the same seed share batches.
         """
         cfgs = [TrainConfig(epochs=s["student_epochs"] // copies, batch_size=s["batch_size"], lr=s["student_lr"],
-                            seed=seed, temperature=1.0 if T is None else T, alpha=0.0 if T is None else alpha,
-                            checkpoint=False) for seed, T, alpha in jobs]
+                            seed=seed, checkpoint=False) for seed, _, _ in jobs]
+        methods = [kd(1.0, 0.0) if T is None else kd(T, alpha) for _, T, alpha in jobs]
         names = [f"{'baseline' if T is None else f'distilled-T{T}-a{alpha}'}-seed{seed}" for seed, T, alpha in jobs]
         models = [build_model(s["student"], bundle.input_shape, 10, seed=seed) for seed, _, _ in jobs]
-        results = fit_many(models, transfer, cfgs, teacher=cached, val=val, out_dir=ctx.out, names=names,
-                           progress=ctx.progress)
+        results = fit_many(models, transfer, cfgs, teacher=cached, methods=methods, val=val, out_dir=ctx.out,
+                           names=names, progress=ctx.progress)
         ctx.log(f"{len(jobs)} students in one pass: {results[0].wall_time_s:.0f} s")
         return [r.model for r in results]
 
@@ -175,7 +176,10 @@ def train_students(
     for (T, alpha), v in first.items():
         ctx.log(f"distilled T={T} alpha={alpha} seed {seeds[0]}: validation errors "
                 f"{v['none']['val_errors']} before, {v['val']['val_errors']} after offset {v['val']['offset']:+.2f}")
-    chosen = min(candidates, key=lambda c: (first[c]["val"]["val_errors"], first[c]["none"]["val_errors"], -c[0]))
+    # Chosen on validation errors after offset (a); ties go to the candidate that needed less correction
+    # (fewer validation errors as distilled), then to the higher T: the order of preference.
+    preference = sorted(candidates, key=lambda c: (first[c]["none"]["val_errors"], -c[0]))
+    chosen = choose_on_validation({c: first[c]["val"]["val_errors"] for c in preference}, ["temperature", "alpha"])
     jobs = [(seed, *chosen) for seed in seeds[1:]] + ([(seed, None, None) for seed in seeds] if s["baseline"] else [])
     rest_nets = train_pass(jobs) if jobs else []
     rest = [assess(m, val, test, teacher_val, classes, unseen) for m in rest_nets]
@@ -351,5 +355,5 @@ Headline ({test_unseen} test {label}): distilled {fmt(d['test_errors'])} errors 
 Plots: `offset_curve.png` (errors against the offset; the test curve is drawn for illustration only),
 `per_class_accuracy.png` (test accuracy per digit before and after each offset).
 """
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra_record(runs, record))
-    return ctx.deployment(deployment_models(runs, teacher, s, omit, f"no {label}"), bundle.test, results)
+    shown = deployment_models(runs, teacher, s, omit, f"no {label}")
+    return finish(ctx, NAME, models, md, extra_record(runs, record), shown, bundle.test)
