@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.teachers.blackbox import export_onnx
+from kdistill.teachers.onnx_model import export_onnx
 from kdistill.models import build_model
 from kdistill.teachers.specialists import (
     DUSTBIN,
@@ -127,9 +127,11 @@ def test_confident_correct_specialists_fix_generalist_errors():
 def test_specialists_train_and_the_system_is_a_teacher(digits, tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.1, seed=0, checkpoint=False)
     gen = fit(build_model("mlp:32", digits.input_shape, 10, seed=0), digits.train, cfg, progress=False).model
-    spec_cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=0, temperature=2.0, alpha=0.5, keep_best=True)
-    spec, result = train_specialist(gen, digits.train, (3, 5, 8), spec_cfg, val=digits.val)
+    spec_cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=0, keep_best=True)
+    spec, result = train_specialist(gen, digits.train, (3, 5, 8), spec_cfg, temperature=2.0, alpha=0.5, val=digits.val)
     assert isinstance(spec, Specialist) and spec.classes == (3, 5, 8)
+    with pytest.raises(ValueError, match="method.alpha"):  # KD's options are the function's, checked by KD
+        train_specialist(gen, digits.train, (3, 5, 8), spec_cfg, temperature=2.0, alpha=1.5)
     assert result.val["accuracy"] > 0.8  # on its own half-special validation data
     system = SpecialistSystem(gen, [spec], top_k=2)
     log_q = system.predict(digits.test)
@@ -147,8 +149,8 @@ def test_specialists_train_and_the_system_is_a_teacher(digits, tmp_path):
     cached = system.cache(digits.train)
     assert isinstance(cached, CachedTeacher)
     student = fit(build_model("mlp:32", digits.input_shape, 10, seed=1), digits.train,
-                  TrainConfig(epochs=3, batch_size=64, lr=0.1, seed=1, temperature=2.0), teacher=cached,
-                  test=digits.test, progress=False)
+                  TrainConfig(epochs=3, batch_size=64, lr=0.1, seed=1), teacher=cached,
+                  method={"name": "kd", "temperature": 2.0}, test=digits.test, progress=False)
     assert student.test["accuracy"] > 0.8
 
 
@@ -175,3 +177,7 @@ def test_cli_specialists_then_distill_the_combination(tmp_path, capsys):
     assert main(["specialists", "--generalist", str(tmp_path / "g" / "model.safetensors"), "--classes", "3,11",
                  "--out", str(tmp_path / "bad"), *common]) == 2
     assert "classes" in capsys.readouterr().err
+    # The specialists' KD options are checked before any work, naming the flag.
+    assert main(["specialists", "--generalist", str(tmp_path / "g" / "model.safetensors"), "--classes", "3,5",
+                 "--alpha", "1.5", "--out", str(tmp_path / "bad-alpha"), *common]) == 2
+    assert "--alpha" in capsys.readouterr().err and not (tmp_path / "bad-alpha").exists()

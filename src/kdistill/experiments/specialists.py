@@ -20,18 +20,20 @@ here is reported as measured.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kdistill import data as kdata
 from kdistill.engine.evaluate import classification_metrics, predict_logits
-from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize
 from kdistill.teachers.specialists import SpecialistModel, SpecialistSystem, confusable_clusters, train_specialist
 from kdistill.teachers.base import CachedTeacher
-from kdistill.engine import TrainConfig, fit
+from kdistill.engine import FitResult, TrainConfig, fit
 from kdistill.models import build_model
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import choose_on_validation, finish, kd
 
 NAME = "specialists"
 DESCRIPTION = "Specialists for confusable classes (Fashion-MNIST): generalist vs generalist + specialists, then distilled"
@@ -64,102 +66,136 @@ def _metrics(log_probs: torch.Tensor, labels: torch.Tensor, special: torch.Tenso
     return m
 
 
-def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    bundle = kdata.load(s["dataset"], val_size=s["val_size"], seed=s["seed"],
-                        **({"path": ctx.data_path} if ctx.data_path else {}))
-    train, val, test = bundle.train, bundle.val, bundle.test
-    shape, classes = bundle.input_shape, train.num_classes
-    seeds = [s["seed"] + i for i in range(s["seeds"])]
-    ctx.log(f"{s['dataset']}: {len(train)} train, {len(val)} validation; model {s['model']}, seeds {seeds}")
+@dataclass
+class _Stages:
+    """The data and recipes of every stage: the generalist, its specialists, the distilled combination."""
 
-    def cfg(seed: int, epochs: int, lr: float, temperature: float = 1.0, alpha: float = 1.0, best: bool = False):
-        return TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=lr, seed=seed, temperature=temperature,
-                           alpha=alpha, keep_best=best, checkpoint=False)
+    s: dict[str, Any]
+    ctx: RunContext
+    bundle: Any
 
-    def build_system(seed: int, generalist, gen_train_logits, clusters, alpha: float):
-        specialists = []
+    def cfg(self, seed: int, epochs: int, lr: float, best: bool = False) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.s["batch_size"], lr=lr, seed=seed, keep_best=best,
+                           checkpoint=False)
+
+    def train_generalist(self, seed: int):
+        """The generalist on all classes, its training logits, and the clusters of classes it confuses."""
+        s, train, val, test = self.s, self.bundle.train, self.bundle.val, self.bundle.test
+        g_fit = fit(build_model(s["model"], self.bundle.input_shape, train.num_classes, seed=seed), train,
+                    self.cfg(seed, s["epochs"], s["lr"]), val=val, test=test, progress=self.ctx.progress)
+        generalist = g_fit.model
+        clusters = confusable_clusters(torch.softmax(predict_logits(generalist, val.x), dim=1), s["n_clusters"], seed)
+        names = [[train.classes[c] for c in cl] for cl in clusters]
+        self.ctx.log(f"seed {seed}: generalist {g_fit.test['errors']} test errors; clusters {names}")
+        if not clusters:
+            raise ValueError("n_clusters: every cluster has one class, so there is nothing to specialise; use fewer")
+        return generalist, predict_logits(generalist, train.x), clusters, names
+
+    def build_system(self, seed: int, generalist, gen_train_logits, clusters, alpha: float) -> SpecialistSystem:
+        """One specialist per cluster, from the generalist's weights, at soft weight ``alpha``."""
+        s, specialists = self.s, []
         for cl in clusters:
             spec, r = train_specialist(
-                generalist, train, cl, cfg(seed, s["specialist_epochs"], s["specialist_lr"], s["specialist_temperature"],
-                                           alpha, best=True),
-                generalist_logits=gen_train_logits, val=val, progress=ctx.progress)
+                generalist, self.bundle.train, cl, self.cfg(seed, s["specialist_epochs"], s["specialist_lr"], best=True),
+                temperature=s["specialist_temperature"], alpha=alpha, generalist_logits=gen_train_logits,
+                val=self.bundle.val, progress=self.ctx.progress)
             specialists.append(spec)
-            ctx.log(f"seed {seed}: specialist {list(cl)} (alpha {alpha}): {r.val['accuracy']:.4f} on its validation mix")
+            self.ctx.log(f"seed {seed}: specialist {list(cl)} (alpha {alpha}): {r.val['accuracy']:.4f} on its validation mix")
         return SpecialistSystem(generalist, specialists)
 
+    def distil(self, seed: int, teacher: CachedTeacher, temperature: float, alpha: float) -> FitResult:
+        """A model of the generalist's size and budget distilled from the combination."""
+        s, b = self.s, self.bundle
+        return fit(build_model(s["model"], b.input_shape, b.train.num_classes, seed=seed + 1000), b.train,
+                   self.cfg(seed + 1000, s["epochs"], s["lr"]), teacher=teacher, method=kd(temperature, alpha),
+                   val=b.val, test=b.test, progress=self.ctx.progress)
+
+
+def _specialists(st: _Stages, seed: int, generalist, gen_train_logits, clusters, chosen: dict | None):
+    """The specialists and how they are combined. With the first seed (``chosen`` None) every specialist
+    soft weight and top-k is tried and the pair with the fewest validation errors chosen (ties: the first
+    in ``specialist_alphas`` x ``top_ks``); later seeds reuse it. Returns the system and the choice."""
+    s, val = st.s, st.bundle.val
+    systems, val_outputs = {}, {}
+    for alpha in (s["specialist_alphas"] if chosen is None else [chosen["specialist_alpha"]]):
+        systems[alpha] = st.build_system(seed, generalist, gen_train_logits, clusters, alpha)
+        val_outputs[alpha] = systems[alpha].outputs(val.x)
+    if chosen is None:
+        scores = {}
+        for alpha, k in itertools.product(s["specialist_alphas"], s["top_ks"]):
+            lq = systems[alpha].combine(*val_outputs[alpha], top_k=k)
+            scores[(alpha, k)] = int((lq.argmax(1) != val.y).sum())
+        best = choose_on_validation(scores, ["specialist_alpha", "top_k"])
+        gen_val_errors = int((val_outputs[best[0]][0].argmax(1) != val.y).sum())
+        chosen = {"specialist_alpha": best[0], "top_k": best[1],
+                  "validation_errors": {f"alpha={a}, top_k={k}": v for (a, k), v in scores.items()},
+                  "generalist_validation_errors": gen_val_errors}
+        st.ctx.log(f"chosen on validation: {chosen}")
+    system = systems[chosen["specialist_alpha"]]
+    system.top_k = chosen["top_k"]
+    return system, chosen
+
+
+def _distil_combination(st: _Stages, seed: int, system: SpecialistSystem, chosen: dict) -> FitResult:
+    """Distil the combination (its distribution on the training set) into one generalist-sized model; with
+    the first seed, T and alpha are chosen on validation (ties: the first in ``distill_temperatures`` x
+    ``distill_alphas``) and recorded in ``chosen["distill"]``."""
+    s = st.s
+    teacher = CachedTeacher(st.bundle.train.index, system.predict(st.bundle.train))
+    if "distill" in chosen:
+        return st.distil(seed, teacher, chosen["distill"]["temperature"], chosen["distill"]["alpha"])
+    fits = {c: st.distil(seed, teacher, *c) for c in itertools.product(s["distill_temperatures"], s["distill_alphas"])}
+    pick = choose_on_validation({c: r.val["errors"] for c, r in fits.items()}, ["temperature", "alpha"])
+    chosen["distill"] = {"temperature": pick[0], "alpha": pick[1],
+                         "validation_errors": {f"T={t}, alpha={a}": r.val["errors"] for (t, a), r in fits.items()}}
+    return fits[pick]
+
+
+def _seed(st: _Stages, seed: int, chosen: dict | None, shown: dict[str, torch.nn.Module]):
+    """One seed: the generalist, its specialists, their combination and the distilled combination, scored
+    on test (overall and on the specialists' classes). Fills ``shown`` with the first seed's models."""
+    s, test = st.s, st.bundle.test
+    generalist, gen_train_logits, clusters, names = st.train_generalist(seed)
+    system, chosen = _specialists(st, seed, generalist, gen_train_logits, clusters, chosen)
+    special_test = torch.isin(test.y, torch.tensor(sorted(c for cl in clusters for c in cl)))
+    gen_test_lp = torch.log_softmax(predict_logits(generalist, test.x), dim=1)
+    comb_test_lp = system.log_probs(test.x)
+    gen_m, comb_m = _metrics(gen_test_lp, test.y, special_test), _metrics(comb_test_lp, test.y, special_test)
+    active = (comb_test_lp.argmax(1) != gen_test_lp.argmax(1))
+    st.ctx.log(f"seed {seed}: generalist {gen_m['errors']} / combined {comb_m['errors']} test errors "
+               f"({int(active.sum())} predictions changed)")
+    d_fit = _distil_combination(st, seed, system, chosen)
+    dist_m = _metrics(torch.log_softmax(predict_logits(d_fit.model, test.x), dim=1), test.y, special_test)
+    if not shown:
+        # The teacher is the whole system (generalist + specialists, combined as above); the generalist
+        # has the distilled model's architecture and budget on the labels alone: the student alone.
+        n, d = len(clusters), chosen["distill"]
+        shown.update({
+            f"teacher generalist {s['model']} + {n} specialist{'s' * (n > 1)} (top-{system.top_k})": SpecialistModel(system),
+            f"distilled {s['model']} (T={d['temperature']:g}, alpha={d['alpha']:g})": d_fit.model,
+            f"student alone {s['model']} (the generalist)": generalist,
+        })
+    st.ctx.log(f"seed {seed}: distilled combination {dist_m['errors']} test errors")
+    record = {"seed": seed, "clusters": [list(c) for c in clusters], "cluster_names": names,
+              "generalist": gen_m, "combined": comb_m, "distilled": dist_m, "changed_predictions": int(active.sum()),
+              "fixed": int(((comb_test_lp.argmax(1) == test.y) & (gen_test_lp.argmax(1) != test.y)).sum()),
+              "broken": int(((comb_test_lp.argmax(1) != test.y) & (gen_test_lp.argmax(1) == test.y)).sum())}
+    return record, chosen
+
+
+def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Per seed: train the generalist, its specialists (soft weight and top-k chosen on validation), combine
+    them, distil the combination (T and alpha chosen on validation); summarise over seeds."""
+    bundle = kdata.load(s["dataset"], val_size=s["val_size"], seed=s["seed"],
+                        **({"path": ctx.data_path} if ctx.data_path else {}))
+    seeds = [s["seed"] + i for i in range(s["seeds"])]
+    ctx.log(f"{s['dataset']}: {len(bundle.train)} train, {len(bundle.val)} validation; model {s['model']}, seeds {seeds}")
+    st = _Stages(s, ctx, bundle)
     per_seed, chosen = [], None
     shown: dict[str, torch.nn.Module] = {}  # the first seed's models, for the deployment table
     for seed in seeds:
-        g_fit = fit(build_model(s["model"], shape, classes, seed=seed), train, cfg(seed, s["epochs"], s["lr"]),
-                    val=val, test=test, progress=ctx.progress)
-        generalist = g_fit.model
-        gen_train_logits = predict_logits(generalist, train.x)
-        clusters = confusable_clusters(torch.softmax(predict_logits(generalist, val.x), dim=1), s["n_clusters"], seed)
-        names = [[train.classes[c] for c in cl] for cl in clusters]
-        ctx.log(f"seed {seed}: generalist {g_fit.test['errors']} test errors; clusters {names}")
-        if not clusters:
-            raise ValueError("n_clusters: every cluster has one class, so there is nothing to specialise; use fewer")
-        special_ids = torch.tensor(sorted(c for cl in clusters for c in cl))
-
-        # Specialist soft weight and top-k on validation (first seed); the rest reuse them.
-        systems, val_outputs = {}, {}
-        for alpha in (s["specialist_alphas"] if chosen is None else [chosen["specialist_alpha"]]):
-            systems[alpha] = build_system(seed, generalist, gen_train_logits, clusters, alpha)
-            val_outputs[alpha] = systems[alpha].outputs(val.x)
-        if chosen is None:
-            scores = {}
-            for alpha, k in itertools.product(s["specialist_alphas"], s["top_ks"]):
-                lq = systems[alpha].combine(*val_outputs[alpha], top_k=k)
-                scores[(alpha, k)] = int((lq.argmax(1) != val.y).sum())
-            best = min(scores, key=lambda c: (scores[c], list(scores).index(c)))
-            gen_val_errors = int((val_outputs[best[0]][0].argmax(1) != val.y).sum())
-            chosen = {"specialist_alpha": best[0], "top_k": best[1],
-                      "validation_errors": {f"alpha={a}, top_k={k}": v for (a, k), v in scores.items()},
-                      "generalist_validation_errors": gen_val_errors}
-            ctx.log(f"chosen on validation: {chosen}")
-        system = systems[chosen["specialist_alpha"]]
-        system.top_k = chosen["top_k"]
-
-        special_test = torch.isin(test.y, special_ids)
-        gen_test_lp = torch.log_softmax(predict_logits(generalist, test.x), dim=1)
-        comb_test_lp = system.log_probs(test.x)
-        gen_m, comb_m = _metrics(gen_test_lp, test.y, special_test), _metrics(comb_test_lp, test.y, special_test)
-        active = (comb_test_lp.argmax(1) != gen_test_lp.argmax(1))
-        ctx.log(f"seed {seed}: generalist {gen_m['errors']} / combined {comb_m['errors']} test errors "
-                f"({int(active.sum())} predictions changed)")
-
-        # Distil the combination (its distribution on the training set) into one generalist-sized model.
-        teacher = CachedTeacher(train.index, system.predict(train))
-        grid = list(itertools.product(s["distill_temperatures"], s["distill_alphas"]))
-        if "distill" not in chosen:
-            fits = {c: fit(build_model(s["model"], shape, classes, seed=seed + 1000), train,
-                           cfg(seed + 1000, s["epochs"], s["lr"], *c), teacher=teacher, val=val, test=test,
-                           progress=ctx.progress) for c in grid}
-            pick = min(grid, key=lambda c: (fits[c].val["errors"], grid.index(c)))
-            chosen["distill"] = {"temperature": pick[0], "alpha": pick[1],
-                                 "validation_errors": {f"T={t}, alpha={a}": fits[(t, a)].val["errors"] for t, a in grid}}
-            d_fit = fits[pick]
-        else:
-            c = (chosen["distill"]["temperature"], chosen["distill"]["alpha"])
-            d_fit = fit(build_model(s["model"], shape, classes, seed=seed + 1000), train, cfg(seed + 1000, s["epochs"], s["lr"], *c),
-                        teacher=teacher, val=val, test=test, progress=ctx.progress)
-        dist_m = _metrics(torch.log_softmax(predict_logits(d_fit.model, test.x), dim=1), test.y, special_test)
-        if not shown:
-            # The teacher is the whole system (generalist + specialists, combined as above); the generalist
-            # has the distilled model's architecture and budget on the labels alone: the student alone.
-            n, d = len(clusters), chosen["distill"]
-            teacher_name = f"teacher generalist {s['model']} + {n} specialist{'s' * (n > 1)} (top-{system.top_k})"
-            shown = {
-                teacher_name: SpecialistModel(system),
-                f"distilled {s['model']} (T={d['temperature']:g}, alpha={d['alpha']:g})": d_fit.model,
-                f"student alone {s['model']} (the generalist)": generalist,
-            }
-        ctx.log(f"seed {seed}: distilled combination {dist_m['errors']} test errors")
-        per_seed.append({"seed": seed, "clusters": [list(c) for c in clusters], "cluster_names": names,
-                         "generalist": gen_m, "combined": comb_m, "distilled": dist_m,
-                         "changed_predictions": int(active.sum()),
-                         "fixed": int(((comb_test_lp.argmax(1) == test.y) & (gen_test_lp.argmax(1) != test.y)).sum()),
-                         "broken": int(((comb_test_lp.argmax(1) != test.y) & (gen_test_lp.argmax(1) == test.y)).sum())})
+        record, chosen = _seed(st, seed, chosen, shown)
+        per_seed.append(record)
 
     keys = ("errors", "accuracy", "nll", "accuracy_special", "errors_special")
     models = {
@@ -168,11 +204,20 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                                    "specialists": summarize([len(p["clusters"]) for p in per_seed])},
         "distilled-combination": {**role_metrics([p["distilled"] for p in per_seed], keys), "spec": s["model"]},
     }
-    diff = summarize([p["combined"]["accuracy"] - p["generalist"]["accuracy"] for p in per_seed])
-    diff_special = summarize([p["combined"]["accuracy_special"] - p["generalist"]["accuracy_special"] for p in per_seed])
-    diff_distilled = summarize([p["distilled"]["accuracy"] - p["generalist"]["accuracy"] for p in per_seed])
-    _plot(per_seed, train.classes, ctx.out / "specialists.png")
+    changes = {"accuracy_change": summarize([p["combined"]["accuracy"] - p["generalist"]["accuracy"] for p in per_seed]),
+               "accuracy_change_special": summarize([p["combined"]["accuracy_special"] - p["generalist"]["accuracy_special"]
+                                                     for p in per_seed]),
+               "distilled_change": summarize([p["distilled"]["accuracy"] - p["generalist"]["accuracy"] for p in per_seed])}
+    _plot(per_seed, bundle.train.classes, ctx.out / "specialists.png")
+    md = _markdown(s, models, chosen, per_seed, changes)
+    extra = {"chosen": chosen, "per_seed": per_seed, **changes, "threads": torch.get_num_threads()}
+    return finish(ctx, NAME, models, md, extra, shown, bundle.test)
 
+
+def _markdown(s: dict[str, Any], models: dict[str, Any], chosen: dict, per_seed: list[dict], changes: dict) -> str:
+    """results.md: the paper's number, the setting and choices, the three models, the change, the clusters."""
+    diff, diff_special, diff_distilled = (changes[k] for k in ("accuracy_change", "accuracy_change_special",
+                                                                "distilled_change"))
     cluster_lines = "\n".join(f"- seed {p['seed']}: {p['cluster_names']} (changed {p['changed_predictions']} test "
                               f"predictions: {p['fixed']} fixed, {p['broken']} broken)" for p in per_seed)
 
@@ -181,7 +226,7 @@ def run(s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         return (f"| {role} | {fmt(m['test_accuracy'], 4)} | {fmt(m['test_errors'], 1)} | "
                 f"{fmt(m['test_accuracy_special'], 4)} |")
 
-    md = f"""
+    return f"""
 Paper (JFT, 61 specialists): top-1 accuracy 25.0% -> 26.1%.
 
 `{s['model']}` generalist, {s['epochs']} epochs; {s['n_clusters']} K-means clusters of the validation
@@ -206,11 +251,6 @@ Clusters found:
 
 ![per-class accuracy](specialists.png)
 """
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md,
-                            extra={"chosen": chosen, "per_seed": per_seed, "accuracy_change": diff,
-                                   "accuracy_change_special": diff_special, "distilled_change": diff_distilled,
-                                   "threads": torch.get_num_threads()})
-    return ctx.deployment(shown, test, results)
 
 
 def _plot(per_seed: list[dict[str, Any]], class_names, path) -> None:

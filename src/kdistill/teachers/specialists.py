@@ -32,6 +32,7 @@ from torch import nn
 
 from kdistill.data.dataset import TensorData
 from kdistill.engine.evaluate import predict_logits
+from kdistill.methods.kd import KD
 from kdistill.teachers.base import CachedTeacher, freeze
 
 if TYPE_CHECKING:
@@ -183,6 +184,8 @@ def train_specialist(
     classes: Sequence[int],
     config: "TrainConfig",
     *,
+    temperature: float,
+    alpha: float,
     generalist_logits: torch.Tensor | None = None,
     val: TensorData | None = None,
     others_per_own: float = 1.0,
@@ -191,24 +194,27 @@ def train_specialist(
 ) -> tuple[Specialist, "FitResult"]:
     """Initialise a specialist from ``generalist`` and train it on half-special data.
 
-    The loss is ``config.alpha`` x the KL to the generalist's collapsed soft targets at
-    ``config.temperature`` plus ``1 - alpha`` x cross-entropy with the S + dustbin labels.
+    The loss is ``alpha`` x the KL to the generalist's collapsed soft targets at ``temperature`` plus
+    ``1 - alpha`` x cross-entropy with the S + dustbin labels (KD, :mod:`kdistill.methods.kd`; ``alpha`` 0:
+    the labels alone, no teacher). ``config`` is the training recipe (epochs, optimiser, keep-best ...).
     ``generalist_logits`` (rows in ``train``'s order) saves a pass over the data when given.
     The validation split, if any, is made half-special the same way.
     """
     from kdistill.engine import fit
 
     classes = _check_classes(classes, train.num_classes)
+    method = KD(temperature=temperature, alpha=alpha)  # checks both (method.temperature, method.alpha)
     model = specialist_from_generalist(generalist, classes, train.num_classes)
     data = specialist_data(train, classes, config.seed, others_per_own)
     teacher = None
-    if config.alpha > 0:
+    if alpha > 0:
         logits = predict_logits(generalist, train.x) if generalist_logits is None else generalist_logits
         if len(logits) != len(train):
             raise ValueError(f"generalist_logits: {len(logits)} rows for {len(train)} training samples")
-        teacher = specialist_teacher(logits, train.index, classes, config.temperature)
+        teacher = specialist_teacher(logits, train.index, classes, temperature)
     val_data = specialist_data(val, classes, config.seed, others_per_own) if val is not None else None
-    result = fit(model, data, config, teacher=teacher, val=val_data, progress=progress, out_dir=out_dir)
+    result = fit(model, data, config, teacher=teacher, method=method if teacher is not None else None, val=val_data,
+                 progress=progress, out_dir=out_dir)
     return Specialist(classes=classes, model=result.model), result
 
 
