@@ -2,8 +2,8 @@
 
 Token windows ``(B, L)`` of integer ids in, next-token logits ``(B, L, V)`` out, where ``V`` is the data's
 class count (the vocabulary: inputs and labels share it) and ``L`` at most the window the model was built
-for (``in_shape[0]``: learned positions). Pre-norm blocks (``torch.nn.TransformerEncoderLayer`` with
-``norm_first``) under a causal mask, so position ``t`` sees tokens ``0..t`` only. Options: ``heads``
+for (``in_shape[0]``: learned positions). Pre-norm blocks with causal attention
+(``scaled_dot_product_attention(is_causal=True)``), so position ``t`` sees tokens ``0..t`` only. Options: ``heads``
 (attention heads, dividing WIDTH), ``ff`` (feed-forward width as a multiple of WIDTH), ``dropout``.
 
 Small enough to train on a CPU in minutes: ``lm:64,2`` on bytes (V = 256) has about 0.13 M parameters.
@@ -12,9 +12,31 @@ Small enough to train on a CPU in minutes: ``lm:64,2`` on bytes (V = 256) has ab
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdistill.models.registry import register
+
+
+class CausalBlock(nn.Module):
+    """One pre-norm transformer block: causal multi-head self-attention, then a GELU feed-forward layer,
+    each added back to its input (plain ops, so the model exports to ONNX)."""
+
+    def __init__(self, width: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ff = nn.Sequential(nn.Linear(width, ff * width), nn.GELU(), nn.Linear(ff * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, width = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.drop(self.proj(a.transpose(1, 2).reshape(b, length, width)))
+        return h + self.drop(self.ff(self.norm2(h)))
 
 
 class CausalTransformerLM(nn.Module):
@@ -28,13 +50,9 @@ class CausalTransformerLM(nn.Module):
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, ff * width, dropout, activation="gelu", batch_first=True,
-                                       norm_first=True)
-            for _ in range(layers))
+        self.blocks = nn.ModuleList(CausalBlock(width, heads, ff, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
@@ -43,9 +61,8 @@ class CausalTransformerLM(nn.Module):
                              f"built for; build it for the data's window")
         pos = torch.arange(length, device=x.device)
         h = self.drop(self.tokens(x.long()) + self.positions(pos))
-        mask = self.mask[:length, :length]
         for block in self.blocks:
-            h = block(h, src_mask=mask, is_causal=True)
+            h = block(h)
         return self.head(self.norm(h))
 
 
