@@ -17,6 +17,8 @@ Sample ids are window numbers within their part (train/val share one numbering, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -95,17 +97,35 @@ def _check_options(window: int, tokenizer: str, vocab_size: int) -> None:
 
 
 def load_text(path: str | os.PathLike, window: int = 64, tokenizer: str = "bytes", vocab_size: int = 512,
-              seed: int = 0) -> tuple[DataBundle, Any]:
+              seed: int = 0, tokenizer_file: str | None = None) -> tuple[DataBundle, Any]:
     """``(bundle, tok)``: the text at ``path`` as train/val/test windows (see the module doc); ``tok`` is the
-    trained ``tokenizers.Tokenizer`` for ``bpe`` (save it with :func:`save_tokenizer`), None for bytes."""
+    trained ``tokenizers.Tokenizer`` for ``bpe`` (save it with :func:`save_tokenizer`), None for bytes.
+
+    ``tokenizer_file``: a saved BPE (``tokenizer.json``, or a run's ``model.safetensors``, which records
+    its tokenizer) used as it is instead of training one: how a trained model is evaluated on the ids it
+    learnt. Every split records its tokenizer (:func:`tokenizer_record`) in ``preprocessing``."""
     _check_options(window, tokenizer, vocab_size)
-    text = read_text(path)
+    given = None
+    if tokenizer_file is not None:
+        if tokenizer != "bpe":
+            raise ValueError(f"data.tokenizer_file: a saved tokenizer is a byte-level BPE; set data.tokenizer: bpe "
+                             f"(got {tokenizer!r}) or drop tokenizer_file")
+        given = load_tokenizer(tokenizer_file)
+    return text_bundle(read_text(path), f"text:{path}", window, tokenizer, vocab_size, seed, given)
+
+
+def text_bundle(text: str, name: str, window: int = 64, tokenizer: str = "bytes", vocab_size: int = 512,
+                seed: int = 0, given: Any = None) -> tuple[DataBundle, Any]:
+    """:func:`load_text` on a text already in memory (``name`` names it in messages and split names);
+    ``given``: a ``tokenizers.Tokenizer`` to use instead of training a BPE."""
+    _check_options(window, tokenizer, vocab_size)
+    path = name.removeprefix("text:")  # as messages name it
     if len(text.encode("utf-8")) < window + 1:
         raise ValueError(f"text: {str(path)!r} is shorter than one window ({window} + 1 tokens); "
                          f"give more text or lower data.window")
     cut = int(len(text) * (1 - TEST_FRACTION))
     head, tail = text[:cut], text[cut:]
-    tok = train_bpe(head, vocab_size) if tokenizer == "bpe" else None
+    tok = given if given is not None else train_bpe(head, vocab_size) if tokenizer == "bpe" else None
     hx, hy = windows(_encode(head, tok), window)
     tx, ty = windows(_encode(tail, tok), window)
     if len(hx) < 2 or len(tx) < 1:
@@ -117,19 +137,98 @@ def load_text(path: str | os.PathLike, window: int = 64, tokenizer: str = "bytes
     n_val = max(1, round(len(hx) * VAL_FRACTION))
     perm = torch.randperm(len(hx), generator=torch.Generator().manual_seed(seed))
     val_rows, train_rows = perm[:n_val].sort().values, perm[n_val:].sort().values
-    name = f"text:{path}"
-    head_data = TensorData(hx, hy, classes, name=name)
+    record = {"tokenizer": tokenizer_record(tok)}
+    head_data = TensorData(hx, hy, classes, name=name, preprocessing=record)
     bundle = DataBundle(train=head_data.subset(train_rows, f"{name} train"),
                         val=head_data.subset(val_rows, f"{name} val"),
-                        test=TensorData(tx, ty, classes, name=f"{name} test"))
+                        test=TensorData(tx, ty, classes, name=f"{name} test", preprocessing=record))
     return bundle, tok
 
 
 def load_text_source(path: str | os.PathLike, window: int = 64, tokenizer: str = "bytes", vocab_size: int = 512,
-                     seed: int = 0) -> DataBundle:
+                     seed: int = 0, tokenizer_file: str | None = None) -> DataBundle:
     """The ``text:PATH`` source of :func:`kdistill.data.load` (options ``window``, ``tokenizer``,
-    ``vocab_size``); the BPE tokenizer is not kept: use :func:`load_text` to save it with a run."""
-    return load_text(path, window=window, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)[0]
+    ``vocab_size``, ``tokenizer_file``); the splits record the tokenizer, which a run saves beside its model
+    (:func:`save_run_tokenizer`)."""
+    return load_text(path, window=window, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
+                     tokenizer_file=tokenizer_file)[0]
+
+
+def tokenizer_record(tok: Any) -> dict[str, Any]:
+    """What a split (and so ``model.safetensors``) records of its tokenizer: ``kind`` bytes, or bpe with its
+    ``vocab_size``, ``sha256`` and the whole tokenizer as ``json`` (so the model file alone can rebuild it)."""
+    if tok is None:
+        return {"kind": "bytes", "vocab_size": 256}
+    text = tok.to_str()
+    return {"kind": "bpe", "vocab_size": tok.get_vocab_size(), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "json": text}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """A saved BPE: a ``tokenizer.json``, or the tokenizer a ``model.safetensors`` of a text run records."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ValueError("data.tokenizer_file: a saved BPE needs Hugging Face tokenizers; pip install tokenizers") \
+            from exc
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.tokenizer_file: no such file {str(p)!r}")
+    if p.suffix == ".safetensors":
+        record = recorded_tokenizer(p)
+        if record is None or record.get("kind") != "bpe":
+            raise ValueError(f"data.tokenizer_file: {str(p)!r} records no BPE tokenizer; give its run's "
+                             f"tokenizer.json, or a model trained on text: data with tokenizer: bpe")
+        return Tokenizer.from_str(record["json"])
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # tokenizers raises its own exception type for bad JSON
+        raise ValueError(f"data.tokenizer_file: {str(p)!r} is not a tokenizers JSON file ({exc})") from None
+
+
+def recorded_tokenizer(model_file: str | os.PathLike) -> dict[str, Any] | None:
+    """The tokenizer record of a kdistill ``model.safetensors`` (None if it records none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kdistill") or "{}")
+    record = (meta.get("preprocessing") or {}).get("tokenizer")
+    return record if isinstance(record, dict) else None
+
+
+def evaluate_options(name: str, options: dict[str, Any], model_file: str | os.PathLike) -> dict[str, Any]:
+    """``options`` for loading ``text:`` data to evaluate ``model_file``: a model trained on a BPE gets that
+    same BPE (``tokenizer: bpe``, ``tokenizer_file`` = the model file) unless the options name a file."""
+    if not name.startswith("text:") or options.get("tokenizer_file"):
+        return options
+    record = recorded_tokenizer(model_file)
+    if record is None or record.get("kind") != "bpe":
+        return options
+    return {**options, "tokenizer": "bpe", "tokenizer_file": str(model_file)}
+
+
+def save_run_tokenizer(folder: str | os.PathLike, split: Any) -> Path | None:
+    """Beside a run's model: ``tokenizer.json`` for a BPE, ``tokenizer.txt`` saying so for bytes; nothing
+    for data that is not text. Written through a temp file and a rename."""
+    record = (getattr(split, "preprocessing", None) or {}).get("tokenizer")
+    if not isinstance(record, dict):
+        return None
+    if record.get("kind") == "bpe":
+        return _write(Path(folder) / "tokenizer.json", record["json"])
+    return _write(Path(folder) / "tokenizer.txt", "bytes: token ids are the UTF-8 bytes of the text (0..255), "
+                  "labels the next byte; no tokenizer file is needed.\n")
+
+
+def _write(out: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def save_tokenizer(tok: Any, folder: str | os.PathLike) -> Path:
