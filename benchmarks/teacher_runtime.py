@@ -6,7 +6,7 @@ Why: with cached teaching (``train.teacher_views``) the one-off caching is K tea
 and on 2 cores it bounds W5's amortised ratio (benchmarks/cnn_throughput.py). This measures how much a
 different inference runtime would save before the engine grows one. torch: the teacher as the engine
 prepares it (eval, BatchNorms folded by ``kdistill.models.fold``, channels_last, ``inference_mode``);
-onnxruntime: the same weights exported by ``kdistill.teachers.blackbox.export_onnx`` (onnxruntime folds the
+onnxruntime: the same weights exported by ``kdistill.teachers.onnx_model.export_onnx`` (onnxruntime folds the
 BatchNorms itself), torch's thread count; TorchScript: ``torch.jit.freeze`` + ``optimize_for_inference`` of a
 trace of the same weights (oneDNN's fused convolutions; deprecated in favour of ``torch.compile``, so measured
 as a candidate, not used by the engine). All timed by ``kdistill.outputs.deploy``'s median-of-repeats clock on
@@ -95,7 +95,7 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['teacher']} | {b} | {r['torch_ms_per_image'][b]:.3f} | {r['onnx_ms_per_image'][b]:.3f} "
                          f"| {r['torch_over_onnx'][b]:.2f}x | {r['onnx_max_abs_diff']:.1e} |{jit}")
     lines += ["", "torch: eval, BatchNorms folded (`kdistill.models.fold`), channels_last, `inference_mode`; "
-              "onnxruntime: the unfolded model exported by `kdistill.teachers.blackbox.export_onnx`; TorchScript: "
+              "onnxruntime: the unfolded model exported by `kdistill.teachers.onnx_model.export_onnx`; TorchScript: "
               "`torch.jit.freeze` + `optimize_for_inference` of a trace of the unfolded model (deprecated APIs, "
               "a candidate only)."]
     return "\n".join(lines) + "\n"

@@ -38,3 +38,12 @@ def _ecosystem_node(request):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tests never read the user's data cache (~/.cache/kdistill): a machine with real data cached must give
+    the same results as a fresh one."""
+    root = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root))
+    monkeypatch.setenv("KDISTILL_CACHE", str(root / "kdistill"))

@@ -123,12 +123,12 @@ def test_models_are_left_alone_and_options(tiny):
 def test_failed_onnx_export_is_a_note(tiny, monkeypatch):
     if not _has_ort():
         pytest.skip("onnxruntime not installed")
-    import kdistill.teachers.blackbox
+    import kdistill.outputs.deploy
 
     def broken(*_a, **_k):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(kdistill.teachers.blackbox, "export_onnx", broken)
+    monkeypatch.setattr(kdistill.outputs.deploy, "export_onnx", broken)
     test, models = tiny
     out = deployment_table({"student": models["student"]}, test, teacher_name=None, **FAST)
     row = out["rows"]["student"]

@@ -104,7 +104,7 @@ def test_model_and_onnx_export_record_classes_and_preprocessing(teacher_run, tmp
     assert pre["input_dtype"] == "float32"
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from kdistill.teachers.blackbox import read_onnx_metadata
+    from kdistill.teachers.onnx_model import read_onnx_metadata
 
     assert main(["export-onnx", "--model", str(run / "model.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}

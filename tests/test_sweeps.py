@@ -58,7 +58,10 @@ def test_choose_best_uses_the_mean_over_seeds_and_only_validation():
 def test_choose_best_breaks_ties_deterministically():
     recs = [{"T": T, "val_accuracy": 0.5} for T in (10.0, 3.0, 5.0)]
     assert sweeps.choose_best(recs, ["T"], "val_accuracy") == {"T": 10.0}  # first seen
-    assert sweeps.choose_best(recs, ["T"], "val_accuracy", tie_break=lambda s: s["T"]) == {"T": 3.0}
+    ordered = sorted(recs, key=lambda r: r["T"])  # a grid declared in order of preference
+    assert sweeps.choose_best(ordered, ["T"], "val_accuracy") == {"T": 3.0}
+    with pytest.raises(TypeError):
+        sweeps.choose_best(recs, ["T"], "val_accuracy", tie_break=lambda s: s["T"])  # one rule, no per-recipe ones
     nan_first = [{"T": 1.0, "val_accuracy": math.nan}, {"T": 2.0, "val_accuracy": 0.1}]
     assert sweeps.choose_best(nan_first, ["T"], "val_accuracy") == {"T": 2.0}
 

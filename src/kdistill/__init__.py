@@ -1,6 +1,6 @@
 """kdistill: knowledge distillation for PyTorch (Hinton, Vinyals & Dean 2015)."""
 
-__version__ = "0.1.0"
+from kdistill._version import __version__  # noqa: E402
 
 from kdistill.losses import distillation_loss, soft_loss, soft_targets  # noqa: E402
 from kdistill.teachers.base import CachedTeacher, ModuleTeacher  # noqa: E402

@@ -18,6 +18,12 @@ from torch import nn
 from kdistill.engine.config import FitResult, TrainConfig
 from kdistill.engine.loop import fit
 from kdistill.methods import Method, build_method
+from kdistill.data.convert import as_split
+from kdistill.data.stream import labels_of
+from kdistill.engine.evaluate import classification_metrics, predict_split
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.io import save_model
+from kdistill.teachers.onnx_model import export_onnx
 
 
 class Distiller:
@@ -36,7 +42,6 @@ class Distiller:
         cfg = replace(config or TrainConfig(), **train_options) if train_options else (config or TrainConfig())
         result = fit(self.student, train, cfg, teacher=self.teacher, method=self.method, val=val, test=test,
                      out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress, overwrite=overwrite)
-        from kdistill.data.convert import as_split
 
         split = as_split(train, name="train")
         self.input_shape, self.num_classes = tuple(split.input_shape), split.num_classes
@@ -45,10 +50,6 @@ class Distiller:
 
     def evaluate(self, data) -> dict[str, Any]:
         """Accuracy, NLL, ECE, confusion of the student on ``data``, with KL to and agreement with the teacher."""
-        from kdistill.data.convert import as_split
-        from kdistill.data.stream import labels_of
-        from kdistill.engine.evaluate import classification_metrics, predict_split
-        from kdistill.teachers.base import ModuleTeacher
 
         split = as_split(data, name="eval")
         t_logits = None
@@ -60,7 +61,6 @@ class Distiller:
 
     def save(self, path: str | Path) -> Path:
         """The student's weights and what reloads them (``kdistill.io.load_model``, ``--teacher``)."""
-        from kdistill.io import save_model
 
         if self.input_shape is None:
             raise ValueError("Distiller.save: fit first (the input shape and class count come from the data)")
@@ -70,7 +70,6 @@ class Distiller:
 
     def export_onnx(self, path: str | Path) -> Path:
         """The student as ONNX, for onnxruntime and other runtimes."""
-        from kdistill.teachers.blackbox import export_onnx
 
         if self.input_shape is None:
             raise ValueError("Distiller.export_onnx: fit first (the input shape comes from the data)")

@@ -27,6 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdistill._version import __version__
+from kdistill.engine.heap import retain_freed_memory
+from kdistill.models import build_model
+from kdistill.models.adapters import describe_model, runs_code
+from kdistill.models.hf import config_of
+from kdistill.models.registry import build_on_meta
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -92,9 +100,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
     :func:`load_model` asks for a spec. A transformers model's config is kept under ``hf_config``, so it
     rebuilds offline.
     """
-    from kdistill.models.adapters import describe_model
-    from kdistill.models.hf import config_of
-
     tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     spec = getattr(model, "spec", None) or describe_model(model, meta.get("in_shape"), meta.get("num_classes"))
     info: dict[str, Any] = {"spec": spec}
@@ -293,8 +298,6 @@ def teacher_fingerprint(teacher: Any) -> dict[str, Any] | None:
     """What identifies a teacher, for ``--resume`` to refuse another one: its kind, spec and a sha256 of its
     weights (a network), of its logits and their ids (a logits file, or a teacher cached over the data), of
     the file (ONNX), or of its members, mean and temperature (an ensemble). None without a teacher."""
-    from kdistill.teachers.base import CachedTeacher, ModuleTeacher
-
     if teacher is None:
         return None
     if isinstance(teacher, ModuleTeacher):
@@ -444,9 +447,6 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
     with remote code). Tensors must keep their kind: an integer or bool tensor is never read into a float one
     (or the reverse); only float precision may change.
     """
-    from kdistill.models import build_model
-    from kdistill.models.adapters import runs_code
-
     path = Path(path)
     state, meta = load_weights(path)
     from_file = not spec
@@ -473,8 +473,6 @@ def load_model(path: str | os.PathLike, spec: str | None = None, in_shape=None, 
         raise ValueError(f"weights: {path}: in_shape {in_shape!r} is not a sample shape (1 to 5 positive sizes)")
     if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10_000_000):
         raise ValueError(f"weights: {path}: num_classes {num_classes!r} is not a positive class count")
-    from kdistill.models.registry import build_on_meta
-
     skeleton = build_on_meta(spec, in_shape, num_classes)  # shapes first: nothing allocated for a file that
     if skeleton is not None:  # does not fit (a small file whose metadata claims a huge model, say)
         _check_state(path, skeleton, state, spec)
@@ -605,9 +603,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded next to every run's outputs."""
     import numpy
-
-    from kdistill import __version__
-    from kdistill.engine.heap import retain_freed_memory
 
     info = {
         "kdistill": __version__,

@@ -24,6 +24,9 @@ import torch
 import kdistill.config.loader as config_mod
 from kdistill.data.folder import IMAGE_SUFFIXES, _pixels, open_image
 from kdistill.data.preprocess import Normalization, channel_view, parse_normalize, recorded_normalization
+from kdistill.engine.evaluate import predict_logits
+from kdistill.io import load_model, read_model_meta
+from kdistill.data.preprocess import check_teacher_preprocessing, normalize_split
 
 BATCH = 64
 
@@ -51,14 +54,12 @@ def load_predictor(path: str, trust_code: bool = False) -> Predictor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--model: no file {path}")
     if path.lower().endswith(".onnx"):
-        from kdistill.teachers.blackbox import OnnxTeacher, read_onnx_metadata
+        from kdistill.teachers.onnx_model import OnnxTeacher, read_onnx_metadata
 
         teacher, meta = OnnxTeacher(path), read_onnx_metadata(path)
         shape = meta.get("input_shape") or teacher.input_shape[1:]
         fixed = tuple(shape) if all(isinstance(d, int) for d in shape) else None
         return Predictor(path, teacher.logits, fixed, meta.get("class_names"), meta.get("preprocessing"))
-    from kdistill.engine.evaluate import predict_logits
-    from kdistill.io import load_model, read_model_meta
 
     model = load_model(path, trust_code=trust_code)  # --trust-code: may build the py: spec the file names
     meta = read_model_meta(path)
@@ -226,7 +227,6 @@ def split_data(args: argparse.Namespace, record: dict[str, Any] | None) -> dict[
 def fit_split(pred: Predictor, split: Any, norm: Normalization) -> Any:
     """``split`` normalised by ``norm`` (the model's recorded normalisation, or its run's), after a one-line
     refusal of a model whose recorded input shape or preprocessing does not fit it."""
-    from kdistill.data.preprocess import check_teacher_preprocessing, normalize_split
 
     if pred.in_shape and tuple(pred.in_shape) != tuple(split.input_shape):
         raise ValueError(f"--model: {pred.path} takes inputs shaped {list(pred.in_shape)}, but {split.name} has "

@@ -21,6 +21,35 @@ from typing import Any
 from kdistill import __version__
 import kdistill.config.loader as config_mod
 from kdistill.losses import LOSS_KINDS
+from kdistill.config.types import short_repr
+from kdistill.config.schema import normalize_sections
+from kdistill.engine.rundir import check_config_file, no_checkpoint
+from kdistill.engine.rundir import clear_run
+from kdistill import data
+from kdistill.data.text import evaluate_options
+from kdistill.models.registry import build_on_meta
+from kdistill.io import load_model
+import kdistill.config.schema as schema
+from kdistill.engine.config import check_device
+from kdistill.engine.rundir import claim
+from kdistill.engine import resolve_device
+from kdistill.engine.distributed import init_from_env
+from kdistill.engine.loop import preflight
+from kdistill.engine.rundir import remove_stale_tmp
+from kdistill.models import build_model
+from kdistill.outputs.results import write_run_files
+from kdistill.engine import fit
+from kdistill.outputs.results import write_results
+from kdistill.data.dataset import TensorData
+from kdistill.outputs.deploy import deployment_table, write_deployment
+from kdistill.teachers.base import ModuleTeacher
+from kdistill.outputs.deploy import deployment_markdown
+from kdistill.engine.evaluate import evaluate_model, predict_split
+from kdistill.engine.loop import _check_outputs, check_inputs, check_teacher
+from kdistill.config.types import check_number
+from kdistill import experiments
+import kdistill.cli as commands
+from kdistill.engine.config import TrainConfig
 
 DEFAULTS: dict[str, Any] = {
     "data": {"name": "mnist", "path": None, "val_size": None, "seed": 0},
@@ -62,7 +91,6 @@ def add_trust_code(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    from kdistill.config.schema import normalize_sections, short_repr
 
     loaded = normalize_sections(config_mod.load_yaml(args.config)) if args.config else {}
     for key in ("data", "method", "train"):  # a section that is not a mapping would be replaced by the flags'
@@ -86,8 +114,6 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
     checked under its lock (:func:`kdistill.engine.rundir.claim`)."""
     import os
 
-    from kdistill.engine.rundir import check_config_file, no_checkpoint
-
     if resume and overwrite:
         raise ValueError("--overwrite: --resume continues the run in --out, --overwrite replaces it; give one")
     if out.exists() and not out.is_dir():
@@ -106,7 +132,6 @@ def _check_out(out: Path, resume: bool, overwrite: bool, config: str | None = No
 
 def _clear_run(out: Path) -> None:
     """Delete a previous run's files (``--overwrite``); anything else in the directory stays."""
-    from kdistill.engine.rundir import clear_run
 
     clear_run(out)
 
@@ -122,7 +147,6 @@ def _discard(out: Path, existed: bool) -> None:
 
 
 def _load_data(cfg: dict[str, Any]):
-    from kdistill import data
 
     d = dict(cfg["data"])
     name, path, val_size, seed = d.pop("name"), d.pop("path", None), d.pop("val_size", None), d.pop("seed", 0)
@@ -135,8 +159,6 @@ def _check_size(spec: str, in_shape, num_classes: int) -> None:
     """Refuse a model this machine's memory cannot train (weights, gradients, optimiser state), counted on the
     meta device before anything is allocated."""
     import os
-
-    from kdistill.models.registry import build_on_meta
 
     skeleton = build_on_meta(spec, in_shape, num_classes)
     if skeleton is None:
@@ -152,8 +174,7 @@ def _check_size(spec: str, in_shape, num_classes: int) -> None:
 
 
 def _method_section(cfg: dict[str, Any], distill: bool) -> dict[str, Any]:
-    """The ``method`` section with its name defaulted; KD reads ``train.temperature/alpha/loss`` where the
-    method section does not set them (configs written before methods were modules)."""
+    """The ``method`` section with its name defaulted (KD with a teacher, else CE)."""
     m = cfg.get("method") or {}
     if isinstance(m, str):
         m = {"name": m}
@@ -161,23 +182,18 @@ def _method_section(cfg: dict[str, Any], distill: bool) -> dict[str, Any]:
         raise ValueError(f"method: a name or a mapping with name and options, not {type(m).__name__}")
     m = dict(m)
     m["name"] = m.get("name") or ("kd" if distill else "ce")
-    if m["name"] == "kd":
-        for tk, mk in (("temperature", "temperature"), ("alpha", "alpha"), ("loss", "kind")):
-            if mk not in m and tk in cfg.get("train", {}):
-                m[mk] = cfg["train"][tk]
     return m
 
 
 def _teacher_model(cfg: dict[str, Any], bundle):
     """``--teacher-model SPEC --teacher-weights FILE``: any registry/adapter model with weights from a file."""
-    from kdistill.io import load_model
 
     spec, weights = cfg.get("teacher_model"), cfg.get("teacher_weights")
     if bool(spec) != bool(weights):
         raise ValueError("--teacher-model and --teacher-weights go together: the spec builds the network, the file "
                          "fills it (kdistill or plain safetensors, or a torch.save state dict read with weights_only)")
     if str(weights).lower().endswith(".safetensors") and Path(weights).is_file():  # names it recorded: checked too
-        from kdistill.teachers.blackbox import _check_class_names
+        from kdistill.teachers.resolve import _check_class_names
         from kdistill.io import read_model_meta
 
         _check_class_names(weights, read_model_meta(weights).get("class_names"), bundle.train)
@@ -186,11 +202,6 @@ def _teacher_model(cfg: dict[str, Any], bundle):
 
 def _train_like(args: argparse.Namespace, distill: bool) -> int:
     import os
-
-    import kdistill.config.schema as schema
-    from kdistill.engine.config import check_device
-    from kdistill.engine.rundir import claim
-    from kdistill.engine import resolve_device
 
     extra: dict[str, Any] = {"model": args.model}
     if distill:
@@ -234,20 +245,13 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
     against each other, then the files written and the model trained."""
     from dataclasses import asdict
 
-    from kdistill.engine.distributed import init_from_env
-    from kdistill.engine.loop import preflight
-    from kdistill.engine.rundir import remove_stale_tmp
-    from kdistill.models import build_model
-    from kdistill.outputs.results import write_run_files
-    from kdistill.engine import fit
-
     # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
     rank = init_from_env(cuda=device.type == "cuda")
     bundle = _load_data(cfg)
     train = bundle.train
     teacher = None
     if distill:
-        from kdistill.teachers.blackbox import resolve_teacher
+        from kdistill.teachers.resolve import resolve_teacher
         from kdistill.data import drop_labels
 
         if cfg.get("fraction") is not None:
@@ -255,7 +259,7 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
 
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
         augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
-        from kdistill.data.preprocess import check_teacher_files
+        from kdistill.teachers.resolve import check_teacher_files
 
         check_teacher_files(cfg, train)  # a teacher trained on other normalisation is refused, naming the fix
         if cfg.get("teacher_model"):
@@ -298,7 +302,6 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
         if rank == 0 and not args.resume and not (out / "checkpoint.safetensors").exists():
             _discard(out, existed)  # refused before training: leave nothing half written
         raise
-    from kdistill.outputs.results import write_results
 
     if rank != 0:
         return 0
@@ -316,10 +319,6 @@ def _deployment(out: Path, teacher, student, test) -> None:
     """Teacher and student side by side (size, FLOPs, latency, accuracy kept) in results.json / results.md."""
     from torch import nn
 
-    from kdistill.data.dataset import TensorData
-    from kdistill.outputs.deploy import deployment_table, write_deployment
-    from kdistill.teachers.base import ModuleTeacher
-
     net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
     if not isinstance(test, TensorData):  # streamed: the table reads the test split once, into memory
         import torch
@@ -332,28 +331,22 @@ def _deployment(out: Path, teacher, student, test) -> None:
     models = {"teacher": net, "student": student} if isinstance(net, nn.Module) else {"student": student}
     table = deployment_table(models, test, teacher_name="teacher" if "teacher" in models else None, budget_s=1.0)
     write_deployment(out, table)
-    from kdistill.outputs.deploy import deployment_markdown
 
     print(deployment_markdown(table))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from kdistill import data
-    from kdistill.engine.evaluate import evaluate_model, predict_split
-    from kdistill.io import load_model
 
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"--model: no file {args.model}")
     d = _run_data(args)
     options = {k: v for k, v in d.items() if k not in ("name", "val_size", "seed") and v is not None}
+    options = evaluate_options(d["name"], options, args.model)  # a text model keeps its own tokenizer
     bundle = data.load(d["name"], val_size=d.get("val_size"), seed=d.get("seed") or 0, **options)
     split = {"test": bundle.test, "val": bundle.val, "train": bundle.train}[args.split]
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split")
     import torch
-
-    from kdistill.engine.loop import _check_outputs, check_inputs, check_teacher
-    from kdistill.config.schema import check_number
 
     if not 0 < check_number(args.temperature, "--temperature") <= 1e4:
         raise ValueError(f"--temperature: must be in (0, 1e4], got {args.temperature}")
@@ -394,7 +387,6 @@ def _run_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kdistill import experiments
 
     if args.list or not args.experiment:
         for name, desc in experiments.describe():
@@ -468,8 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import pkgutil
 
-    import kdistill.cli as commands
-
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         if not info.name.startswith("_") and info.name != "app":
             importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
@@ -504,7 +494,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _train_default(dest: str):
-    from kdistill.engine.config import TrainConfig
 
     return getattr(TrainConfig(), dest, None)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 def _predict(args: argparse.Namespace) -> int:
     from kdistill import data
-    from kdistill.teachers.blackbox import OnnxTeacher, save_logits
+    from kdistill.teachers.onnx_model import OnnxTeacher
+    from kdistill.teachers.logits_files import save_logits
     from kdistill.data.preprocess import parse_normalize
     from kdistill.engine.evaluate import classification_metrics, predict_split
     from kdistill.cli import _predict as files
@@ -73,7 +74,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from kdistill.teachers.blackbox import export_onnx
+    from kdistill.teachers.onnx_model import export_onnx
     from kdistill.io import load_model, read_model_meta
 
     model = load_model(args.model, trust_code=args.trust_code)
@@ -94,15 +95,18 @@ def _specialists(args: argparse.Namespace) -> int:
     import torch
 
     from kdistill import data
-    from kdistill.teachers.blackbox import save_logits
+    from kdistill.teachers.logits_files import save_logits
     from kdistill.engine.evaluate import classification_metrics, predict_logits, predict_split
     from kdistill.io import load_model, save_model, write_json
     from kdistill.outputs.results import write_results
     from kdistill.teachers.specialists import SpecialistSystem, confusable_clusters, train_specialist
     from kdistill.engine import TrainConfig
+    from kdistill.methods.kd import check_temperature, check_weight
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      temperature=args.temperature, alpha=args.alpha, keep_best=True, checkpoint=False)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep_best=True,
+                      checkpoint=False)
+    check_temperature(args.temperature, "--temperature")  # the specialists' KD options, checked before any work
+    check_weight(args.alpha, "--alpha", 1.0)
     clusters = [tuple(int(c) for c in group.split(",")) for group in args.classes or []]
     if args.save_logits and not args.save_logits.endswith((".safetensors", ".npy")):
         raise ValueError(f"--save-logits: {args.save_logits} must end in .safetensors or .npy")
@@ -123,8 +127,8 @@ def _specialists(args: argparse.Namespace) -> int:
     gen_train = predict_logits(generalist, bundle.train.x)
     specialists = []
     for cl in clusters:
-        spec, _ = train_specialist(generalist, bundle.train, cl, cfg, generalist_logits=gen_train, val=bundle.val,
-                                   progress=not args.no_progress)
+        spec, _ = train_specialist(generalist, bundle.train, cl, cfg, temperature=args.temperature, alpha=args.alpha,
+                                   generalist_logits=gen_train, val=bundle.val, progress=not args.no_progress)
         save_model(out / f"specialist-{'-'.join(map(str, cl))}.safetensors", spec.model,
                    in_shape=list(bundle.input_shape), num_classes=len(cl) + 1, classes=list(cl))
         specialists.append(spec)

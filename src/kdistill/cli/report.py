@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from kdistill.outputs.html import write_report
 
 
 def _report(args: argparse.Namespace) -> int:
-    from kdistill.outputs.html import write_report
 
     path = write_report(args.run_dirs, args.out)
     print(json.dumps({"report": str(path), "runs": len(args.run_dirs)}))

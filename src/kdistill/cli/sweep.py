@@ -17,14 +17,24 @@ import time
 from pathlib import Path
 from typing import Any
 from kdistill.losses import LOSS_KINDS
+import kdistill.config.loader as config_mod
+from kdistill.config.schema import build_method, method_section
+from kdistill.engine import TrainConfig
+from kdistill import data
+from kdistill.io import load_model
+from kdistill.models import build_model
+from kdistill.sweeps.multi import check_configs, fit_many
+from kdistill.outputs.results import fmt, summarize, write_results, write_run_files
+from kdistill.cli.app import add_trust_code
 
 GRID = (("temperature", "temperatures"), ("alpha", "alphas"), ("lr", "lrs"), ("weight_decay", "weight_decays"),
         ("seed", "seeds"))
+METHOD_AXES = ("temperature", "alpha")
+"""Grid axes that are KD's options rather than training settings."""
 SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "weight_decay": "wd", "seed": "seed"}
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    import kdistill.config.loader as config_mod
 
     cfg: dict[str, Any] = config_mod.load_yaml(args.config) if args.config else {}
     flags = {
@@ -32,9 +42,10 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "student": args.student,
         "teacher": args.teacher,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
-                  "jitter": args.jitter, "momentum": args.momentum, "schedule": args.schedule, "loss": args.loss,
+                  "jitter": args.jitter, "momentum": args.momentum, "schedule": args.schedule,
                   "device": args.device},
         "grid": {key: getattr(args, flag) for key, flag in GRID},
+        "method": {"kind": args.loss},
     }
     defaults = {"data": {"name": "mnist", "path": None, "val_size": None, "seed": 0}, "train": {}, "grid": {}}
     cfg = config_mod.merge(defaults, cfg)
@@ -47,8 +58,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_grid(cfg: dict[str, Any]):
-    """(role, TrainConfig, swept values) per student of the grid; raises ValueError on bad settings."""
-    from kdistill.engine import TrainConfig
+    """(role, TrainConfig, swept values, method) per student of the grid; raises ValueError on bad settings.
+    Temperature and alpha are KD's options: each student's method gets them (``method.kind`` for all)."""
 
     grid = dict(cfg.get("grid") or {})
     unknown = set(grid) - {k for k, _ in GRID}
@@ -58,6 +69,7 @@ def build_grid(cfg: dict[str, Any]):
     if not distill and any(grid.get(k) for k in ("temperature", "alpha")):
         raise ValueError("--temperatures/--alphas: need a --teacher; without one the sweep is supervised training")
     shared = dict(cfg.get("train") or {})
+    kd_options = {k: v for k, v in (cfg.get("method") or {}).items() if v is not None and k != "name"}
     for key, _ in GRID:
         if key in shared and grid.get(key):
             raise ValueError(f"train.{key}: set both as a shared value and as a sweep list; give it once")
@@ -75,18 +87,16 @@ def build_grid(cfg: dict[str, Any]):
     students = []
     for combo in itertools.product(*(axes[k] for k, _ in GRID)):
         values = dict(zip((k for k, _ in GRID), combo))
-        tcfg = TrainConfig.from_dict({**shared, **values})  # validates every value before any work
+        train = {k: v for k, v in values.items() if k not in METHOD_AXES}
+        tcfg = TrainConfig.from_dict({**shared, **train})  # validates every value before any work
+        method = build_method(method_section({"name": "kd", **kd_options, "temperature": values["temperature"],
+                                               "alpha": values["alpha"]})) if distill else build_method("ce")
         role = "-".join(f"{SHORT[k]}{values[k]}" for k in swept)
-        students.append((role, tcfg, values))
+        students.append((role, tcfg, values, method))
     return students, swept
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kdistill import data
-    from kdistill.io import load_model
-    from kdistill.models import build_model
-    from kdistill.sweeps.multi import check_configs, fit_many
-    from kdistill.outputs.results import fmt, summarize, write_results, write_run_files
 
     cfg = _resolve(args)
     if not cfg.get("student"):
@@ -104,14 +114,15 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_run_files(out, cfg, None)  # only once every input has been validated
     t0 = time.perf_counter()
-    results = fit_many(models, bundle.train, [s[1] for s in students], teacher=teacher, val=bundle.val,
+    results = fit_many(models, bundle.train, [s[1] for s in students], teacher=teacher,
+                       methods=[s[3] for s in students], val=bundle.val,
                        test=bundle.test, out_dir=out / "students" if args.save_models else None,
                        names=[s[0] for s in students], progress=not args.no_progress)
     wall = time.perf_counter() - t0
 
     roles: dict[str, dict[str, Any]] = {}
     settings: dict[str, list[tuple[dict, Any]]] = {}
-    for (role, _, values), r in zip(students, results):
+    for (role, _, values, _), r in zip(students, results):
         roles[role] = {"test_errors": r.test["errors"], "test_accuracy": r.test["accuracy"], "test_nll": r.test["nll"],
                        "spec": cfg["student"], **values}
         if r.val is not None:
@@ -167,7 +178,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-models", action="store_true", help="write each student's weights and metrics under OUT/students/")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
-    from kdistill.cli.app import add_trust_code
 
     add_trust_code(p)
     p.set_defaults(func=_sweep)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from kdistill.config.schema import short_repr
+from kdistill.config.types import short_repr
 
 MAX_DEPTH = 32
 """Deepest nesting of mappings and lists a config may have (kdistill's own are three levels deep)."""

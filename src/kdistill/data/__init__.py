@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+from kdistill.config.types import Field, closest, coerce, finite_anything, short_repr, signature_fields
 
 from kdistill.data.augment import jitter, jittered_copies
 from kdistill.data.convert import as_split, to_tensor_data
@@ -17,6 +20,7 @@ from kdistill.data.dataset import UNLABELLED, DataBundle, Split, StreamData, Ten
 from kdistill.data.mnist import load_fashion_mnist, load_mnist
 from kdistill.data.splits import check_eval_split, drop_labels, keep_classes, omit_classes, split_validation, stratified_fraction, with_validation
 from kdistill.data.toy import load_digits, load_synthetic
+from kdistill.data.preprocess import PIXEL_SCALE, parse_normalize, preprocess_bundle
 
 LOADERS: dict[str, Callable[..., DataBundle]] = {
     "mnist": load_mnist,
@@ -50,40 +54,50 @@ def register_source(prefix: str, loader: Callable[..., DataBundle], val_size: in
     SOURCE_VAL_SIZE[prefix] = val_size
 
 
-def _accepted_options(loader: Callable[..., Any], skip: int) -> list[str] | None:
-    """Keyword options ``loader`` takes (after its first ``skip`` parameters); None if it takes any."""
-    try:
-        params = list(inspect.signature(loader).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in params[skip:] if p.kind in kinds]
+def data_loader(name: str):
+    """``(loader, skip, label)`` for data set ``name`` (a registered name or a ``PREFIX:PATH`` file spec)."""
+    prefix, sep, _ = name.partition(":")
+    if sep and prefix in SOURCES:
+        return SOURCES[prefix], 1, f"{prefix}:"
+    if not sep and name in SOURCES:
+        return SOURCES[name], 1, f"{name}:"
+    if name in LOADERS:
+        return LOADERS[name], 0, repr(name)
+    raise ValueError(
+        f"data.name: unknown data set {short_repr(name)}{closest(name, LOADERS)}; choose one of {sorted(LOADERS)} "
+        f"or a file spec {', '.join(f'{p}:PATH' for p in sorted(SOURCES))}"
+    )
 
 
-def _check_options(what: str, loader: Callable[..., Any], options: dict[str, Any], skip: int) -> None:
-    accepted = _accepted_options(loader, skip)
-    if accepted is None:
-        return
-    unknown = sorted(k for k in options if k not in accepted)
-    if unknown:
-        from kdistill.config.schema import closest
+def loader_fields(loader: Callable[..., Any], skip: int, keep_seed: bool = False) -> dict[str, Field] | None:
+    """A data loader's keyword options (``seed`` excluded unless asked: :func:`kdistill.data.load` owns it)."""
+    return signature_fields(loader, skip, exclude=() if keep_seed else ("seed",))
 
-        shown = [a for a in accepted if a != "seed"]  # load() owns seed
-        raise ValueError(
-            f"data.{unknown[0]}: {what} has no option {', '.join(map(repr, unknown))}{closest(unknown[0], shown)}; "
-            f"it accepts {shown or 'no options'}"
-        )
+
+def coerce_loader_options(name: str, options: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
+    """Options for data set ``name``'s loader, typed by its signature; unknown ones refused."""
+    loader, skip, label = data_loader(name)
+    fields = loader_fields(loader, skip)
+    if fields is None:
+        return {k: finite_anything(v, f"{where}.{k}") for k, v in options.items()}
+    if skip == 1:  # a file spec's loader takes the path first: `npz` with path=FILE
+        fields = {"path": Field("path", str | None, None), **fields}
+    for key in options:
+        if key not in fields:
+            raise ValueError(f"{where}.{key}: data set {label} has no option {short_repr(key)}{closest(key, fields)}; "
+                             f"it accepts {sorted(fields) or 'no options'}")
+    out = {}
+    for k, v in options.items():
+        hint = fields[k].hint
+        if k == "path" and isinstance(v, (str, os.PathLike)):
+            v = os.fspath(v)
+        out[k] = coerce(v, hint, f"{where}.{k}")
+    return out
 
 
 def _typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The loader's options coerced to the types of its signature (see :mod:`kdistill.config.schema`); a ``path``
     that does not exist is an error rather than a silent fall-back to the cache or a download."""
-    from pathlib import Path
-
-    from kdistill.config.schema import coerce_loader_options
-
     typed = coerce_loader_options(name, options)
     path = typed.get("path")
     if path is not None and name in LOADERS and not Path(path).expanduser().exists():
@@ -120,9 +134,6 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, norma
     ``cifar10`` or ``{mean, std}``, see :mod:`kdistill.data.preprocess`) is applied to every split once, and
     recorded on each as ``preprocessing``.
     """
-    from kdistill.config.schema import coerce, signature_fields
-    from kdistill.data.preprocess import PIXEL_SCALE, parse_normalize, preprocess_bundle
-
     if not isinstance(name, str) or not name:
         raise ValueError(f"data.name: give a data set name or file spec, got {name!r}")
     load_fields = signature_fields(load, 1, named_only=True)
@@ -140,14 +151,12 @@ def load(name: str, *, val_size: int | float | None = None, seed: int = 0, norma
     if spec is not None:
         prefix, path = spec
         loader = SOURCES[prefix]
-        _check_options(f"{prefix}:", loader, options, skip=1)
-        if "seed" in (_accepted_options(loader, 1) or ()):
+        if "seed" in (loader_fields(loader, 1, keep_seed=True) or ()):
             options["seed"] = seed
         bundle = loader(path, **options)
         default = SOURCE_VAL_SIZE.get(prefix, 0.1)
         scale = PIXEL_SCALE.get(prefix)
     elif name in LOADERS:
-        _check_options(repr(name), LOADERS[name], options, skip=0)
         bundle = LOADERS[name](**options)
         default = DEFAULT_VAL_SIZE.get(name, 0.1)
         scale = PIXEL_SCALE.get(name)

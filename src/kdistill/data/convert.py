@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdistill.config.schema import short_repr
+from kdistill.config.types import short_repr
 from kdistill.data.dataset import UNLABELLED, Split, StreamData, TensorData
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed, unsigned, float

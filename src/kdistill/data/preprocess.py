@@ -102,7 +102,7 @@ def _from_string(text: str) -> Normalization | dict[str, str]:
         return Normalization(key, mean, std)
     parts = re.split(r"\b(mean|std)\s*[=:]\s*", key)
     if len(parts) < 3 or parts[0].strip(" ;/"):
-        from kdistill.config.schema import closest
+        from kdistill.config.types import closest
 
         raise ValueError(f"data.normalize: unknown setting {reprlib.repr(text)}{closest(key[:100], PRESETS)}; "
                          f"give {FORMS}")
@@ -182,7 +182,7 @@ class NormalizedDataset(Dataset):
 def normalize_split(split: Split, norm: Normalization, scale: float | None) -> Split:
     """``split`` normalised (a new tensor in memory, a :class:`NormalizedDataset` when streamed), carrying its
     ``preprocessing`` record."""
-    record = {"normalize": norm.record(), "scale": scale}
+    record = {**(split.preprocessing or {}), "normalize": norm.record(), "scale": scale}  # keeps a text tokenizer
     if norm.is_identity:
         return replace(split, preprocessing=record)
     c = _channels(norm, split.input_shape, split.name)
@@ -211,7 +211,8 @@ def model_record(split: Split) -> dict[str, Any]:
     out: dict[str, Any] = {"class_names": [str(c) for c in split.classes]}
     pre = getattr(split, "preprocessing", None)
     if pre:
-        out["preprocessing"] = {**pre, "input_shape": list(split.input_shape), "input_dtype": "float32"}
+        dtype = str(split.x.dtype).removeprefix("torch.") if isinstance(split, TensorData) else "float32"
+        out["preprocessing"] = {**pre, "input_shape": list(split.input_shape), "input_dtype": dtype}
     return out
 
 
@@ -259,27 +260,3 @@ def check_teacher_preprocessing(path: str, record: Mapping[str, Any] | None, spl
                      f"run's data ({split.name}) uses {mine.describe()}; the {what} would see other numbers than it "
                      f"learnt from. Set --set data.normalize='{fix}' to match it, or use a {what} trained with "
                      f"this run's preprocessing")
-
-
-def _paths(value: Any) -> list[str]:
-    if not value:
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-
-
-def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
-    """Every teacher of a distill config that records its preprocessing (``--teacher``/``--teacher-weights``
-    kdistill ``.safetensors``, ``--teacher-onnx`` exported by kdistill) checked against the run's data."""
-    from pathlib import Path
-
-    from kdistill.io import read_model_meta
-
-    for key in ("teacher", "teacher_weights"):
-        for path in _paths(cfg.get(key)):
-            if path.lower().endswith(".safetensors") and Path(path).is_file():
-                check_teacher_preprocessing(path, read_model_meta(path).get("preprocessing"), split)
-    for path in _paths(cfg.get("teacher_onnx")):
-        if Path(path).is_file():
-            from kdistill.teachers.blackbox import read_onnx_metadata
-
-            check_teacher_preprocessing(path, read_onnx_metadata(path).get("preprocessing"), split, "teacher_onnx")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from kdistill.config.schema import short_repr
+from kdistill.config.types import short_repr
 from kdistill.data.dataset import UNLABELLED, DataBundle, Split, TensorData
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from kdistill.io import write_text
 
 
 @dataclass
@@ -64,7 +65,6 @@ class MetricsFiles(Callback):
         self._write(state)
 
     def _write(self, state: LoopState) -> None:
-        from kdistill.io import write_text
 
         for d, history in zip(self.dirs, state.histories):
             write_text(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

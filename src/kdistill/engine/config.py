@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from kdistill.losses import LOSS_KINDS
+from kdistill.config.types import closest, coerce_object, short_repr
+from kdistill.data.augment import parse_augment
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
@@ -50,10 +51,7 @@ class TrainConfig:
     accumulate: int = 1  # split each batch into this many micro-batches, one update per batch
     jitter: int = 0
     seed: int = 0
-    # Distillation (ignored without a teacher).
-    temperature: float = 1.0
-    alpha: float = 1.0
-    loss: str = "kl"
+    # Teaching (ignored without a teacher); the method's own options (KD's temperature, alpha, kind) are the method's.
     cache_teacher: bool | None = None  # None: auto (cache only deterministic data); see the class docstring
     # Evaluation and bookkeeping.
     eval_every_steps: int = 0
@@ -76,9 +74,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Coerce every field to its declared type (``lr="1e-3"`` becomes 0.001; a bool is not an integer; NaN,
-        infinity and magnitudes beyond :data:`kdistill.config.schema.FLOAT_LIMIT` are refused), then check the values."""
-        from kdistill.config.schema import coerce_object, short_repr
-
+        infinity and magnitudes beyond :data:`kdistill.config.types.FLOAT_LIMIT` are refused), then check the values."""
         coerce_object(self, "train")
 
         def need(ok: bool, name: str, msg: str) -> None:
@@ -105,9 +101,6 @@ class TrainConfig:
              "accumulate", f"must be an integer >= 1 that divides batch_size ({self.batch_size})")
         need(isinstance(self.jitter, int) and 0 <= self.jitter <= MAX_PIXELS, "jitter",
              f"is a pixel count in [0, {MAX_PIXELS:,}]")
-        need(0 < self.temperature <= 1e4, "temperature", "must be in (0, 1e4]")
-        need(0 <= self.alpha <= 1, "alpha", "is the soft-target weight, in [0, 1]")
-        need(self.loss in LOSS_KINDS, "loss", f"must be one of {LOSS_KINDS}")
         need(0 <= self.eval_every_steps <= MAX_STEPS, "eval_every_steps", f"must be in [0, {MAX_STEPS:,}]")
         need(isinstance(self.teacher_views, int) and 0 <= self.teacher_views <= MAX_VIEWS, "teacher_views",
              f"is a view count in [0, {MAX_VIEWS:,}]")
@@ -117,7 +110,6 @@ class TrainConfig:
              f"is a process count in [0, {MAX_WORKERS}]")
         need(device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         need(-(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits")
-        from kdistill.data.augment import parse_augment
 
         aug = parse_augment(self.augment or None)
         need(not (self.jitter and aug.pixels), "jitter", "and a crop in train.augment both translate; give one of them")
@@ -132,19 +124,19 @@ class TrainConfig:
         """The batched augmentation this config asks for (``jitter: N`` is ``cropN``)."""
         from dataclasses import replace as _replace
 
-        from kdistill.data.augment import parse_augment
-
         aug = parse_augment(self.augment or None)
         return _replace(aug, crop=self.jitter) if self.jitter else aug
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from a mapping (a YAML ``train:`` section): unknown keys are refused naming the closest field."""
-        from kdistill.config.schema import closest, short_repr
-
         if not isinstance(values, dict):
             raise ValueError(f"train: must be a mapping of settings (epochs, lr, ...), got {type(values).__name__}")
         known = [f.name for f in fields(cls)]
+        for key, home in MOVED_TO_METHOD.items():
+            if key in values:
+                raise ValueError(f"train.{key}: is an option of the method (KD) now, not of training: set {home} "
+                                 f"instead (--set {home}=VALUE, or -T/--alpha/--loss on the command line)")
         for key in values:
             if key not in known:
                 shown = short_repr(key, 60)  # a key pasted by mistake may be kilobytes long
@@ -153,6 +145,9 @@ class TrainConfig:
                                  f"train takes {sorted(known)}")
         return cls(**values)
 
+
+MOVED_TO_METHOD = {"temperature": "method.temperature", "alpha": "method.alpha", "loss": "method.kind"}
+"""Settings older configs kept under ``train``: KD's options, which belong to the method."""
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 

@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from kdistill.teachers.views import ViewTeacher
+from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 
 
 class GraphedStep:
@@ -73,7 +75,5 @@ def graph_safe_teacher(teacher: object) -> bool:
     Exact types only: a subclass may add host-side work (counting calls, logging) that a replayed graph
     would silently skip.
     """
-    from kdistill.teachers.views import ViewTeacher
-    from kdistill.teachers.base import CachedTeacher, ModuleTeacher
 
     return teacher is None or type(teacher) in (CachedTeacher, ModuleTeacher, ViewTeacher)

@@ -14,6 +14,8 @@ from kdistill.data.stream import Inputs, inputs_len, inputs_rows, inputs_to
 from kdistill.losses import IGNORE_INDEX, soft_loss
 from kdistill.models.layout import as_layout, use_channels_last
 from kdistill.models.outputs import forward_logits
+from kdistill.data.stream import iterate
+from kdistill.data.stream import labels_of
 
 
 @torch.no_grad()
@@ -45,8 +47,6 @@ def predict_logits(model: nn.Module, x: Inputs, batch_size: int | None = None) -
 @torch.no_grad()
 def predict_split(model: nn.Module, data, batch_size: int | None = None) -> torch.Tensor:
     """Logits of ``model`` for every sample of a split, in order: in-memory or streamed from disk."""
-    from kdistill.data.dataset import TensorData
-    from kdistill.data.stream import iterate
 
     if isinstance(data, TensorData):
         return predict_logits(model, data.x, batch_size)
@@ -141,6 +141,5 @@ def evaluate_model(
     detailed: bool = True,
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``model`` on ``data``."""
-    from kdistill.data.stream import labels_of
 
     return classification_metrics(predict_split(model, data), labels_of(data), teacher_logits, temperature, detailed)

@@ -24,6 +24,7 @@ from kdistill.data.convert import IGNORE_LABEL, as_split
 from kdistill.data.preprocess import model_record
 from kdistill.data.splits import check_same_classes
 from kdistill.data.stream import describe_inputs, inputs_to, integer_hint, labels_of
+from kdistill.data.text import save_run_tokenizer
 from kdistill.engine.distributed import process_device, world
 from kdistill.engine.evaluate import classification_metrics, predict_split
 from kdistill.io import data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model, teacher_fingerprint
@@ -38,6 +39,13 @@ from kdistill.engine.rundir import API, claim, no_checkpoint
 from kdistill.engine.rundir import remove_stale_tmp as _remove_stale_tmp
 from kdistill.engine.sources import make_source
 from kdistill.teachers.teaching import prepare_teaching, teacher_classes
+from kdistill.methods import Method, build_method
+from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
+from kdistill.engine.step import _first_inputs, _layout
+from kdistill.models.layout import use_channels_last
+from kdistill.io import read_checkpoint_state
+from kdistill.outputs.results import write_results, write_run_files
+from kdistill.engine.step import StudentStep
 
 RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "cache_teacher",
                   "eval_every_steps")
@@ -98,13 +106,12 @@ class _OnEval(Callback):
 
 def resolve_method(method, teacher, cfg: TrainConfig):
     """The method a run uses: the one given (a name, a ``{"name": ..., **options}`` dict or a Method), else KD
-    from the config's ``temperature``/``alpha``/``loss`` with a teacher, else plain cross-entropy."""
-    from kdistill.methods import Method, build_method
+    with its defaults (T = 1, alpha = 1) with a teacher, else plain cross-entropy."""
 
     if method is None:
         if teacher is None:
             return build_method("ce")
-        return build_method("kd", temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.loss)
+        return build_method("kd")
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
@@ -179,7 +186,6 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
     ValueError naming the teacher, before any file is written (files and ONNX models are checked on reading).
     ``dry_run=False`` checks only what is known without running it (its declared class count, a causal LM's
     vocabulary)."""
-    from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
 
     if teacher is None:
         return
@@ -198,8 +204,6 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
                 raise ValueError(vocabulary_mismatch(n, train))
             raise ValueError(f"teacher: outputs {n} classes but {train.name} has {train.num_classes}")
         return
-    from kdistill.engine.step import _first_inputs, _layout
-    from kdistill.models.layout import use_channels_last
 
     x = _first_inputs(type("S", (), {"data": train})(), 1)
     try:
@@ -281,7 +285,6 @@ def preflight(model: nn.Module, train, cfg: TrainConfig, *, teacher=None, method
 
 def _networks(teacher) -> list[nn.Module]:
     """The networks inside a teacher (itself, a ModuleTeacher's module, an ensemble's members)."""
-    from kdistill.teachers.base import ModuleTeacher
 
     if teacher is None:
         return []
@@ -320,8 +323,6 @@ def remove_stale_tmp(out: Path) -> list[Path]:
 def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
     """A dry forward of one sample: catches a model whose outputs do not match the classes, or that cannot
     take these inputs, before any file is written."""
-    from kdistill.engine.step import _first_inputs, _layout
-    from kdistill.models.layout import use_channels_last
 
     x = inputs_to(_first_inputs(type("S", (), {"data": train})(), 1), device)
     was = model.training
@@ -420,7 +421,6 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, method_opts: dict[str
 def check_resume(ckpt: Path, cfg: TrainConfig, method_opts: dict[str, Any] | None, spec: str | None,
                  fingerprint: str | None, teacher: dict[str, Any] | None = None, train=None) -> None:
     """:func:`_check_resume` against the state recorded in ``ckpt``'s header (no tensor is read)."""
-    from kdistill.io import read_checkpoint_state
 
     if not Path(ckpt).is_file():
         raise no_checkpoint(Path(ckpt).parent)
@@ -447,7 +447,7 @@ def fit(
 
     ``train``/``val``/``test``: a TensorData, ``(x, y)`` arrays or tensors, or any map-style ``Dataset``
     (streamed through a ``DataLoader``). ``method``: a name (``"kd"``), ``{"name": "dkd", "beta": 8}``, or a
-    :class:`~kdistill.methods.Method`; default KD from the config's ``temperature``/``alpha`` with a teacher.
+    :class:`~kdistill.methods.Method`; default KD (T = 1, alpha = 1) with a teacher.
     With ``out_dir``, every epoch rewrites ``metrics.jsonl``/``metrics.csv`` and ``checkpoint.safetensors``
     (model, optimiser, method extras, keep-best state, RNG states); ``resume=True`` continues exactly, and
     refuses a checkpoint of other settings, data or teacher. ``out_dir`` is locked for the run (a second run
@@ -457,15 +457,8 @@ def fit(
     Inside a process group the global batch is split between the processes (:mod:`kdistill.engine.distributed`).
     The teacher module passed in is handed back as it was given (mode and ``requires_grad``).
     """
-    cfg = config or TrainConfig()
-    if isinstance(cfg, dict):  # a mapping of train settings, typed and checked like a YAML `train:` section
-        cfg = TrainConfig.from_dict(cfg)
-    if not isinstance(cfg, TrainConfig):
-        raise ValueError(f"config: give a TrainConfig, a mapping of its fields, or None, not {type(cfg).__name__}")
-    cfg.validate()
-    train = as_split(train, name="train")
-    val = None if val is None else as_split(val, classes=train.classes, name="val")
-    test = None if test is None else as_split(test, classes=train.classes, name="test")
+    cfg = as_config(config)
+    train, val, test = as_splits(train, val, test)
     method = resolve_method(method, teacher, cfg)
     check_positions(method, train, val, test)
     check_device(resolve_device(cfg.device))
@@ -483,13 +476,8 @@ def fit(
     out = Path(out_dir) if out_dir else None
     write = out is not None and rank == 0  # every process reads a checkpoint; only rank 0 writes
     ckpt = out / "checkpoint.safetensors" if out else None
-    if resume and not (ckpt and ckpt.is_file()):
-        if out is None:
-            raise ValueError("resume: resume=True continues the run in out_dir; give out_dir")
-        raise no_checkpoint(out, API)
+    check_resume_request(out, ckpt, resume, overwrite)
     # Before any work: data, model, teacher and (on resume) that the checkpoint is this run's.
-    if resume and overwrite:
-        raise ValueError("overwrite: resume=True continues the run in out_dir, overwrite=True replaces it; give one")
     preflight(model, train, cfg, teacher=teacher, method=method, val=val, test=test,
               resume_from=ckpt if resume else None, dry_run_teacher=False)
     teacher_id = teacher_fingerprint(teacher) if write else None  # the checkpoint records it for --resume
@@ -500,19 +488,8 @@ def fit(
             held.prepare(resume, overwrite)  # stale temporary files gone; overwrite / a killed run's config cleared
         retain_freed_memory()  # from here, not only from the first step: caching the teacher's views reuses buffers
         cache_path = Path(cfg.teacher_cache) if cfg.teacher_cache else (out / "teacher_views.safetensors" if write else None)
-        try:
-            teaching = prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
-        except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
-            raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
-                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        if teaching.live:  # one dry forward: a teacher with other classes fails here, not at the first step
-            check_teacher(teaching.teacher, train)
-        method.validate(num_classes=train.num_classes, teacher_classes=teacher_classes(teaching.teacher),
-                        has_unlabelled=train.has_unlabelled)
-        if method.needs_teacher and teaching.teacher is None:
-            raise ValueError(f"method: {method.name} distils from a teacher; give one (--teacher ...) or use --method ce")
-        method.bind(model, teaching.module)
-        method.check_schedule(cfg.epochs)  # a warm-up as long as the run warns, naming the option
+        teaching = _make_teaching(teacher, train, cfg, method, aug, device, cache_path)
+        _bind_method(method, model, teaching, train, cfg)
         val_teacher = teaching.teacher.predict(val) if val is not None and teaching.live else None
         source = make_source(train, device, cfg.batch_size, aug, cfg.teacher_views, cfg.seed, rank, n_proc, cfg.workers)
         backend = _single_backend(model, method, teaching, source, aug, cfg, device, n_proc)
@@ -527,6 +504,57 @@ def fit(
             teaching.release()
         if held is not None:
             held.release()
+
+
+def _make_teaching(teacher, train, cfg: TrainConfig, method, aug, device: torch.device, cache_path: Path | None):
+    """The teacher made ready (:func:`~kdistill.teachers.teaching.prepare_teaching`); a teacher that cannot run
+    on the data is one clear error."""
+    try:
+        return prepare_teaching(teacher, train, cfg, method, aug, device, cache_path)
+    except (RuntimeError, TypeError, IndexError) as exc:  # the teacher could not run on this data
+        raise ValueError(f"teacher: cannot run on {train.name}'s inputs shaped {tuple(train.input_shape)}: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _bind_method(method, model: nn.Module, teaching, train, cfg: TrainConfig) -> None:
+    """The method checked against the teacher and data it will see, then bound to the student and teacher."""
+    if teaching.live:  # one dry forward: a teacher with other classes fails here, not at the first step
+        check_teacher(teaching.teacher, train)
+    method.validate(num_classes=train.num_classes, teacher_classes=teacher_classes(teaching.teacher),
+                    has_unlabelled=train.has_unlabelled)
+    if method.needs_teacher and teaching.teacher is None:
+        raise ValueError(f"method: {method.name} distils from a teacher; give one (--teacher ...) or use --method ce")
+    method.bind(model, teaching.module)
+    method.check_schedule(cfg.epochs)  # a warm-up as long as the run warns, naming the option
+
+
+def as_config(config) -> TrainConfig:
+    """``fit``'s config: a TrainConfig, a mapping of its fields (typed like a YAML ``train:`` section) or None."""
+    cfg = config or TrainConfig()
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict(cfg)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"config: give a TrainConfig, a mapping of its fields, or None, not {type(cfg).__name__}")
+    cfg.validate()
+    return cfg
+
+
+def as_splits(train, val, test):
+    """The three splits as kdistill splits; validation and test must carry the training split's classes."""
+    train = as_split(train, name="train")
+    val = None if val is None else as_split(val, classes=train.classes, name="val")
+    test = None if test is None else as_split(test, classes=train.classes, name="test")
+    return train, val, test
+
+
+def check_resume_request(out: Path | None, ckpt: Path | None, resume: bool, overwrite: bool) -> None:
+    """``resume=True`` needs ``out_dir`` with a checkpoint, and excludes ``overwrite=True``."""
+    if resume and not (ckpt and ckpt.is_file()):
+        if out is None:
+            raise ValueError("resume: resume=True continues the run in out_dir; give out_dir")
+        raise no_checkpoint(out, API)
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the run in out_dir, overwrite=True replaces it; give one")
 
 
 def check_positions(method, train, val=None, test=None) -> None:
@@ -574,7 +602,6 @@ def _check_finite_weights(model: nn.Module, method, state, ckpt: Path | None) ->
 
 
 def _single_backend(model, method, teaching, source, aug, cfg, device, n_proc):
-    from kdistill.engine.step import StudentStep
 
     return StudentStep(model, method, teaching, source, aug, cfg, device, n_proc)
 
@@ -591,22 +618,10 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
         saved = load_checkpoint(ckpt, model, backend.optimizer)
         _check_resume(saved, cfg, method_opts, ckpt, spec, fingerprint, teacher_id if write else saved.get("teacher"),
                       train)
-        method_state = {k[len("method."):]: v for k, v in saved["extra"].items() if k.startswith("method.")}
-        if method_state:
-            method.load_state_dict(method_state)
-        state.epoch, state.step, state.histories = saved["epoch"], saved["step"], [saved["history"]]
-        gen.set_state(saved["rng"]["data"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if "cuda" in saved["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(saved["rng"]["cuda"])
-        if saved.get("best_epoch") is not None:
-            best_state = {k[len("best."):]: v for k, v in saved["extra"].items() if k.startswith("best.")}
-            best.update(errors=saved["best_errors"], epoch=saved["best_epoch"], state=best_state)
+        _restore(saved, method, state, gen, best)
     elif write:
         out.mkdir(parents=True, exist_ok=True)
     if write and not (out / "config.yaml").exists():  # an API run records what the CLI records
-        from kdistill.outputs.results import write_run_files
-
         write_run_files(out, {"model": getattr(model, "spec", None) or type(model).__name__, "train": asdict(cfg),
                               "method": method_opts}, cfg.seed)
 
@@ -668,12 +683,34 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
     if test is not None:
         result.test = classification_metrics(predict_split(model, test), labels_of(test))
     if write:
-        from kdistill.outputs.results import write_results
-
-        save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes,
-                   **model_record(train))  # class names and preprocessing, for `kdistill predict` on new files
-        metrics = {f"test_{k}": result.test[k] for k in ("errors", "accuracy", "nll")} if result.test else {}
-        write_results(out, "fit", "api", wall, {"model": {**metrics, "spec": getattr(model, "spec", None),
-                                                          "method": method.name, "best_epoch": best_epoch}})
+        _save_outputs(out, model, train, method, result)
     return result
+
+
+def _restore(saved: dict[str, Any], method, state: LoopState, gen: torch.Generator, best: dict[str, Any]) -> None:
+    """A checkpoint's state put back for an exact resume: the method's extras, epoch, step and history, the
+    data and torch RNG streams, and the keep-best record."""
+    method_state = {k[len("method."):]: v for k, v in saved["extra"].items() if k.startswith("method.")}
+    if method_state:
+        method.load_state_dict(method_state)
+    state.epoch, state.step, state.histories = saved["epoch"], saved["step"], [saved["history"]]
+    gen.set_state(saved["rng"]["data"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    if saved.get("best_epoch") is not None:
+        best_state = {k[len("best."):]: v for k, v in saved["extra"].items() if k.startswith("best.")}
+        best.update(errors=saved["best_errors"], epoch=saved["best_epoch"], state=best_state)
+
+
+def _save_outputs(out: Path, model: nn.Module, train, method, result: FitResult) -> None:
+    """The finished run's files: the model (with class names and preprocessing, for ``kdistill predict``), a
+    text run's tokenizer, and ``results.json``/``results.md``."""
+    save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes,
+               **model_record(train))
+    save_run_tokenizer(out, train)  # text data: its tokenizer beside the model (kdistill.data.text)
+    metrics = {f"test_{k}": result.test[k] for k in ("errors", "accuracy", "nll")} if result.test else {}
+    write_results(out, "fit", "api", result.wall_time_s, {"model": {**metrics, "spec": getattr(model, "spec", None),
+                                                                    "method": method.name,
+                                                                    "best_epoch": result.best_epoch}})
 

@@ -16,6 +16,7 @@ import torch
 from kdistill.data.augment import AugParams, Augment
 from kdistill.data.dataset import StreamData, TensorData
 from kdistill.data.stream import EpochBatches, Inputs, inputs_to, loader
+from kdistill.data.augment import to_device_async
 
 
 class Batch(NamedTuple):
@@ -87,7 +88,6 @@ class TensorSource:
         return self.x.index_select(0, rows), self.y.index_select(0, rows), self.ids.index_select(0, rows)
 
     def epoch(self, gen: torch.Generator) -> Iterator[Batch]:
-        from kdistill.data.augment import to_device_async
 
         n, bs = len(self.data), self.batch_size
         perm_cpu = torch.randperm(n, generator=gen)

@@ -27,6 +27,7 @@ from kdistill.models.outputs import forward_logits
 from kdistill.engine.features import FeatureTap
 from kdistill.engine.optim import make_optimizer
 from kdistill.engine.sources import Batch
+from kdistill.data.stream import iterate
 
 
 class StudentStep:
@@ -217,7 +218,6 @@ def _first_inputs(source, k: int) -> Inputs:
     data = source.data
     if hasattr(data, "x"):
         return data.x[:k]
-    from kdistill.data.stream import iterate
 
     x, _, _ = next(iter(iterate(data, k)))
     return x

@@ -35,8 +35,8 @@ def check_weight(value: float, field: str, upper: float | None = None) -> None:
 class KD(Method):
     """Soft targets (``alpha``) plus hard labels (``1 - alpha``); the terms are logged as ``kd`` and ``ce``.
 
-    The defaults (T = 1, alpha = 1: soft targets only) are :class:`~kdistill.engine.TrainConfig`'s, so a run
-    that names no option trains as before methods were modules; CIFAR recipes use T = 4, alpha = 0.9.
+    The defaults (T = 1, alpha = 1: soft targets only) are what ``fit`` uses with a teacher and no method;
+    CIFAR recipes use T = 4, alpha = 0.9.
     """
 
     stackable = True

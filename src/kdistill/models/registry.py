@@ -27,6 +27,7 @@ from kdistill.models import adapters
 from kdistill.models.convnets import ConvNet, LeNet5
 from kdistill.models.mlp import MLP
 from kdistill.models.outputs import ensure_logits
+from kdistill.config.types import closest, coerce, signature_fields
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -85,7 +86,7 @@ class ModelSpec:
                 options[key.strip()] = _value(val.strip())
             return cls(name, (), options, target)
         if name not in _REGISTRY:
-            from kdistill.config.schema import closest, short_repr
+            from kdistill.config.types import closest, short_repr
 
             raise ValueError(
                 f"model: unknown model {short_repr(name, 60)} in spec {short_repr(spec)}{closest(name, _REGISTRY)}; "
@@ -129,7 +130,6 @@ def build_model(spec: str, in_shape: Sequence[int], num_classes: int, seed: int 
 def _typed_options(spec: str, parsed: ModelSpec, builder: Builder) -> dict[str, Any]:
     """The spec's ``key=value`` options coerced to the builder's types (its defaults' or annotations');
     unknown ones refused naming the closest (see :mod:`kdistill.config.schema`)."""
-    from kdistill.config.schema import closest, coerce, signature_fields
 
     fields = signature_fields(builder, 3)  # after in_shape, num_classes, ints
     if fields is None:

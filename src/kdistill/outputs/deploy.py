@@ -4,7 +4,7 @@
 split, the same thread count) and states each student relative to the teacher (``x_smaller``,
 ``x_fewer_flops``, ``x_faster_b*``, ``accuracy_kept``), so a report answers "how much cheaper, at what
 cost in accuracy". Latency is measured in PyTorch and, when onnxruntime imports, in onnxruntime on a
-model exported with :func:`kdistill.teachers.blackbox.export_onnx`. Every measurement is bounded by a time
+model exported with :func:`kdistill.teachers.onnx_model.export_onnx`. Every measurement is bounded by a time
 budget, so tiny models take milliseconds and big ones cannot stall a run.
 
 :func:`deployment_markdown` renders the table; :func:`write_deployment` adds it to a run's
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from kdistill.data.dataset import TensorData
+from kdistill.teachers.onnx_model import export_onnx
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.io import save_model, write_json, write_text
 from kdistill.models.counting import count_flops, count_parameters
@@ -203,8 +204,6 @@ def onnx_measure(net: nn.Module, x: torch.Tensor, in_shape: Sequence[int], batch
     same function) or
     ``{"note": why}`` when the export or the session fails; the table then keeps the torch numbers only.
     """
-    from kdistill.teachers.blackbox import export_onnx
-
     ort = _onnxruntime()
     if ort is None:
         return {"note": "onnxruntime not installed"}

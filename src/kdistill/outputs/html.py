@@ -23,6 +23,9 @@ from typing import Any
 
 import matplotlib
 import yaml
+from kdistill.outputs.deploy import deployment_columns, deployment_notes
+from kdistill.outputs.deploy import _num, _times
+from kdistill.outputs.deploy import human
 
 matplotlib.use("Agg")
 
@@ -95,7 +98,6 @@ class Run:
         what = r.get("experiment") or self.path.resolve().name
         return f"{what} ({r['profile']} profile)" if r.get("profile") else str(what)
 
-
 # --------------------------------------------------------------------------------------- reading
 
 
@@ -140,7 +142,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
-
 
 # ---------------------------------------------------------------------------------------- figures
 
@@ -202,7 +203,6 @@ def _spread(series: Sequence[tuple[str, list[float], list[float]]]) -> float:
     """max / min over all values: a log axis when the terms differ by orders of magnitude."""
     vals = [y for _, _, ys in series for y in ys]
     return max(vals) / min(vals) if vals and min(vals) > 0 else 1.0
-
 
 # ------------------------------------------------------------------------------------------ HTML
 
@@ -288,7 +288,6 @@ def deployment_section(table: dict[str, Any]) -> str:
     Split in two so that it fits a page without sideways scrolling: size and accuracy (with the ratios
     to the teacher), then speed (latencies, throughput, × faster, the timings' spread and trust).
     """
-    from kdistill.outputs.deploy import deployment_columns, deployment_notes
 
     rows = table.get("rows")
     if not isinstance(rows, dict) or not rows:
@@ -307,7 +306,6 @@ def deployment_section(table: dict[str, Any]) -> str:
     if speed:
         parts.append("<h4>Speed</h4>" + _deployment_table(rows, speed, "speed"))
     return "".join(parts) + '<ul class="note">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
-
 
 # ---------------------------------------------------------------------------------- summary and cost
 
@@ -348,7 +346,6 @@ def _batches(runs: Sequence[Run]) -> list[int]:
 
 def _summary_rows(run: Run, link: Any, batches: Sequence[int]) -> list[list[Any]]:
     """One row per student of the run's deployment table, else one per model of its ``results.json``."""
-    from kdistill.outputs.deploy import _num, _times
 
     dep, method = _deployment(run), run_method(run)
     rows, teacher = dep.get("rows", {}), dep.get("teacher")
@@ -429,8 +426,6 @@ def _scatter(ax, points: Sequence[dict[str, Any]], key: str, xlabel: str) -> Non
     """Accuracy against ``key`` (a log axis when it spans more than 10x); teachers are squares, unreliable
     timings hollow."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    from kdistill.outputs.deploy import human
 
     drawn = [pt for pt in points if isinstance(pt.get(key), (int, float)) and pt[key] > 0]
     for i, pt in enumerate(drawn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 
 import matplotlib
+from kdistill.io import atomic_path
 
 matplotlib.use("Agg")
 import time
@@ -60,8 +61,6 @@ def write_run_files(out: Path, resolved: dict[str, Any], seed: int | None = None
 def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it (works headless: Agg backend)."""
     import matplotlib.pyplot as plt
-
-    from kdistill.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -98,13 +98,14 @@ def choose_best(
     metric: str,
     *,
     higher_is_better: bool = True,
-    tie_break: Callable[[dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """The setting (fields ``by``) whose records have the best mean ``metric`` over seeds.
+    """The setting (fields ``by``) whose records have the best mean ``metric`` over seeds: every recipe's one
+    way to choose on validation.
 
     ``metric`` must be a validation metric (its name starts with ``val_``): a choice made on test data
-    would make the test numbers optimistic. Ties (equal means) go to the smallest ``tie_break(setting)``,
-    or to the setting seen first.
+    would make the test numbers optimistic. **Tie-break rule** (the only one in the project): equal means go
+    to the setting whose records come first, so a recipe declares its grid in order of preference (the
+    plainer setting first: lower T, lower lambda, the default before the variant).
     """
     if not _is_validation_metric(metric):
         raise ValueError(f"metric: settings are chosen on validation metrics (val_*), not {metric!r}")
@@ -118,10 +119,10 @@ def choose_best(
         if math.isnan(score):
             continue
         primary = -score if higher_is_better else score
-        scored.append((primary, tie_break(setting) if tie_break else 0, order, setting))
+        scored.append((primary, order, setting))
     if not scored:
         raise ValueError(f"choose_best: every setting's {metric} is NaN")
-    return min(scored, key=lambda s: s[:3])[3]
+    return min(scored, key=lambda s: s[:2])[2]
 
 
 def within_noise(

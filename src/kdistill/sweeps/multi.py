@@ -18,12 +18,12 @@ check 1e-4 on the weights), but shares the work they have in common:
   (``fit_grid``'s ``init_seeds``) and give them configs with the same ``seed``; each still equals
   ``fit`` of that model and config.
 * a module teacher without jitter is cached once, as ``fit`` does, and the cache serves all students.
-* a student with ``alpha=0`` learns from the labels alone and equals ``fit`` of its config without a
-  teacher, so directly trained baselines can share a distillation pass.
+* a student whose method is KD with ``alpha=0`` (or CE) learns from the labels alone and equals ``fit`` of its
+  config without a teacher, so directly trained baselines can share a distillation pass.
 
-What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay``, ``temperature``,
-``alpha``. Everything else in :class:`~kdistill.engine.TrainConfig` (epochs, batch size, optimiser,
-schedule, jitter, loss kind, ...) must be equal, because it sets the shape of the shared pass.
+What may differ between students: ``seed``, ``lr``, ``momentum``, ``weight_decay`` and the method's options
+(``methods[i]``: KD's ``temperature`` and ``alpha``). Everything else in :class:`~kdistill.engine.TrainConfig` (epochs, batch size, optimiser,
+schedule, jitter, ...) must be equal, and the soft-term kind, because it sets the shape of the shared pass.
 Students that cannot be stacked (other architectures, dropout) are trained one after another with
 ``fit``, still sharing a cached teacher. The stacked path writes no checkpoints (no resume), validates
 once per epoch (``eval_every_steps`` must be 0), runs in float32 (``amp`` unused) and ignores ``compile``.
@@ -56,10 +56,12 @@ from kdistill.engine.heap import retain_freed_memory
 from kdistill.engine.loop import run_epochs
 from kdistill.engine.sources import make_source
 from kdistill.engine import FitResult, TrainConfig, fit, resolve_device, resolve_method
+from kdistill.methods import Method
 from kdistill.teachers.teaching import prepare_teaching
+from kdistill.models import build_model
 
-PER_STUDENT = ("seed", "lr", "momentum", "weight_decay", "temperature", "alpha")
-"""TrainConfig fields that may differ between the students of one pass."""
+PER_STUDENT = ("seed", "lr", "momentum", "weight_decay")
+"""TrainConfig fields that may differ between the students of one pass (and each student's method options)."""
 IGNORED = ("compile", "checkpoint")
 """Fields without effect here (no per-step compile; no checkpoints of a stacked pass)."""
 
@@ -98,13 +100,16 @@ def fit_many(
     configs: Sequence[TrainConfig] | TrainConfig,
     *,
     teacher: Teacher | nn.Module | None = None,
+    methods: Sequence[Any] | Any = None,
     val: TensorData | None = None,
     test: TensorData | None = None,
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[FitResult]:
-    """Train ``models[i]`` with ``configs[i]`` (one config: the same for all); return one FitResult each.
+    """Train ``models[i]`` with ``configs[i]`` and ``methods[i]`` (one config or method: the same for all);
+    return one FitResult each. A method is what :func:`~kdistill.engine.fit` takes (a name, a ``{"name": "kd",
+    "temperature": 4, "alpha": 0.9}`` dict or a Method); ``None``: KD with its defaults with a teacher, else CE.
 
     The models are trained in place, like ``fit`` does. ``out_dir`` gets one sub-directory per student
     (``names[i]``, default ``student{i}``) with ``metrics.jsonl`` and ``model.safetensors``.
@@ -126,21 +131,49 @@ def fit_many(
         raise ValueError(f"names: need {len(models)} distinct names, got {names}")
     if train.has_unlabelled and teacher is None:
         raise ValueError(f"{train.name}: has unlabelled samples; supervised training needs labels (give a teacher)")
+    methods = resolve_methods(methods, teacher, configs)
     cfg0 = configs[0]
     device = resolve_device(cfg0.device)
     retain_freed_memory()  # before the teacher's outputs are cached, not only from the first step
-    # The teacher checks of fit (alpha < 1 on unlabelled data, cache coverage) with the smallest alpha.
-    prepared = prepare_teacher(teacher, train, min(configs, key=lambda c: c.alpha), device)
+    # The teacher checks of fit (labels needed on unlabelled data, cache coverage) with the method needing most.
+    prepared = prepare_teacher(teacher, train, cfg0, max(methods, key=lambda m: m.needs_labels), device)
     out = Path(out_dir) if out_dir else None
 
     sigs = [mlp_signature(m) for m in models]
-    if None in sigs or len(set(sigs)) > 1 or any(c.loss not in STACKED_KINDS for c in configs):
+    soft = stacked_options(methods, teacher is not None)
+    if None in sigs or len(set(sigs)) > 1 or soft is None:
         return [
-            fit(m, train, c, teacher=prepared, val=val, test=test, out_dir=out / nm if out else None, progress=progress,
-                overwrite=out is not None)  # a sweep owns its students' directories, as the stacked pass does
-            for m, c, nm in zip(models, configs, names)
+            fit(m, train, c, teacher=prepared, method=me, val=val, test=test, out_dir=out / nm if out else None,
+                progress=progress, overwrite=out is not None)  # a sweep owns its students' directories, as stacked
+            for m, c, me, nm in zip(models, configs, methods, names)
         ]
-    return _fit_stacked(models, train, configs, prepared, val, test, out, names, progress, device)
+    return _fit_stacked(models, train, configs, soft, prepared, val, test, out, names, progress, device)
+
+
+def resolve_methods(methods: Sequence[Any] | Any, teacher: Any, configs: Sequence[TrainConfig]) -> list[Method]:
+    """One :class:`~kdistill.methods.Method` per student: a list as given, or one spec built once per student
+    (so no two students share a method's state)."""
+    if isinstance(methods, (list, tuple)):
+        if len(methods) != len(configs):
+            raise ValueError(f"methods: need one per model ({len(configs)}), got {len(methods)}")
+        return [resolve_method(m, teacher, c) for m, c in zip(methods, configs)]
+    if isinstance(methods, Method) and len(configs) > 1:
+        raise ValueError("methods: give one Method per student (a list), or a name or dict built once for each")
+    return [resolve_method(methods, teacher, c) for c in configs]
+
+
+def stacked_options(methods: Sequence[Method], has_teacher: bool) -> tuple[list[float], list[float], str] | None:
+    """Per-student temperatures and soft weights and the shared soft-term kind, when every method declares
+    itself ``stackable`` (its loss is the closed form of the stacked backend: KD, or CE as KD with alpha 0);
+    ``None`` sends the students to ``fit`` one after another."""
+    if not all(m.stackable for m in methods):
+        return None
+    kinds = {getattr(m, "kind", None) for m in methods} - {None}
+    if len(kinds) > 1 or not kinds <= set(STACKED_KINDS) or (kinds and not has_teacher):
+        return None
+    temps = [float(getattr(m, "temperature", 1.0)) for m in methods]
+    alphas = [float(getattr(m, "alpha", 0.0)) if has_teacher else 1.0 for m in methods]
+    return temps, alphas, next(iter(kinds), "kl")
 
 
 def fit_grid(
@@ -159,7 +192,6 @@ def fit_grid(
     seeds = list(init_seeds) if init_seeds is not None else [c.seed for c in configs]
     if len(seeds) != len(configs):
         raise ValueError(f"init_seeds: need one per config ({len(configs)}), got {len(seeds)}")
-    from kdistill.models import build_model
 
     models = [build_model(spec, train.input_shape, train.num_classes, seed=s) for s in seeds]
     return fit_many(models, train, configs, **kwargs)
@@ -169,8 +201,9 @@ class StackedStep:
     """The stacked backend of :func:`kdistill.engine.loop.run_epochs`: every student of one MLP architecture
     in one :class:`StackedMLP`, hand-written backward, one optimiser update over the stacked tensors."""
 
-    def __init__(self, models, cfgs, groups, teacher, sources, device) -> None:
+    def __init__(self, models, cfgs, soft, groups, teacher, sources, device) -> None:
         cfg0 = cfgs[0]
+        temps, alphas, self.kind = soft
         self.cfgs, self.cfg0, self.teacher, self.sources, self.device = cfgs, cfg0, teacher, sources, device
         self.n = len(models)
         self.net = StackedMLP(models, [len(g) for g in groups], device)
@@ -179,8 +212,8 @@ class StackedStep:
         self.opt = StackedOptimizer(self.net, cfg0.optimizer, [c.lr for c in cfgs], [c.momentum for c in cfgs],
                                     [c.weight_decay for c in cfgs], cfg0.nesterov and any(c.momentum > 0 for c in cfgs),
                                     capturable=maybe_graph)
-        self.temps = torch.tensor([c.temperature for c in cfgs], dtype=torch.float64, device=device)
-        self.alphas = torch.tensor([c.alpha for c in cfgs], dtype=torch.float64, device=device)
+        self.temps = torch.tensor(temps, dtype=torch.float64, device=device)
+        self.alphas = torch.tensor(alphas, dtype=torch.float64, device=device)
         self.need_labels = teacher is None or bool((self.alphas < 1).any())
         self.loss_sum = torch.zeros(self.n, device=device)
         self.factor = 1.0
@@ -200,7 +233,7 @@ class StackedStep:
             xbs = [translate(xb, o, cfg0.jitter) for xb, o in zip(xbs, offsets)]
         logits = net.forward(xbs)
         losses, grad = _losses(logits, rows, xbs, src.y, src.ids, self.teacher, self.temps, self.alphas,
-                               self.need_labels, self.group_of, cfg0.loss)
+                               self.need_labels, self.group_of, self.kind)
         net.backward(grad)
         self.opt.step(factor)
         if cfg0.max_norm:
@@ -242,18 +275,20 @@ class StackedStep:
             self.net.student_view(k, s).copy_(t)
 
 
-def _fit_stacked(models, train, configs, teacher, val, test, out, names, progress, device) -> list[FitResult]:
+def _fit_stacked(models, train, configs, soft, teacher, val, test, out, names, progress, device) -> list[FitResult]:
     cfg0 = configs[0]
     n_students = len(models)
     groups = seed_groups(configs)
     order = [i for g in groups for i in g]  # stacked position -> caller's index
     cfgs = [configs[i] for i in order]
+    soft = ([soft[0][i] for i in order], [soft[1][i] for i in order], soft[2])
+    temps = soft[0]
     gens = [torch.Generator().manual_seed(configs[g[0]].seed) for g in groups]
     for m in models:
         m.to(device)
     aug = cfg0.augmentation()
     sources = [make_source(train, device, cfg0.batch_size, aug, 0, 0, 0, 1)] * len(groups)  # one copy of the data
-    backend = StackedStep([models[i] for i in order], cfgs, groups, teacher, sources, device)
+    backend = StackedStep([models[i] for i in order], cfgs, soft, groups, teacher, sources, device)
     val_teacher = teacher.predict(val) if teacher is not None and val is not None and isinstance(teacher, ModuleTeacher) else None
     state = LoopState(epochs=cfg0.epochs, steps_per_epoch=sources[0].steps_per_epoch,
                       histories=[[] for _ in range(n_students)], names=[names[i] for i in order])
@@ -270,7 +305,7 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
             if losses is not None:
                 row.update(losses[s])
             if val_logits is not None:
-                m = classification_metrics(val_logits[s], val.y, val_teacher, cfgs[s].temperature, detailed=False)
+                m = classification_metrics(val_logits[s], val.y, val_teacher, temps[s], detailed=False)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "count"})
             row["time_s"] = elapsed
             rows.append(row)
@@ -311,7 +346,7 @@ def _fit_stacked(models, train, configs, teacher, val, test, out, names, progres
         r = FitResult(model=model, history=state.histories[s], wall_time_s=wall,
                       best_epoch=best[s][1] if keep else None)
         if val_logits is not None:
-            r.val = classification_metrics(val_logits[s], val.y, val_teacher, cfgs[s].temperature, detailed=False)
+            r.val = classification_metrics(val_logits[s], val.y, val_teacher, temps[s], detailed=False)
         if test_logits is not None:
             r.test = classification_metrics(test_logits[s], test.y)
         if out:
@@ -341,11 +376,10 @@ def _losses(z, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of,
                                               checked=True)
 
 
-def prepare_teacher(teacher, train, cfg: TrainConfig, device: torch.device):
-    """The teacher as :func:`fit` would use it for KD with ``cfg`` (cached when inputs are not augmented)."""
+def prepare_teacher(teacher, train, cfg: TrainConfig, method: Method, device: torch.device):
+    """The teacher as :func:`fit` would use it with ``cfg`` and ``method`` (cached when inputs are not augmented)."""
     if teacher is None:
         return None
-    method = resolve_method(None, teacher, cfg)
     if method.needs_labels and train.has_unlabelled:
-        raise ValueError("train.alpha: the transfer set has unlabelled samples, so alpha must be 1 (soft targets only)")
+        raise ValueError("method.alpha: the transfer set has unlabelled samples, so alpha must be 1 (soft targets only)")
     return prepare_teaching(teacher, train, cfg, method, cfg.augmentation(), device, None).teacher

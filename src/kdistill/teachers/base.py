@@ -19,6 +19,7 @@ from kdistill.data.stream import Inputs, inputs_to
 from kdistill.models.fold import fold_batchnorm, has_hooks
 from kdistill.models.layout import as_layout, use_channels_last
 from kdistill.models.outputs import forward_logits
+from kdistill.data.stream import iterate
 
 
 @runtime_checkable
@@ -140,7 +141,6 @@ class ModuleTeacher:
     @torch.no_grad()
     def predict(self, data) -> torch.Tensor:
         """Logits for every sample of ``data`` (in memory or streamed), in order."""
-        from kdistill.data.stream import iterate
 
         device = next(self.module.parameters()).device
         return torch.cat([self.logits(inputs_to(x, device)).cpu() for x, _, _ in iterate(data, self.batch_size)])

@@ -1,39 +1,29 @@
-"""Black-box teachers: saved logits files and ONNX models.
+"""Teachers from saved logits files: run a teacher once and keep its outputs (:func:`save_logits`), read them
+back as a :class:`~kdistill.teachers.base.CachedTeacher` matched to the data by sample id (:func:`logits_teacher`).
 
-A teacher need not be a PyTorch module we hold the weights of. Two stand-ins are supported:
-
-* a **logits file** written once (by ``kdistill predict --save-logits`` or by anyone else) and read back as a
-  :class:`~kdistill.teachers.base.CachedTeacher`. ``.safetensors`` files store ``logits`` (N x C) *and* ``ids``
-  (the samples' stable ids, :attr:`TensorData.index`), plus JSON metadata (data set name, count, classes),
-  so a file can cover a superset of the transfer set and rows are matched by id. ``.npy`` files hold the
-  bare N x C array whose rows follow the data set's order (as an external tool would write it), so their
-  row count must equal the data's;
-* an **ONNX model** run through onnxruntime (:class:`OnnxTeacher`); :func:`export_onnx` writes one from a
-  module (used by the tests and ``kdistill export-onnx``).
-
-Every mismatch between a file and the data (row count, missing ids, class count, dtype, non-finite values,
-the data set it was written for) raises a ``ValueError`` naming the field and the fix, before training.
+``.safetensors`` files store ``logits`` (N x C) *and* ``ids`` (the samples' stable ids, :attr:`TensorData.index`),
+plus JSON metadata (data set name, count, classes), so a file can cover a superset of the transfer set and rows
+are matched by id. ``.npy`` files hold the bare N x C array whose rows follow the data set's order (as an external
+tool would write it), so their row count must equal the data's. Every mismatch between a file and the data (row
+count, missing ids, class count, dtype, non-finite values, the data set it was written for) raises a
+``ValueError`` naming the field and the fix, before training.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from kdistill.data.dataset import TensorData
 from kdistill.io import atomic_path
-from kdistill.models.outputs import LogitsOnly
 from kdistill.teachers.base import CachedTeacher, Teacher
+from kdistill.io import data_fingerprint
 
 LOGITS_FORMATS = (".safetensors", ".npy")
 _META_KEY = "kdistill_logits"
@@ -242,7 +232,6 @@ def logits_teacher(source: str | os.PathLike | SavedLogits, data: TensorData) ->
 
 def _check_fingerprint(saved: SavedLogits, teacher: CachedTeacher, data, where: str) -> None:
     """Refuse a file whose recorded labels or input checksums differ from ``data``'s for the same ids."""
-    from kdistill.io import data_fingerprint
 
     if saved.meta.get("fingerprint") is not None and saved.meta["fingerprint"] == data_fingerprint(data):
         if saved.checksums is None or getattr(data, "x", None) is None:
@@ -272,191 +261,3 @@ def _check_fingerprint(saved: SavedLogits, teacher: CachedTeacher, data, where: 
                     f"{int(differ.sum())} of {len(data)} samples (e.g. id {first}); {fix}"
                 )
 
-
-class OnnxTeacher:
-    """An ONNX model, run by onnxruntime on the CPU, used as a teacher (inputs in, logits out).
-
-    It sees the (possibly augmented) batch, like a module teacher; :meth:`cache` turns it into a
-    :class:`CachedTeacher` when the transfer set is not augmented.
-    """
-
-    needs_inputs = True
-
-    def __init__(self, path: str | os.PathLike, batch_size: int = 1024, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ValueError("teacher_onnx: onnxruntime is not installed; `pip install kdistill[onnx]`") from exc
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher_onnx: no file {path}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ValueError(f"teacher_onnx: {path} is not a loadable ONNX model ({exc})") from exc
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(f"teacher_onnx: {path} must take exactly one input, it takes {len(inputs)}")
-        self.path = path
-        self.input_name = inputs[0].name
-        self.input_shape = list(inputs[0].shape)
-        self.batch_size = batch_size
-
-    def check(self, data: TensorData) -> None:
-        """Raise unless the model accepts ``data``'s inputs and returns one logit per class."""
-        fixed = self.input_shape[1:]
-        if len(fixed) != len(data.input_shape) or any(
-            isinstance(a, int) and a != b for a, b in zip(fixed, data.input_shape)
-        ):
-            raise ValueError(
-                f"teacher_onnx: {self.path} expects inputs of shape {fixed}, {data.name} has {list(data.input_shape)}"
-            )
-        out = self.logits(data.x[:2])
-        if out.dim() != 2 or out.shape[1] != data.num_classes:
-            raise ValueError(
-                f"teacher_onnx: {self.path} returns shape {tuple(out.shape)}; {data.name} needs {data.num_classes} classes"
-            )
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        parts = []
-        for i in range(0, len(x), self.batch_size):
-            batch = x[i : i + self.batch_size].detach().float().cpu().numpy()
-            parts.append(torch.from_numpy(self.session.run(None, {self.input_name: batch})[0]))
-        return torch.cat(parts).float().to(x.device)
-
-    def predict(self, data: TensorData) -> torch.Tensor:
-        return self.logits(data.x)
-
-    def cache(self, data: TensorData) -> CachedTeacher:
-        return CachedTeacher(data.index, self.predict(data))
-
-
-def export_onnx(model: nn.Module, path: str | os.PathLike, in_shape: Sequence[int], opset: int = 17,
-                metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (a CPU copy, eval mode) as ONNX with a dynamic batch dimension, atomically.
-
-    ``metadata`` (e.g. ``class_names``, ``preprocessing``, ``input_shape`` from ``model.safetensors``) goes
-    into the model's ``metadata_props``, each value as JSON, so the file alone says how to feed it and what its
-    outputs mean (:func:`read_onnx_metadata`; ``kdistill predict --model M.onnx`` uses it).
-    """
-    path = Path(path)
-    if path.suffix.lower() != ".onnx":
-        raise ValueError(f"onnx: output file {path} must end in .onnx")
-    net = LogitsOnly(copy.deepcopy(model).cpu()).eval()  # a dict/tuple/ModelOutput forward exports its logits
-    example = torch.zeros(2, *in_shape)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net, (example,), str(tmp), input_names=["x"], output_names=["logits"], opset_version=opset,
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-        )
-        if metadata:
-            import onnx
-
-            proto = onnx.load(str(tmp))
-            for key, value in metadata.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = str(key), json.dumps(value)
-            onnx.save(proto, str(tmp))
-    return path
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON ``metadata_props`` of an ONNX model written by :func:`export_onnx` (``{}`` when it has none;
-    a value that is not JSON is kept as its string)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError("onnx: onnxruntime is not installed; `pip install kdistill[onnx]`") from exc
-    try:
-        props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ValueError(f"onnx: {path} is not a loadable ONNX model ({str(exc)[:200]})") from None
-    out: dict[str, Any] = {}
-    for key, value in props.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _as_list(value: Any) -> list[str]:
-    if not value:
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-
-
-def _check_class_names(path: str, recorded: Any, train) -> None:
-    """Refuse a teacher trained on classes of other names, or of the same names in another order, than ``train``
-    (its logit i would be taught as class i of the data). Names ``0..C-1`` (data without names) say nothing."""
-    ours = [str(c) for c in getattr(train, "classes", None) or ()]
-    if not isinstance(recorded, (list, tuple)) or not ours or len(recorded) != len(ours):
-        return
-    theirs = [str(c) for c in recorded]
-    default = [str(i) for i in range(len(ours))]
-    if theirs != ours and default not in (theirs, ours):
-        how = "in another order" if sorted(theirs) == sorted(ours) else "other names"
-        raise ValueError(f"teacher: {path} was trained on classes {theirs}, but {train.name} has {ours} ({how}: its "
-                         "outputs would teach the wrong classes); give a teacher trained on this data's classes")
-
-
-def _weights_teacher(path: str, train, trust_code: bool = False) -> nn.Module:
-    """A teacher network from a kdistill weights file, refused when it was made for other inputs or classes;
-    a ``py:`` spec recorded in the file runs only with ``trust_code``."""
-    from kdistill.io import load_model, read_model_meta
-
-    shape = classes = None
-    if Path(path).suffix.lower() == ".safetensors" and Path(path).is_file():
-        meta = read_model_meta(path)
-        shape, classes = meta.get("in_shape"), meta.get("num_classes")
-        _check_class_names(path, meta.get("class_names"), train)
-        if isinstance(shape, (list, tuple)) and tuple(shape) != tuple(train.input_shape):
-            raise ValueError(f"teacher: {path} was trained on inputs shaped {list(shape)}, but {train.name} has "
-                             f"{list(train.input_shape)}; give a teacher trained on this data")
-        if isinstance(classes, int) and classes != train.num_classes:
-            raise ValueError(f"teacher: {path} predicts {classes} classes, but {train.name} has {train.num_classes}; "
-                             "give a teacher trained on this data")
-    # A checkpoint records its spec but not the data's shape: the transfer set's is the only one it can fit.
-    return load_model(path, in_shape=None if shape else list(train.input_shape),
-                      num_classes=None if classes else train.num_classes, trust_code=trust_code)
-
-
-def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, temperature: float = 1.0, *,
-                    trust_code: bool = False) -> Any:
-    """The teacher named by a distill config, its files read and checked against ``train`` before training.
-
-    ``teacher`` (weights), ``teacher_logits`` and ``teacher_onnx`` may each be one path or a list; one
-    teacher in all is used as is, several become an :class:`~kdistill.teachers.ensemble.EnsembleTeacher` with
-    ``ensemble_mean`` (default arithmetic) combined at ``temperature`` (the training temperature), cached
-    when the inputs are not augmented. ``trust_code``: build ``py:`` specs recorded in weights files
-    (``--trust-code``).
-    """
-    from kdistill.io import load_model
-
-    weights, logits, onnx = (_as_list(cfg.get(k)) for k in ("teacher", "teacher_logits", "teacher_onnx"))
-    if not (weights or logits or onnx):
-        raise ValueError("teacher: give --teacher WEIGHTS.safetensors, --teacher-logits FILE or --teacher-onnx FILE")
-    if logits and jitter:
-        raise ValueError("train.augment: saved teacher logits were computed on un-augmented inputs and cannot "
-                         "follow augmented ones; drop train.augment / train.jitter / train.teacher_views, or give a "
-                         "teacher network")
-    members: list[Any] = [_weights_teacher(w, train, trust_code) for w in weights]
-    members += [logits_teacher(f, train) for f in logits]
-    for f in onnx:
-        teacher = OnnxTeacher(f)
-        teacher.check(train)
-        members.append(teacher if jitter else teacher.cache(train))
-    mean = cfg.get("ensemble_mean") or "arithmetic"
-    if len(members) == 1:
-        if cfg.get("ensemble_mean"):
-            raise ValueError("ensemble_mean: needs two or more teachers")
-        return members[0]
-    from kdistill.teachers.ensemble import EnsembleTeacher
-
-    ensemble = EnsembleTeacher(members, mean=mean, temperature=temperature)
-    return ensemble if jitter else ensemble.cache(train)
