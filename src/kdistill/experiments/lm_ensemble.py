@@ -63,7 +63,7 @@ _COMMON: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "chars": 60_000, "model": "lm:64,2", "members": 3, "epochs": 4, "seeds": 1,
               "distill_means": ["arithmetic"], "temperatures": [2.0], "alphas": [0.5, 1.0]},
-    "full": {**_COMMON, "chars": 120_000, "model": "lm:64,2", "members": 4, "epochs": 4, "seeds": 3,
+    "full": {**_COMMON, "chars": 60_000, "model": "lm:64,2", "members": 4, "epochs": 4, "seeds": 3,
              "distill_means": ["arithmetic", "geometric"], "temperatures": [2.0], "alphas": [0.5, 1.0]},
 }
 
