@@ -20,9 +20,10 @@ from kdistill.outputs.results import write_results
 from kdistill.sweeps.grid import choose_best
 
 
-def kd(temperature: float, alpha: float = 1.0) -> dict[str, Any]:
-    """The ``method=`` of a KD student: soft targets at ``temperature``, weight ``alpha`` (0: hard labels)."""
-    return {"name": "kd", "temperature": temperature, "alpha": alpha}
+def kd(temperature: float, alpha: float = 1.0, kind: str | None = None) -> dict[str, Any]:
+    """The ``method=`` of a KD student: soft targets at ``temperature``, weight ``alpha`` (0: hard labels);
+    ``kind``: the soft term (``kl`` when not given; ``soft_ce``, ``logit_mse``, ... see :mod:`kdistill.losses`)."""
+    return {"name": "kd", "temperature": temperature, "alpha": alpha, **({"kind": kind} if kind else {})}
 
 
 def choose_on_validation(val_errors: Mapping[Any, float], by: Sequence[str]) -> Any:

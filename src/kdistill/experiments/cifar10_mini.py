@@ -21,11 +21,12 @@ from kdistill import data as kdata
 from kdistill.data import DataBundle, TensorData
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.models import build_model, count_flops, count_parameters
-from kdistill.outputs.results import role_metrics, save_figure, summarize, write_results
+from kdistill.outputs.results import role_metrics, save_figure, summarize
 from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
 from kdistill.teachers.base import ModuleTeacher
 from kdistill.engine import TrainConfig, fit
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import finish, kd
 
 NAME = "cifar10-mini"
 DESCRIPTION = (
@@ -106,7 +107,7 @@ def _config(s: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
 def _method(T: float, lam: float) -> dict[str, Any]:
     """A distilled student's ``fit(method=...)``: at T = 1 the write-up's soft cross-entropy, above it KL·T²
     (both have the same gradients at T = 1); ``lam`` is the soft term's weight."""
-    return {"name": "kd", "temperature": float(T), "alpha": float(lam), "kind": "soft_ce" if T == 1 else "kl"}
+    return kd(float(T), float(lam), "soft_ce" if T == 1 else "kl")
 
 
 def _plot(s, teacher_hist, records, chosen, path) -> None:
@@ -365,9 +366,7 @@ def summarise(study: _Study, chosen: dict[str, float]) -> dict[str, Any]:
         "resumed_units": list(ctx.store.resumed),
         "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
     }
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, _markdown(study, chosen, gain),
-                            extra=extra)
     shown = {f"teacher {s['teacher']}": study.teacher["model"], f"{s['student']} alone": study.first_seed["alone"],
              f"{s['student']} distilled (λ={chosen['lam']:g}, T={chosen['T']:g})":
                  study.first_seed[label({"lam": chosen["lam"], "T": chosen["T"]})]}
-    return ctx.deployment(shown, study.test, results)
+    return finish(ctx, NAME, models, _markdown(study, chosen, gain), extra, shown, study.test)

@@ -29,9 +29,10 @@ from kdistill import data as kdata
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.evaluate import classification_metrics, predict_logits
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import finish, kd
 from kdistill.losses import soft_loss
 from kdistill.models import build_model
-from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize
 from kdistill.sweeps.grid import (TEACHER_SEED_OFFSET, choose_best, curve_mean_until, first_step_reaching,
                                   intra_op_threads, mean_curve, rank_correlation, seed_list)
 from kdistill.teachers.base import ModuleTeacher
@@ -105,11 +106,6 @@ def families(s: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def family_settings(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Family key -> its soft term (``temperature``, ``loss``: the soft-term kind), as the roles report them."""
     return {key: setting for key, _, setting in families(s)}
-
-
-def kd(alpha: float, temperature: float, loss: str) -> dict[str, Any]:
-    """The ``fit(method=...)`` of a student at soft weight ``alpha`` of a family's soft term."""
-    return {"name": "kd", "temperature": float(temperature), "alpha": float(alpha), "kind": loss}
 
 
 def _config(s: dict[str, Any], epochs: int, seed: int, eval_every_steps: int = 0) -> TrainConfig:
@@ -346,7 +342,8 @@ def train_student(sweep: _Sweep, lam: float, seed: int, fam: str) -> dict[str, A
     rec = CurveRecorder(model, sweep.curve_val, t["curve"], float(s["high_temperature"]))
     rec.record(0)
     cfg = _config(s, s["student_epochs"], seed, eval_every_steps=s["eval_every"])
-    method = kd(lam, **family_settings(s)[fam]) if lam > 0 else None
+    soft = family_settings(s)[fam]
+    method = kd(soft["temperature"], lam, soft["loss"]) if lam > 0 else None  # lambda = 0: the labels alone
     r = fit(model, sweep.train, cfg, teacher=t["cached"] if lam > 0 else None, method=method,
             progress=sweep.ctx.progress, on_eval=rec)
     if seed == sweep.seeds[0] and (lam == 0 or fam == families(s)[1][0]):
@@ -490,7 +487,6 @@ def summarise(sweep: _Sweep, teacher: torch.nn.Module, t_fit) -> dict[str, Any]:
         "curves": {fam: {f"{lam:g}": [r["curve"] for r in runs[lam]] for lam in lambdas}
                    for fam, runs in sweep.by_family.items()},
     }
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, models, md, extra=extra)
     # The teacher, the first seed's KL·T² student at the lambda > 0 best on validation (the same choice as
     # best_lambda_on_validation, which may also be 0) and its lambda = 0 run (no teacher signal).
     high_family = families(s)[1][0]
@@ -498,4 +494,4 @@ def summarise(sweep: _Sweep, teacher: torch.nn.Module, t_fit) -> dict[str, Any]:
     shown = {f"teacher {s['teacher']}": teacher,
              f"distilled {s['student']} (lambda={lam:g}, T={float(s['high_temperature']):g})": sweep.first_seed[lam],
              f"student alone {s['student']} (lambda=0)": sweep.first_seed[0.0]}
-    return ctx.deployment(shown, sweep.test, results)
+    return finish(ctx, NAME, models, md, extra, shown, sweep.test)

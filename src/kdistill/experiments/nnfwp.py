@@ -35,7 +35,8 @@ from kdistill import data as kdata
 from kdistill.data import TensorData
 from kdistill.engine import FitResult, TrainConfig
 from kdistill.experiments import RunContext
-from kdistill.outputs.results import role_metrics, save_figure, summarize, write_results
+from kdistill.experiments._recipe import finish, kd
+from kdistill.outputs.results import role_metrics, save_figure, summarize
 from kdistill.sweeps.grid import TEACHER_SEED_OFFSET, choose_best, grid, intra_op_threads, label, seed_list, select
 from kdistill.sweeps.multi import fit_grid
 from kdistill.teachers.base import ModuleTeacher
@@ -128,21 +129,16 @@ def _config(s: dict[str, Any], lr: float, seed: int, schedule: str = "constant")
     )
 
 
-def _kd(temperature: float, alpha: float, kind: str) -> dict[str, Any]:
-    """The ``fit(method=...)`` of a distilled net: soft term ``kind`` at ``temperature``, weight ``alpha``."""
-    return {"name": "kd", "temperature": float(temperature), "alpha": float(alpha), "kind": kind}
-
-
 def _benchmark(s: dict[str, Any], seed: int, lr: float, schedule: str, kind: str) -> tuple[TrainConfig, dict]:
     """The benchmark as a member of its seed's distillation pass: soft weight alpha = 0, so its loss is the
     cross-entropy with the labels alone and it trains exactly as ``fit`` without a teacher would
     (tests/test_multi.py checks this equivalence); ``kind`` is the pass's soft-term kind (it shapes the pass)."""
-    return _config(s, lr, seed, schedule), _kd(1.0, 0.0, kind)
+    return _config(s, lr, seed, schedule), kd(1.0, 0.0, kind)
 
 
 def _student(s: dict[str, Any], seed: int, c: dict[str, Any], schedule: str) -> tuple[TrainConfig, dict]:
     """A distilled 784-10 of the search grid's setting ``c``."""
-    return _config(s, c["lr"], seed, schedule), _kd(c["T"], c["alpha"], c["loss"])
+    return _config(s, c["lr"], seed, schedule), kd(c["T"], c["alpha"], c["loss"])
 
 
 def _record(result, **fields: Any) -> dict[str, Any]:
@@ -306,7 +302,7 @@ def article_part1(study: _Study, seed: int, cached) -> None:
     """Part 1, the article: the benchmark and the six MSE students of one seed, in one pass."""
     s = study.s
     runs = [_benchmark(s, seed, s["benchmark_lr"], "constant", "logit_mse")]
-    runs += [(_config(s, lr, seed), _kd(1.0, 1.0, "logit_mse")) for lr in s["student_lrs"]]
+    runs += [(_config(s, lr, seed), kd(1.0, 1.0, "logit_mse")) for lr in s["student_lrs"]]
     rs = study.one_pass(f"seed {seed}: part 1", s["student"], runs, cached)
     study.records.append(_record(rs[0], part=1, role="benchmark", seed=seed, lr=s["benchmark_lr"]))
     for lr, r in zip(s["student_lrs"], rs[1:]):
@@ -494,22 +490,14 @@ def summarise(study: _Study, teacher_tests, part2_teacher_tests, choice: dict[st
     models = _models(s, records, teacher_tests, part2_teacher_tests, choice)
     _plot(s, records, [t["accuracy"] for t in teacher_tests], choice["student"], ctx.out / "nnfwp.png")
     md = _markdown(study, teacher_tests, part2_teacher_tests, choice, cmp)
-    results = write_results(
-        ctx.out,
-        NAME,
-        ctx.profile,
-        ctx.elapsed,
-        models,
-        md,
-        extra={
-            "torch_threads": torch.get_num_threads(),
-            "chosen_benchmark_lr": choice["benchmark_lr"],
-            "chosen_student": choice["student"],
-            "student_minus_benchmark_points": cmp["gain"],
-            "student_minus_article_benchmark_points": cmp["gain_article"],
-            "per_seed_difference_points": cmp["per_seed"],
-            "beats_benchmark": cmp["beats"],
-            "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
-        },
-    )
-    return ctx.deployment(choice["shown"], study.test, results)
+    extra = {
+        "torch_threads": torch.get_num_threads(),
+        "chosen_benchmark_lr": choice["benchmark_lr"],
+        "chosen_student": choice["student"],
+        "student_minus_benchmark_points": cmp["gain"],
+        "student_minus_article_benchmark_points": cmp["gain_article"],
+        "per_seed_difference_points": cmp["per_seed"],
+        "beats_benchmark": cmp["beats"],
+        "records": [{k: v for k, v in r.items() if k != "test"} for r in records],
+    }
+    return finish(ctx, NAME, models, md, extra, choice["shown"], study.test)

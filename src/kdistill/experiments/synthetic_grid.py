@@ -27,8 +27,9 @@ from torch import nn
 from kdistill.data import DataBundle, TensorData, split_validation
 from kdistill.engine import TrainConfig, fit
 from kdistill.experiments import RunContext
+from kdistill.experiments._recipe import finish, kd
 from kdistill.models import build_model
-from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize, write_results
+from kdistill.outputs.results import fmt, role_metrics, save_figure, summarize
 from kdistill.sweeps.grid import (TEACHER_SEED_OFFSET, aggregate, choose_best, grid, intra_op_threads,
                                   rank_correlation, seed_list, select, within_noise)
 from kdistill.sweeps.multi import fit_grid
@@ -126,9 +127,7 @@ def _config(s: dict[str, Any], epochs: int, seed: int) -> TrainConfig:
 def _method(s: dict[str, Any], T: float | None) -> dict[str, Any]:
     """A distilled student's ``fit(method=...)`` at temperature ``T`` (KL·T², soft weight ``alpha``); ``None``:
     the baseline, soft weight 0, i.e. the hard labels alone (it shares the width's stacked pass)."""
-    if T is None:
-        return {"name": "kd", "temperature": 1.0, "alpha": 0.0, "kind": "kl"}
-    return {"name": "kd", "temperature": float(T), "alpha": float(s["alpha"]), "kind": "kl"}
+    return kd(1.0, 0.0) if T is None else kd(float(T), float(s["alpha"]))
 
 
 def _record(result, **fields: Any) -> dict[str, Any]:
@@ -459,6 +458,5 @@ def summarise(study: _Study, width: dict[str, Any]) -> dict[str, Any]:
         "width_best_T_spearman": width["rho"],
         "records": study.records,
     }
-    results = write_results(ctx.out, NAME, ctx.profile, ctx.elapsed, study.models, _markdown(study, width), extra=extra)
     assert study.shown_test is not None  # width_key is one of the grid's data sets (checked before any work)
-    return ctx.deployment(study.shown, study.shown_test, results)
+    return finish(ctx, NAME, study.models, _markdown(study, width), extra, study.shown, study.shown_test)
