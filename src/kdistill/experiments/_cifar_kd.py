@@ -248,73 +248,101 @@ def run(recipe: Recipe, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         return _run(recipe, s, ctx)
 
 
+@dataclass
+class _Study:
+    """What every stage reads (settings, splits, the run's context) and what the stages found so far."""
+
+    s: dict[str, Any]
+    ctx: RunContext
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)  # pair -> the teacher's record
+    records: list[dict[str, Any]] = field(default_factory=list)  # one per (pair, method, seed)
+    alone: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # (student, seed) -> its ce record
+    deploy: dict[str, Any] = field(default_factory=dict)  # the first pair's teacher and first KD student
+
+
 def _run(recipe: Recipe, s: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Per pair: train the teacher once; then for every seed, the student alone and with every method,
+    distilling from the teacher live; summarise over seeds (nothing is chosen: the papers' settings)."""
     check_settings(s)
     seeds = seed_list(s["seed"], s["seeds"])
-    train, val, test = load_splits(recipe, s, ctx)
-    shape, k = train.input_shape, train.num_classes
-    ctx.log(f"{recipe.title}: {len(train)} train, {len(val)} validation, {len(test)} test images; "
+    study = _Study(s, ctx, *load_splits(recipe, s, ctx))
+    ctx.log(f"{recipe.title}: {len(study.train)} train, {len(study.val)} validation, {len(study.test)} test images; "
             f"{len(s['pairs'])} pair(s) x {list(s['methods'])} x seeds {seeds}")
-
-    teachers: dict[str, dict[str, Any]] = {}
-    records: list[dict[str, Any]] = []
-    alone: dict[tuple[str, int], dict[str, Any]] = {}  # (student, seed) -> the ce record: it needs no teacher
-    deploy: dict[str, Any] = {}  # the first pair's teacher and its first KD student, for the deployment table
     for pair in s["pairs"]:
-        pname = pair_name(pair)
-        t_seed = s["seed"] + TEACHER_SEED_OFFSET  # no student starts from the teacher's initial weights
-        teacher = build_model(pair["teacher"], shape, k, seed=t_seed)
-        stored = ctx.store.record(f"{pname}/teacher")
-        if stored is not None and ctx.store.load_into(f"{pname}/teacher", teacher):
-            teachers[pname] = stored
-        else:
-            t0 = time.perf_counter()
-            t_fit = fit(teacher, train, train_config(s, s["teacher_epochs"], t_seed), val=val, test=test,
-                        progress=ctx.progress)
-            teachers[pname] = {
-                "spec": pair["teacher"], "epochs": s["teacher_epochs"], "seed": t_seed,
-                "params": count_parameters(teacher), "test_accuracy": t_fit.test["accuracy"],
-                "test_errors": t_fit.test["errors"], "val_accuracy": t_fit.val["accuracy"],
-                "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(t_fit),
-            }
-            ctx.unit(f"{pname}/teacher", teachers[pname], teacher)
-        t_rec = teachers[pname]
-        ctx.log(f"{pname}: teacher {100 * t_rec['test_accuracy']:.2f}% test, {100 * t_rec['val_accuracy']:.2f}% "
-                f"validation ({t_rec['wall_time_s']:.0f} s{', from an earlier attempt' if stored else ''})")
+        teacher = train_teacher(study, pair)
         for seed in seeds:
             for m, opts in _pair_methods(s, pair).items():
-                if m == "ce" and (pair["student"], seed) in alone:
-                    records.append({**alone[(pair["student"], seed)], "pair": pname, "shared": True})
-                    continue
-                student = build_model(pair["student"], shape, k, seed=seed)
-                shown = not deploy or (len(deploy) == 1 and m == "kd")  # in the deployment table
-                key = f"{pname}/{m}/seed{seed}"
-                rec = ctx.store.record(key)
-                if rec is None or (shown and m == "kd" and not ctx.store.load_into(key, student)):
-                    spec = method_spec(m, opts, teacher, student, pname, s["student_epochs"])
-                    t0 = time.perf_counter()
-                    r = fit(student, train, train_config(s, s["student_epochs"], seed), method=spec,
-                            teacher=None if m == "ce" else teacher, val=val, test=test, progress=ctx.progress)
-                    rec = {
-                        "pair": pname, "method": m, "seed": seed, "student": pair["student"], "options": spec,
-                        "test_accuracy": r.test["accuracy"], "test_errors": r.test["errors"],
-                        "val_accuracy": r.val["accuracy"], "epochs": len(r.history),
-                        "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(r),
-                    }
-                    if m == "ce":
-                        rec["params"] = count_parameters(student)
-                    ctx.unit(key, rec, student if shown and m == "kd" else None)
-                if shown:
-                    deploy.setdefault(f"teacher {pair['teacher']}", teacher)
-                    if m == "kd":
-                        deploy[f"student {pair['student']} (kd)"] = student
-                if m == "ce":
-                    alone[(pair["student"], seed)] = rec
-                records.append(rec)
-                ctx.log(f"{pname}/{m} seed {seed}: {100 * rec['test_accuracy']:.2f}% test (last epoch), "
-                        f"{100 * rec['val_accuracy']:.2f}% validation ({rec['wall_time_s']:.0f} s)")
-    results = _write(recipe, s, ctx, teachers, records, seeds, (len(train), len(val), len(test)))
-    return ctx.deployment(deploy, test, results) if len(deploy) == 2 else results
+                train_student(study, pair, teacher, seed, m, opts)
+    results = _write(recipe, s, ctx, study.teachers, study.records, seeds,
+                     (len(study.train), len(study.val), len(study.test)))
+    return ctx.deployment(study.deploy, study.test, results) if len(study.deploy) == 2 else results
+
+
+def train_teacher(study: _Study, pair: dict[str, Any]):
+    """The pair's teacher, trained once with its own seed (no student starts from its initial weights), or
+    taken from an earlier attempt; its record goes to ``study.teachers``."""
+    s, ctx = study.s, study.ctx
+    pname = pair_name(pair)
+    t_seed = s["seed"] + TEACHER_SEED_OFFSET
+    teacher = build_model(pair["teacher"], study.train.input_shape, study.train.num_classes, seed=t_seed)
+    stored = ctx.store.record(f"{pname}/teacher")
+    if stored is not None and ctx.store.load_into(f"{pname}/teacher", teacher):
+        study.teachers[pname] = stored
+    else:
+        t0 = time.perf_counter()
+        t_fit = fit(teacher, study.train, train_config(s, s["teacher_epochs"], t_seed), val=study.val,
+                    test=study.test, progress=ctx.progress)
+        study.teachers[pname] = {
+            "spec": pair["teacher"], "epochs": s["teacher_epochs"], "seed": t_seed,
+            "params": count_parameters(teacher), "test_accuracy": t_fit.test["accuracy"],
+            "test_errors": t_fit.test["errors"], "val_accuracy": t_fit.val["accuracy"],
+            "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(t_fit),
+        }
+        ctx.unit(f"{pname}/teacher", study.teachers[pname], teacher)
+    t_rec = study.teachers[pname]
+    ctx.log(f"{pname}: teacher {100 * t_rec['test_accuracy']:.2f}% test, {100 * t_rec['val_accuracy']:.2f}% "
+            f"validation ({t_rec['wall_time_s']:.0f} s{', from an earlier attempt' if stored else ''})")
+    return teacher
+
+
+def train_student(study: _Study, pair: dict[str, Any], teacher, seed: int, m: str, opts: dict[str, Any]) -> None:
+    """The pair's student with method ``m`` (``ce``: alone, one run per student and seed shared by every pair),
+    or its record from an earlier attempt; appends its record."""
+    s, ctx = study.s, study.ctx
+    pname = pair_name(pair)
+    if m == "ce" and (pair["student"], seed) in study.alone:
+        study.records.append({**study.alone[(pair["student"], seed)], "pair": pname, "shared": True})
+        return
+    student = build_model(pair["student"], study.train.input_shape, study.train.num_classes, seed=seed)
+    shown = not study.deploy or (len(study.deploy) == 1 and m == "kd")  # in the deployment table
+    key = f"{pname}/{m}/seed{seed}"
+    rec = ctx.store.record(key)
+    if rec is None or (shown and m == "kd" and not ctx.store.load_into(key, student)):
+        spec = method_spec(m, opts, teacher, student, pname, s["student_epochs"])
+        t0 = time.perf_counter()
+        r = fit(student, study.train, train_config(s, s["student_epochs"], seed), method=spec,
+                teacher=None if m == "ce" else teacher, val=study.val, test=study.test, progress=ctx.progress)
+        rec = {
+            "pair": pname, "method": m, "seed": seed, "student": pair["student"], "options": spec,
+            "test_accuracy": r.test["accuracy"], "test_errors": r.test["errors"],
+            "val_accuracy": r.val["accuracy"], "epochs": len(r.history),
+            "wall_time_s": round(time.perf_counter() - t0, 2), "history": _history(r),
+        }
+        if m == "ce":
+            rec["params"] = count_parameters(student)
+        ctx.unit(key, rec, student if shown and m == "kd" else None)
+    if shown:
+        study.deploy.setdefault(f"teacher {pair['teacher']}", teacher)
+        if m == "kd":
+            study.deploy[f"student {pair['student']} (kd)"] = student
+    if m == "ce":
+        study.alone[(pair["student"], seed)] = rec
+    study.records.append(rec)
+    ctx.log(f"{pname}/{m} seed {seed}: {100 * rec['test_accuracy']:.2f}% test (last epoch), "
+            f"{100 * rec['val_accuracy']:.2f}% validation ({rec['wall_time_s']:.0f} s)")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -416,10 +444,8 @@ def _plot(s, table, teachers, path) -> None:
     save_figure(fig, path)
 
 
-def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
-    elapsed = ctx.elapsed
-    table = tables(s, records)
-    pairs = list(table)
+def _models(s, teachers, records) -> dict[str, dict[str, Any]]:
+    """results.json's roles: each pair's teacher and, per method, its students over seeds."""
     models: dict[str, dict[str, Any]] = {}
     for pair in s["pairs"]:
         p = pair_name(pair)
@@ -436,6 +462,12 @@ def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
                 "method": runs[0]["options"], "epochs": s["student_epochs"],
                 "wall_time_s": summarize([r["wall_time_s"] for r in runs]),
             }
+    return models
+
+
+def _table_lines(s, table, teachers, records) -> list[str]:
+    """results.md's tables: methods x pairs, then one detailed table per pair."""
+    pairs = list(table)
     head = "| method | " + " | ".join(f"`{p}`" for p in pairs) + " |"
     lines = [head, "|---" * (len(pairs) + 1) + "|",
              "| teacher | " + " | ".join(f"{100 * teachers[p]['test_accuracy']:.2f}" for p in pairs) + " |"]
@@ -460,14 +492,22 @@ def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
         if p in shared_ce:
             detail.append("\n\\* The student alone needs no teacher: one run per seed serves every pair of this "
                           "student.")
-    published = ""
-    if recipe.published:
-        top1 = recipe.published["top1"]
-        ms = sorted({m for v in top1.values() for m in v}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
-        published = (f"\nPublished top-1 on CIFAR-100 ({recipe.published['source']}), **not measured here**:\n\n"
-                     "| method | " + " | ".join(f"`{p}`" for p in top1) + " |\n" + "|---" * (len(top1) + 1) + "|\n"
-                     + "\n".join(f"| {LABELS.get(m, m)} | " + " | ".join(str(top1[p].get(m, "")) for p in top1) + " |"
-                                 for m in ms) + "\n")
+    return ["\n".join(lines), "\n".join(detail)]
+
+
+def _published(recipe: Recipe) -> str:
+    """The paper's published numbers, as a results.md table (not measured here)."""
+    if not recipe.published:
+        return ""
+    top1 = recipe.published["top1"]
+    ms = sorted({m for v in top1.values() for m in v}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
+    return (f"\nPublished top-1 on CIFAR-100 ({recipe.published['source']}), **not measured here**:\n\n"
+            "| method | " + " | ".join(f"`{p}`" for p in top1) + " |\n" + "|---" * (len(top1) + 1) + "|\n"
+            + "\n".join(f"| {LABELS.get(m, m)} | " + " | ".join(str(top1[p].get(m, "")) for p in top1) + " |"
+                        for m in ms) + "\n")
+
+
+def _markdown(recipe, s, ctx, elapsed, table, teachers, records, seeds, sizes) -> str:
     m_opts = "; ".join(f"{LABELS.get(m, m)} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in o.items()) for m, o in s["methods"].items() if o)
     overrides = "; ".join(f"`{pair_name(p)}`: {p['methods']}" for p in s["pairs"] if p.get("methods"))
@@ -479,7 +519,8 @@ def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
     if ctx.store.resumed:
         resumed = (f" Resumed (`--resume`): {len(ctx.store.resumed)} finished model(s) were taken from an earlier "
                    "attempt; the wall time counts that attempt up to its last finished model.")
-    md = f"""
+    lines, detail = _table_lines(s, table, teachers, records)
+    return f"""
 {recipe.intro}
 
 Test accuracy (%) at the **last epoch**, mean ± std over seeds {seeds}; the teacher is trained once per run.
@@ -488,15 +529,23 @@ Students {s['student_epochs']} epoch(s), teachers {s['teacher_epochs']}; {sizes[
 {m_opts}.{(' Per pair: ' + overrides + '.') if overrides else ''} The validation split is reported, never used to
 choose anything. Wall time {elapsed:.0f} s on {torch.get_num_threads()} thread(s).{resumed}{check}
 
-{chr(10).join(lines)}
-{chr(10).join(detail)}
-{published}
+{lines}
+{detail}
+{_published(recipe)}
 ### How this protocol differs from mdistiller's
 
 {chr(10).join('- ' + d for d in differences(recipe, s, sizes))}
 
 Plot: `{recipe.plot}`.
 """
+
+
+def _write(recipe, s, ctx, teachers, records, seeds, sizes) -> dict[str, Any]:
+    """The results tail: roles, results.md, plot, results.json."""
+    elapsed = ctx.elapsed
+    table = tables(s, records)
+    models = _models(s, teachers, records)
+    md = _markdown(recipe, s, ctx, elapsed, table, teachers, records, seeds, sizes)
     _plot(s, table, teachers, ctx.out / recipe.plot)
     extra = {
         "torch_threads": torch.get_num_threads(),
