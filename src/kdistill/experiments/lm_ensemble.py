@@ -62,9 +62,9 @@ _COMMON: dict[str, Any] = {
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**_COMMON, "chars": 60_000, "model": "lm:64,2", "members": 3, "epochs": 4, "seeds": 1,
-              "distill_means": ["arithmetic"], "temperatures": [2.0], "alphas": [0.5, 1.0]},
+              "distill_means": ["arithmetic"], "temperatures": [1.0, 2.0], "alphas": [0.5]},
     "full": {**_COMMON, "chars": 60_000, "model": "lm:64,2", "members": 4, "epochs": 4, "seeds": 3,
-             "distill_means": ["arithmetic", "geometric"], "temperatures": [2.0], "alphas": [0.5, 1.0]},
+             "distill_means": ["arithmetic", "geometric"], "temperatures": [1.0, 2.0], "alphas": [0.5]},
 }
 
 
