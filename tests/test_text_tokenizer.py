@@ -24,7 +24,7 @@ def _texts(tmp_path):
 
 @pytest.mark.ecosystem
 def test_bpe_run_saves_its_tokenizer_and_evaluate_reuses_it(tmp_path, capsys):
-    need("tokenizers")
+    tokenizers = need("tokenizers")
     a, b = _texts(tmp_path)
     bundle = load(f"text:{a}", window=64, tokenizer="bpe", vocab_size=300)
     model = build_model("lm:16,1,heads=2", bundle.input_shape, bundle.train.num_classes, seed=0)
@@ -39,9 +39,7 @@ def test_bpe_run_saves_its_tokenizer_and_evaluate_reuses_it(tmp_path, capsys):
     # other text, tokenised with the run's own BPE: the ids are those of the saved tokenizer, not of a new one
     options = evaluate_options(f"text:{b}", {"window": 64}, run / "model.safetensors")
     reused, tok = load_text(b, **options)
-    from tokenizers import Tokenizer
-
-    want = Tokenizer.from_file(str(run / "tokenizer.json")).encode(b.read_text()[:200]).ids
+    want = tokenizers.Tokenizer.from_file(str(run / "tokenizer.json")).encode(b.read_text()[:200]).ids
     assert tok.encode(b.read_text()[:200]).ids == want
     retrained, _ = load_text(b, window=64, tokenizer="bpe", vocab_size=300)
     assert not torch.equal(reused.test.x[:4], retrained.test.x[:4])  # what reuse prevents

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from kdistill.data.dataset import DataBundle, TensorData
 
@@ -188,8 +189,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 def recorded_tokenizer(model_file: str | os.PathLike) -> dict[str, Any] | None:
     """The tokenizer record of a kdistill ``model.safetensors`` (None if it records none)."""
-    from safetensors import safe_open
-
     with safe_open(str(model_file), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("kdistill") or "{}")
     record = (meta.get("preprocessing") or {}).get("tokenizer")
