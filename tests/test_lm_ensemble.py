@@ -10,7 +10,7 @@ from kdistill.experiments import run_experiment
 from kdistill.models import build_model
 
 TINY = ["chars=0", "window=16", "model=lm:16,1,heads=2", "members=2", "epochs=1", "batch_size=32",
-        "alphas=[1.0]", "distill_means=[geometric]", "deploy_budget_s=0.1"]
+        "temperatures=[2.0]", "alphas=[1.0]", "distill_means=[geometric]", "deploy_budget_s=0.1"]
 
 
 def _english(path, sentences=160):
