@@ -25,10 +25,16 @@ batchmean KL, mean soft cross-entropy, mean squared error over batch and classes
 averaged over the batch; that path is not chunked. Telling it apart reads the labels once (a host
 synchronisation on an accelerator, only for 2-D logits with labels).
 
+Precision and speed. (B, C) logits are computed in float64 (bit for bit as always). On (B, L, ...)
+logits the soft term is float32 math (float64 only for float64 logits): it is the largest tensor of a
+language model's step, and float64 there made it several times slower than the float32 KL users write;
+``kl`` and ``soft_ce`` take their gradient from the formula T (q - p) in a few vectorised passes per
+chunk, no autograd graph (tests compare values and gradients with float64 references).
+
 Memory. On (B, L, V) logits with a large vocabulary the soft term is computed in chunks of positions
-(``chunk_bytes``, 64 MiB of float64 work by default) with each chunk's exact gradient taken at once,
-so peak memory holds the logits, one gradient buffer and one chunk's float64 temporaries instead of
-several full-size float64 copies (``benchmarks/loss_memory.py`` measures it).
+(``chunk_bytes``, 64 MiB of work by default; ``kl``/``soft_ce`` use smaller, cache-sized chunks) with each
+chunk's exact gradient taken at once, so peak memory holds the logits, one gradient buffer and one
+chunk's temporaries instead of several full-size copies (``benchmarks/loss_memory.py`` measures it).
 
 Beyond logits matching: :func:`dkd_loss` (decoupled KD, Zhao et al. 2022), :func:`hint_loss` (FitNets,
 Romero et al. 2015) and :func:`attention_transfer_loss` (Zagoruyko & Komodakis 2017) on feature maps.
@@ -48,6 +54,7 @@ LOSS_KINDS = KIND_NAMES  # the registered kinds' names (live); see kdistill.loss
 STACKED_KINDS = ("kl", "soft_ce", "logit_mse", "prob_mse")  # what the multi-student losses implement
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+_CACHE_BYTES = 2**20  # one (rows, C) buffer of the written-out kl/soft_ce chunk step (about an L2 cache)
 _TEMPS_PER_ROW = 8  # float64 (rows, C) temporaries a kind's forward and backward hold at once (estimate)
 
 
@@ -150,33 +157,100 @@ def _chunk_rows(n_classes: int, itemsize: int, chunk_bytes: int | None) -> int |
 
 
 RowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ChunkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+FUSED_KINDS = ("kl", "soft_ce")  # kinds whose per-position gradient is written out (the same for both)
+
+
+def _positions_work(logits: torch.Tensor) -> torch.dtype:
+    """The working dtype of the positions path: float32 (float64 only for float64 logits).
+
+    The per-position soft term costs O(positions x classes), the largest tensor of a language model's
+    step: float64 there made kdistill's KD step several times slower than the float32 KL users write
+    (``benchmarks/lm_speed.py``). float32 log_softmax is stable for any finite logits; the cost is
+    float32 rounding in log p - log q (relative ~1e-6 of the terms, tested against float64 formulas).
+    (B, C) logits keep float64 (:func:`_work`), so one-label-per-sample runs reproduce bit for bit.
+    """
+    if logits.dim() == 2:
+        return _work(logits)
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _masked_sum(run: RowFn, s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """Sum over the valid rows of ``run`` on (rows, C) logits, in ``work``; invalid rows add exactly 0."""
-    values = run(s.to(work), t.to(work))
+    """Sum over the valid rows of ``run(s in work, t)`` on (rows, C) logits; invalid rows add exactly 0.
+
+    ``run`` converts ``t`` itself (the sparse path packs class ids there that must stay exact)."""
+    values = run(s.to(work), t)
     return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
 
 
-class _ChunkedSum(torch.autograd.Function):
-    """:func:`_masked_sum` chunk by chunk of rows, each chunk's exact gradient taken during the forward.
+def _autograd_chunk(run: RowFn, work: torch.dtype) -> ChunkFn:
+    """A chunk step for any kind: the sum of ``run`` over the chunk's valid rows; its gradient (by autograd)
+    goes to ``out``."""
 
-    Only one chunk's float64 temporaries are alive at a time; what survives until the backward is one
-    gradient buffer in the logits' dtype (the backward scales it by the incoming gradient).
+    def step(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = s.detach().to(work).requires_grad_(True)
+            part = _masked_sum(run, z, t, valid, work)
+            (g,) = torch.autograd.grad(part, z)
+        out.copy_(g)
+        return part.detach()
+
+    return step
+
+
+def _fused_kl_chunk(temperature: float, kind: str, work: torch.dtype) -> ChunkFn:
+    """A chunk step for ``kl`` / ``soft_ce`` with the gradient written out, no autograd graph.
+
+    Per valid row, with a = s / T, b = t / T (each shifted by its row max), p = softmax(b), q = softmax(a):
+    ``kl`` is T^2 sum p (b - a) + T^2 (log Z_q - log Z_p) (= T^2 sum p (log p - log q)), ``soft_ce`` is
+    -T^2 sum p a + T^2 log Z_q (= -T^2 sum p log q); both have the gradient T (q - p) w.r.t. s, written
+    into ``out`` (the caller's gradient buffer). Invalid rows give 0 and a zero gradient (a masked fill,
+    so garbage logits there cannot leak NaN). Few passes over the chunk, each a plain vectorised op.
+    """
+    t2 = temperature * temperature
+
+    def log_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z / T shifted by its row max, exp of it, the row sums of the exp), the shift done in place."""
+        a = z.detach().to(work).div(temperature)
+        a.sub_(a.amax(dim=-1, keepdim=True))
+        e = a.exp()
+        return a, e, e.sum(dim=-1, keepdim=True)
+
+    def step(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a, q, zq = log_exp_sum(s)
+        b, p, zp = log_exp_sum(t)
+        p.div_(zp)
+        if kind == "kl":
+            per_row = torch.linalg.vecdot(p, b.sub_(a)) + (zq.log() - zp.log()).squeeze(-1)
+        else:
+            per_row = zq.log().squeeze(-1) - torch.linalg.vecdot(p, a)
+        g = out if out.dtype == work else torch.empty_like(q)  # e.g. bfloat16 logits: float32 math, then cast
+        torch.mul(q, temperature / zq, out=g).sub_(p, alpha=temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
+        if g is not out:
+            out.copy_(g)
+        zero = torch.zeros((), dtype=work, device=s.device)
+        return torch.where(valid, per_row, zero).sum() * t2
+
+    return step
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """A sum over rows, chunk by chunk, each chunk's exact gradient taken during the forward by ``step``.
+
+    ``step(s_chunk, t_chunk, valid_chunk, out)`` returns the chunk's sum and writes its gradient w.r.t.
+    ``s_chunk`` into ``out`` (the chunk's rows of the gradient buffer):
+    :func:`_autograd_chunk` for any kind, :func:`_fused_kl_chunk` for ``kl``/``soft_ce``. Only one chunk's
+    temporaries are alive at a time; what survives until the backward is one gradient buffer in the
+    logits' dtype (the backward scales it by the incoming gradient).
     """
 
     @staticmethod
-    def forward(ctx, s, t, valid, run, rows, work):  # noqa: D401 - autograd signature
+    def forward(ctx, s, t, valid, step, rows, work):  # noqa: D401 - autograd signature
         total = torch.zeros((), dtype=work, device=s.device)
         grad = torch.empty_like(s)
         for start in range(0, s.shape[0], rows):
             stop = start + rows
-            with torch.enable_grad():
-                z = s[start:stop].detach().to(work).detach().requires_grad_(True)
-                part = _masked_sum(run, z, t[start:stop], valid[start:stop], work)
-                (g,) = torch.autograd.grad(part, z)
-            total += part.detach()
-            grad[start:stop] = g
+            total += step(s[start:stop], t[start:stop], valid[start:stop], grad[start:stop])
         ctx.save_for_backward(grad)
         return total
 
@@ -187,24 +261,36 @@ class _ChunkedSum(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
+def _chunked_total(run: RowFn, step: ChunkFn, s, t, valid, work: torch.dtype, chunk_bytes,
+                   fused: bool = False) -> torch.Tensor:
+    """Sum of ``run`` over the valid rows of (rows, C) ``s``, ``t``: chunked with ``step``'s gradients when
+    the student needs one; plain autograd when ``chunk_bytes`` is None (the unchunked reference form) or,
+    unless ``step`` is a written-out gradient (``fused``), when everything fits in one chunk."""
+    itemsize = torch.finfo(work).bits // 8
+    rows = _chunk_rows(s.shape[-1], itemsize, chunk_bytes)
+    if rows is not None and fused:  # a few plain passes per chunk: keep each (rows, C) buffer cache-sized
+        rows = min(rows, max(8, _CACHE_BYTES // (s.shape[-1] * itemsize)))
+    if rows is None or (rows >= s.shape[0] and not fused):
+        return _masked_sum(run, s, t, valid, work)
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _ChunkedSum.apply(s, t, valid, step, rows, work)
+    return sum(_masked_sum(run, s[i:i + rows], t[i:i + rows], valid[i:i + rows], work)
+               for i in range(0, s.shape[0], rows))
+
+
 def _soft_term(student_logits, teacher_logits, valid, denom, temperature, div, options, chunk_bytes) -> torch.Tensor:
     """The soft term over valid positions: sum of ``div`` per position / ``denom``, chunked over positions."""
-    work = _work(student_logits)
+    work = _positions_work(student_logits)
     c = student_logits.shape[-1]
     s, t, v = student_logits.reshape(-1, c), teacher_logits.detach().reshape(-1, c), valid.reshape(-1)
 
     def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return div.fn(a, b, temperature, **options)
+        return div.fn(a, b.to(a.dtype), temperature, **options)
 
-    rows = _chunk_rows(c, torch.finfo(work).bits // 8, chunk_bytes)
-    if rows is None or rows >= s.shape[0]:
-        total = _masked_sum(run, s, t, v, work)
-    elif torch.is_grad_enabled() and s.requires_grad:
-        total = _ChunkedSum.apply(s, t, v, run, rows, work)
-    else:
-        total = sum(_masked_sum(run, s[i:i + rows], t[i:i + rows], v[i:i + rows], work)
-                    for i in range(0, s.shape[0], rows))
-    return (total / denom).to(student_logits.dtype)
+    fused = div.name in FUSED_KINDS and student_logits.dim() > 2  # (B, C): autograd, bit for bit as before
+    step = _fused_kl_chunk(temperature, div.name, work) if fused else _autograd_chunk(run, work)
+    total = _chunked_total(run, step, s, t, v, work, chunk_bytes, fused)
+    return (total / denom.to(total.dtype)).to(student_logits.dtype)
 
 
 def _hard_term(student_logits, labels, valid, denom) -> torch.Tensor:
@@ -247,8 +333,8 @@ def soft_loss(
     Logits are (B, C) or (B, positions..., C); ``labels`` (optional here, -100 = ignore) and ``mask``
     (nonzero = keep) have the logits' shape without C and only select positions; ``normalizer``
     replaces the local valid count (see the module docstring). ``options`` are the kind's own (``beta``
-    for ``jsd``). ``chunk_bytes`` bounds one chunk's float64 work on the positions path (None: one
-    piece). The teacher is detached; the result has the student logits' dtype.
+    for ``jsd``). ``chunk_bytes`` bounds one chunk's work on the positions path (None: one piece, by
+    autograd). The teacher is detached; the result has the student logits' dtype.
     """
     _check_temperature(temperature)
     div, opts = resolve(kind, options)

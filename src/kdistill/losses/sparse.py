@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdistill.losses import (DEFAULT_CHUNK_BYTES, _ChunkedSum, _check_temperature, _chunk_rows, _denominator,
-                             _hard_term, _masked_sum, _valid, _work)
+from kdistill.losses import (DEFAULT_CHUNK_BYTES, _autograd_chunk, _check_temperature, _chunked_total, _denominator,
+                             _hard_term, _positions_work, _valid)
 from kdistill.losses.divergences import resolve
 
 DEFAULT_VALUE_DTYPE = torch.float16
@@ -107,7 +107,7 @@ def sparsify(logits: torch.Tensor, k: int, value_dtype: torch.dtype = DEFAULT_VA
 
 
 def _teacher_buckets(values: torch.Tensor, tail: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:
-    """log p over the k + 1 buckets at ``temperature`` (k buckets when k = V), float64 (see the module doc)."""
+    """log p over the k + 1 buckets at ``temperature`` (k buckets when k = V), in ``values``' dtype."""
     k = values.shape[-1]
     a = values / temperature
     if k < num_classes:
@@ -157,33 +157,26 @@ def sparse_soft_loss(
 ) -> torch.Tensor:
     """The soft term from sparse teacher targets (module doc): the ``kind`` between the (k + 1)-bucket
     distributions, summed over valid positions (mask keeps it, label not -100) / their count or ``normalizer``,
-    in float64 chunks of positions; the result has the student logits' dtype."""
+    in chunks of positions (float32 math, float64 for float64 logits); the result has the student logits' dtype."""
     _check_temperature(temperature)
     div, opts = resolve(kind, options)
     _check_sparse(student_logits, targets, labels, mask, kind)
-    work = _work(student_logits)
+    work = _positions_work(student_logits)
     valid = _valid(student_logits, labels, mask)
     denom = _denominator(valid, normalizer, work)
     v, k = student_logits.shape[-1], targets.k
     s = student_logits.reshape(-1, v)
-    packed = torch.cat([targets.values.reshape(-1, k).to(work), targets.indices.reshape(-1, k).to(work),
-                        targets.tail.reshape(-1, 1).to(work)], dim=1).to(s.device)  # ids < 2^31: exact in float
-    rows_valid = valid.reshape(-1)
+    pack = work if v <= 2**24 else torch.float64  # class ids must be exact in the packed float tensor
+    packed = torch.cat([targets.values.reshape(-1, k).to(pack), targets.indices.reshape(-1, k).to(pack),
+                        targets.tail.reshape(-1, 1).to(pack)], dim=1).to(s.device)
 
     def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         idx = b[:, k:2 * k].long()
-        log_p = _teacher_buckets(b[:, :k], b[:, 2 * k], temperature, v)
+        log_p = _teacher_buckets(b[:, :k].to(a.dtype), b[:, 2 * k].to(a.dtype), temperature, v)
         log_q = _student_buckets(a, idx, temperature)
         return div.fn(log_q * temperature, log_p * temperature, temperature, **opts)  # fn divides by T again
 
-    rows = _chunk_rows(v, torch.finfo(work).bits // 8, chunk_bytes)
-    if rows is None or rows >= s.shape[0]:
-        total = _masked_sum(run, s, packed, rows_valid, work)
-    elif torch.is_grad_enabled() and s.requires_grad:
-        total = _ChunkedSum.apply(s, packed, rows_valid, run, rows, work)
-    else:
-        total = sum(_masked_sum(run, s[i:i + rows], packed[i:i + rows], rows_valid[i:i + rows], work)
-                    for i in range(0, s.shape[0], rows))
+    total = _chunked_total(run, _autograd_chunk(run, work), s, packed, valid.reshape(-1), work, chunk_bytes)
     return (total / denom).to(student_logits.dtype)
 
 
