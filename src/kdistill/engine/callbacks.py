@@ -1,7 +1,8 @@
 """Callbacks: code that runs at points of the loop without being part of it.
 
 The built-in logging (``metrics.jsonl`` and ``metrics.csv``), the progress bar and early stopping are
-callbacks too. A callback implements any of :meth:`Callback.on_step` (every ``every_steps`` steps),
+callbacks too, and so is keep-best (:class:`KeepBest`); :func:`final_results` and :func:`save_models` finish
+a run the same way for every backend (one student or a stacked sweep). A callback implements any of :meth:`Callback.on_step` (every ``every_steps`` steps),
 :meth:`Callback.on_eval` (each evaluation row, also mid-epoch ones) and :meth:`Callback.on_epoch_end`;
 setting ``state.stop = True`` ends training after the current epoch.
 """
@@ -12,10 +13,18 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from kdistill.io import write_text
+
+from torch import nn
+
+from kdistill.data.preprocess import model_record
+from kdistill.data.stream import labels_of
+from kdistill.engine.config import FitResult
+from kdistill.engine.evaluate import classification_metrics
+from kdistill.io import save_model, write_text
 
 
 @dataclass
@@ -154,3 +163,67 @@ class TensorBoard(Callback):
     def on_fit_end(self, state: LoopState) -> None:
         for w in self.writers:
             w.close()
+
+
+class KeepBest(Callback):
+    """Keep-best, per student: at the end of each epoch, a snapshot of every student whose ``val_errors``
+    improved on its best so far (strictly fewer); :meth:`restore` puts each best snapshot back.
+
+    The backend gives ``snapshot(s)`` and ``restore(s, snap)`` for student ``s``. ``enabled``: keep-best is
+    on and there is validation data. Restoring is a call after the loop, not ``on_fit_end``: that also runs
+    when training fails, and a failed run leaves the students as they were when it stopped.
+    """
+
+    def __init__(self, backend, n: int, enabled: bool) -> None:
+        self.backend, self.enabled = backend, enabled
+        self.errors: list[float] = [math.inf] * n
+        self.epochs: list[int | None] = [None] * n
+        self.states: list[Any] = [None] * n
+
+    def set(self, s: int, errors: float, epoch: int, snap: Any) -> None:
+        """Student ``s``'s best so far, as a checkpoint recorded it (resume)."""
+        self.errors[s], self.epochs[s], self.states[s] = errors, epoch, snap
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        if not self.enabled:
+            return
+        for s, row in enumerate(rows):
+            if row["val_errors"] < self.errors[s]:
+                self.set(s, row["val_errors"], state.epoch, self.backend.snapshot(s))
+
+    def restore(self) -> list[int | None]:
+        """Every kept best state put back; each student's best epoch (None: nothing kept, the last state stays)."""
+        for s, snap in enumerate(self.states):
+            if snap is not None:
+                self.backend.restore(s, snap)
+        return [e if snap is not None else None for e, snap in zip(self.epochs, self.states)]
+
+
+def final_results(backend, models: Sequence[nn.Module], state: LoopState, wall: float, best_epochs: list[int | None],
+                  val, val_teacher, temperatures: Sequence[float], test) -> list[FitResult]:
+    """Each student's result, after keep-best's restore: its model in eval mode, its history, and validation
+    (against the teacher's ``val_teacher`` logits at its temperature) and test metrics from the backend's
+    predictions of the final weights."""
+    for m in models:
+        m.eval()
+    val_logits = backend.predict(val) if val is not None else None
+    test_logits = backend.predict(test) if test is not None else None
+    val_y = labels_of(val) if val is not None else None
+    test_y = labels_of(test) if test is not None else None
+    results = []
+    for s, model in enumerate(models):
+        r = FitResult(model=model, history=state.histories[s], wall_time_s=wall, best_epoch=best_epochs[s])
+        if val_logits is not None:
+            r.val = classification_metrics(val_logits[s], val_y, val_teacher, temperatures[s], detailed=False)
+        if test_logits is not None:
+            r.test = classification_metrics(test_logits[s], test_y)
+        results.append(r)
+    return results
+
+
+def save_models(paths: Sequence[Path], models: Sequence[nn.Module], train, record: bool = True) -> None:
+    """Each final model to its ``model.safetensors`` path, with the input shape and class count to rebuild
+    it and (``record``) the class names and preprocessing ``kdistill predict`` reads."""
+    extra = model_record(train) if record else {}
+    for path, model in zip(paths, models):
+        save_model(path, model, in_shape=list(train.input_shape), num_classes=train.num_classes, **extra)

@@ -2,7 +2,7 @@
 
 :func:`run_epochs` is the loop itself: for each epoch, each step draws one batch per seed group from its
 source, sets the schedule's learning rate and asks the backend to step; at the end of the epoch it reads
-the loss terms, evaluates, keeps the best state and calls the callbacks. :func:`fit` composes it for one
+the loss terms, evaluates and calls the callbacks (keep-best and the checkpoint among them). :func:`fit` composes it for one
 model: data, method and teacher checked before any work, then batches from memory or disk, the autograd
 step, checkpoints and keep-best, and the result.
 """
@@ -21,16 +21,15 @@ import torch
 from torch import nn
 
 from kdistill.data.convert import IGNORE_LABEL, as_split
-from kdistill.data.preprocess import model_record
 from kdistill.data.splits import check_same_classes
 from kdistill.data.stream import describe_inputs, inputs_to, integer_hint, labels_of
 from kdistill.data.text import save_run_tokenizer
 from kdistill.engine.distributed import process_device, world
-from kdistill.engine.evaluate import classification_metrics, predict_split
-from kdistill.io import data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, save_model, teacher_fingerprint
+from kdistill.engine.evaluate import classification_metrics
+from kdistill.io import data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, teacher_fingerprint
 from kdistill.models.hf import lm_vocabulary
 from kdistill.models.outputs import forward_logits
-from kdistill.engine.callbacks import Callback, LoopState, MetricsFiles, ProgressBar
+from kdistill.engine.callbacks import Callback, KeepBest, LoopState, MetricsFiles, ProgressBar, final_results, save_models
 from kdistill.engine.config import FitResult, TrainConfig, check_device
 from kdistill.engine.denormal import flushed_denormals
 from kdistill.engine.heap import retain_freed_memory
@@ -54,15 +53,15 @@ RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "w
 
 def run_epochs(backend, streams: Sequence[tuple[Any, torch.Generator]], cfg: TrainConfig, state: LoopState,
                evaluate: Callable[[float, list[dict[str, float]] | None], list[dict[str, Any]]],
-               callbacks: Sequence[Callback], end_of_epoch: Callable[[list[dict[str, Any]]], None]) -> None:
-    """Train from ``state.epoch`` to ``cfg.epochs`` (or until a callback sets ``state.stop``)."""
+               callbacks: Sequence[Callback]) -> None:
+    """Train from ``state.epoch`` to ``cfg.epochs`` (or until a callback sets ``state.stop``); ``evaluate``
+    gives one row per student, ``callbacks`` see them in order."""
     retain_freed_memory()  # each step reuses the last step's freed buffers instead of faulting in fresh pages
     with flushed_denormals(cfg.flush_denormal):  # subnormal gradients would slow the later epochs' steps
-        _epochs(backend, streams, cfg, state, evaluate, callbacks, end_of_epoch)
+        _epochs(backend, streams, cfg, state, evaluate, callbacks)
 
 
-def _epochs(backend, streams, cfg: TrainConfig, state: LoopState, evaluate, callbacks: Sequence[Callback],
-            end_of_epoch) -> None:
+def _epochs(backend, streams, cfg: TrainConfig, state: LoopState, evaluate, callbacks: Sequence[Callback]) -> None:
     steps = state.steps_per_epoch
     total = state.total_steps
     step_cbs = [c for c in callbacks if c.every_steps]
@@ -87,7 +86,6 @@ def _epochs(backend, streams, cfg: TrainConfig, state: LoopState, evaluate, call
         for s, row in enumerate(rows):
             for c in callbacks:
                 c.on_eval(state, s, row)
-        end_of_epoch(rows)
         for c in callbacks:
             c.on_epoch_end(state, rows)
         if state.stop:
@@ -609,7 +607,7 @@ def _single_backend(model, method, teaching, source, aug, cfg, device, n_proc):
 def _train(backend, model, method, train, val, test, val_teacher, source, gen, cfg, out, write, ckpt, resume,
            progress, on_eval, callbacks, rank, teacher_id=None) -> FitResult:
     state = LoopState(epochs=cfg.epochs, steps_per_epoch=source.steps_per_epoch, histories=[[]])
-    best: dict[str, Any] = {"errors": math.inf, "epoch": None, "state": None}
+    keep = KeepBest(backend, 1, cfg.keep_best and val is not None)
     method_opts = method_record(method)  # as stored
     fingerprint = data_fingerprint(train)
     spec = getattr(model, "spec", None)
@@ -618,7 +616,7 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
         saved = load_checkpoint(ckpt, model, backend.optimizer)
         _check_resume(saved, cfg, method_opts, ckpt, spec, fingerprint, teacher_id if write else saved.get("teacher"),
                       train)
-        _restore(saved, method, state, gen, best)
+        _restore(saved, method, state, gen, keep)
     elif write:
         out.mkdir(parents=True, exist_ok=True)
     if write and not (out / "config.yaml").exists():  # an API run records what the CLI records
@@ -640,22 +638,10 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
         model.train()
         return [row]
 
-    def end_of_epoch(rows) -> None:
-        row = rows[0]
-        if cfg.keep_best and val is not None and row["val_errors"] < best["errors"]:
-            best.update(errors=row["val_errors"], epoch=state.epoch, state=backend.snapshot()[0])
-        if out is not None and cfg.checkpoint:  # every process (replicas are identical): none waits for another
-            _check_finite_weights(model, method, state, ckpt)  # never checkpoint a diverged state
-        if write and cfg.checkpoint:
-            extra = {f"method.{k}": v for k, v in method.state_dict().items()}
-            if best["state"] is not None:
-                extra.update({f"best.{k}": v for k, v in best["state"].items()})
-            meta = {"epoch": state.epoch, "step": state.step, "history": state.histories[0], "config": asdict(cfg),
-                    "method": method_opts, "rng": _rng_state(gen), "best_errors": best["errors"] if best["epoch"] else None,
-                    "best_epoch": best["epoch"], "data": fingerprint, "model": spec, "teacher": teacher_id}
-            save_checkpoint(ckpt, model, backend.optimizer, meta, extra)
-
-    cbs: list[Callback] = []
+    cbs: list[Callback] = [keep]  # first: the checkpoint holds the best state so far, this epoch's included
+    if out is not None and cfg.checkpoint:
+        meta = {"config": asdict(cfg), "method": method_opts, "data": fingerprint, "model": spec, "teacher": teacher_id}
+        cbs.append(_Checkpoint(model, method, backend.optimizer, keep, gen, ckpt, write, meta))
     if write:
         cbs.append(MetricsFiles([out]))
     if progress and rank == 0:
@@ -667,27 +653,43 @@ def _train(backend, model, method, train, val, test, val_teacher, source, gen, c
         c.on_fit_start(state)
     model.train()
     try:
-        run_epochs(backend, [(source, gen)], cfg, state, evaluate, cbs, end_of_epoch)
+        run_epochs(backend, [(source, gen)], cfg, state, evaluate, cbs)
     finally:
         for c in cbs:
             c.on_fit_end(state)
     wall = time.perf_counter() - t0
-    best_epoch = None
-    if cfg.keep_best and best["state"] is not None:
-        backend.restore([best["state"]])
-        best_epoch = best["epoch"]
-    model.eval()
-    result = FitResult(model=model, history=state.histories[0], wall_time_s=wall, best_epoch=best_epoch)
-    if val is not None:
-        result.val = classification_metrics(predict_split(model, val), val_y, val_teacher, method.temperature, detailed=False)
-    if test is not None:
-        result.test = classification_metrics(predict_split(model, test), labels_of(test))
+    best_epochs = keep.restore()
+    result = final_results(backend, [model], state, wall, best_epochs, val, val_teacher, [method.temperature], test)[0]
     if write:
         _save_outputs(out, model, train, method, result)
     return result
 
 
-def _restore(saved: dict[str, Any], method, state: LoopState, gen: torch.Generator, best: dict[str, Any]) -> None:
+class _Checkpoint(Callback):
+    """Each epoch's checkpoint (every process checks the weights are finite; the writing one saves): the
+    model, optimiser, method state, RNG streams, history and keep-best's record, for an exact resume."""
+
+    def __init__(self, model, method, optimizer, keep: KeepBest, gen: torch.Generator, ckpt: Path, write: bool,
+                 meta: dict[str, Any]) -> None:
+        self.model, self.method, self.optimizer, self.keep, self.gen = model, method, optimizer, keep, gen
+        self.ckpt, self.write, self.meta = ckpt, write, meta
+
+    def on_epoch_end(self, state: LoopState, rows) -> None:
+        _check_finite_weights(self.model, self.method, state, self.ckpt)  # never checkpoint a diverged state
+        if not self.write:
+            return  # replicas are identical: none waits for another
+        extra = {f"method.{k}": v for k, v in self.method.state_dict().items()}
+        best_state, best_epoch = self.keep.states[0], self.keep.epochs[0]
+        if best_state is not None:
+            extra.update({f"best.{k}": v for k, v in best_state.items()})
+        meta = {"epoch": state.epoch, "step": state.step, "history": state.histories[0], "config": self.meta["config"],
+                "method": self.meta["method"], "rng": _rng_state(self.gen),
+                "best_errors": self.keep.errors[0] if best_epoch else None, "best_epoch": best_epoch,
+                "data": self.meta["data"], "model": self.meta["model"], "teacher": self.meta["teacher"]}
+        save_checkpoint(self.ckpt, self.model, self.optimizer, meta, extra)
+
+
+def _restore(saved: dict[str, Any], method, state: LoopState, gen: torch.Generator, keep: KeepBest) -> None:
     """A checkpoint's state put back for an exact resume: the method's extras, epoch, step and history, the
     data and torch RNG streams, and the keep-best record."""
     method_state = {k[len("method."):]: v for k, v in saved["extra"].items() if k.startswith("method.")}
@@ -700,14 +702,13 @@ def _restore(saved: dict[str, Any], method, state: LoopState, gen: torch.Generat
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     if saved.get("best_epoch") is not None:
         best_state = {k[len("best."):]: v for k, v in saved["extra"].items() if k.startswith("best.")}
-        best.update(errors=saved["best_errors"], epoch=saved["best_epoch"], state=best_state)
+        keep.set(0, saved["best_errors"], saved["best_epoch"], best_state)
 
 
 def _save_outputs(out: Path, model: nn.Module, train, method, result: FitResult) -> None:
     """The finished run's files: the model (with class names and preprocessing, for ``kdistill predict``), a
     text run's tokenizer, and ``results.json``/``results.md``."""
-    save_model(out / "model.safetensors", model, in_shape=list(train.input_shape), num_classes=train.num_classes,
-               **model_record(train))
+    save_models([out / "model.safetensors"], [model], train)
     save_run_tokenizer(out, train)  # text data: its tokenizer beside the model (kdistill.data.text)
     metrics = {f"test_{k}": result.test[k] for k in ("errors", "accuracy", "nll")} if result.test else {}
     write_results(out, "fit", "api", result.wall_time_s, {"model": {**metrics, "spec": getattr(model, "spec", None),

@@ -184,12 +184,12 @@ class StudentStep:
     def predict(self, data) -> list[torch.Tensor]:
         return [predict_split(self.model, data)]
 
-    def snapshot(self) -> list[dict[str, torch.Tensor]]:
-        return [{k: v.detach().clone() for k, v in self.model.state_dict().items()}]
+    def snapshot(self, s: int = 0) -> dict[str, torch.Tensor]:
+        """A copy of the (only) student's state, for keep-best (:class:`~kdistill.engine.callbacks.KeepBest`)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def restore(self, snaps: list[dict[str, torch.Tensor] | None]) -> None:
-        if snaps[0] is not None:
-            self.model.load_state_dict(snaps[0])
+    def restore(self, s: int, snap: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(snap)
 
     def models(self) -> list[nn.Module]:
         return [self.model]

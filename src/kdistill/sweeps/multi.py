@@ -33,7 +33,6 @@ in ``fit``), except with Adam at per-student rates, whose hand-written update ne
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,11 +46,10 @@ from kdistill.data.augment import translate
 from kdistill.data.dataset import TensorData
 from kdistill.engine.distributed import world
 from kdistill.engine.evaluate import classification_metrics
-from kdistill.io import save_model
 from kdistill.losses import STACKED_KINDS, stacked_distillation_loss_and_grad
 from kdistill.sweeps.stacked import StackedMLP, StackedOptimizer, mlp_signature
 from kdistill.teachers.base import ModuleTeacher, Teacher
-from kdistill.engine.callbacks import LoopState, MetricsFiles, ProgressBar
+from kdistill.engine.callbacks import Callback, KeepBest, LoopState, MetricsFiles, ProgressBar, final_results, save_models
 from kdistill.engine.heap import retain_freed_memory
 from kdistill.engine.loop import run_epochs
 from kdistill.engine.sources import make_source
@@ -270,7 +268,7 @@ class StackedStep:
     def snapshot(self, s: int) -> list[torch.Tensor]:
         return [self.net.student_view(k, s).clone() for k in range(len(self.net.params))]
 
-    def restore_student(self, s: int, snap: list[torch.Tensor]) -> None:
+    def restore(self, s: int, snap: list[torch.Tensor]) -> None:
         for k, t in enumerate(snap):
             self.net.student_view(k, s).copy_(t)
 
@@ -292,8 +290,7 @@ def _fit_stacked(models, train, configs, soft, teacher, val, test, out, names, p
     val_teacher = teacher.predict(val) if teacher is not None and val is not None and isinstance(teacher, ModuleTeacher) else None
     state = LoopState(epochs=cfg0.epochs, steps_per_epoch=sources[0].steps_per_epoch,
                       histories=[[] for _ in range(n_students)], names=[names[i] for i in order])
-    keep = cfg0.keep_best and val is not None
-    best: list[tuple[float, int | None, list | None]] = [(math.inf, None, None)] * n_students
+    keep = KeepBest(backend, n_students, cfg0.keep_best and val is not None)
     t0 = time.perf_counter()
 
     def evaluate(epoch, losses):
@@ -311,12 +308,7 @@ def _fit_stacked(models, train, configs, soft, teacher, val, test, out, names, p
             rows.append(row)
         return rows
 
-    def end_of_epoch(rows):
-        for s, row in enumerate(rows):
-            if keep and row["val_errors"] < best[s][0]:
-                best[s] = (row["val_errors"], state.epoch, backend.snapshot(s))
-
-    cbs = []
+    cbs: list[Callback] = [keep]
     if out:
         for nm in names:
             (out / nm).mkdir(parents=True, exist_ok=True)
@@ -326,34 +318,18 @@ def _fit_stacked(models, train, configs, soft, teacher, val, test, out, names, p
     for c in cbs:
         c.on_fit_start(state)
     try:
-        run_epochs(backend, list(zip(sources, gens)), cfg0, state, evaluate, cbs, end_of_epoch)
+        run_epochs(backend, list(zip(sources, gens)), cfg0, state, evaluate, cbs)
     finally:
         for c in cbs:
             c.on_fit_end(state)
     wall = time.perf_counter() - t0
-    if keep:
-        for s in range(n_students):
-            if best[s][2] is not None:
-                backend.restore_student(s, best[s][2])
-
-    net = backend.net
-    net.write_to([models[i] for i in order])
-    val_logits = net.predict(val.x) if val is not None else None
-    test_logits = net.predict(test.x) if test is not None else None
-    results: list[FitResult | None] = [None] * n_students
-    for s, idx in enumerate(order):
-        model = models[idx].eval()
-        r = FitResult(model=model, history=state.histories[s], wall_time_s=wall,
-                      best_epoch=best[s][1] if keep else None)
-        if val_logits is not None:
-            r.val = classification_metrics(val_logits[s], val.y, val_teacher, temps[s], detailed=False)
-        if test_logits is not None:
-            r.test = classification_metrics(test_logits[s], test.y)
-        if out:
-            save_model(out / names[idx] / "model.safetensors", model, in_shape=list(train.input_shape),
-                       num_classes=train.num_classes)
-        results[idx] = r
-    return results  # type: ignore[return-value]
+    best_epochs = keep.restore()
+    stacked_models = [models[i] for i in order]
+    backend.net.write_to(stacked_models)
+    results = final_results(backend, stacked_models, state, wall, best_epochs, val, val_teacher, temps, test)
+    if out:  # no class names / preprocessing record, as the stacked pass always wrote them
+        save_models([out / names[i] / "model.safetensors" for i in order], stacked_models, train, record=False)
+    return [results[order.index(i)] for i in range(n_students)]
 
 
 def _losses(z, rows, xbs, y, ids, teacher, temps, alphas, need_labels, group_of, kind):
