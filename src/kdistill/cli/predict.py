@@ -151,7 +151,7 @@ def _specialists(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from kdistill.data.folder import MAX_PIXELS
-    from kdistill.cli.app import add_trust_code
+    from kdistill.cli._common import add_trust_code
 
     p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
                        "data split (black-box distillation)")

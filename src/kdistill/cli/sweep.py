@@ -25,7 +25,7 @@ from kdistill.io import load_model
 from kdistill.models import build_model
 from kdistill.sweeps.multi import check_configs, fit_many
 from kdistill.outputs.results import fmt, summarize, write_results, write_run_files
-from kdistill.cli.app import add_trust_code
+from kdistill.cli._common import add_trust_code
 
 GRID = (("temperature", "temperatures"), ("alpha", "alphas"), ("lr", "lrs"), ("weight_decay", "weight_decays"),
         ("seed", "seeds"))
