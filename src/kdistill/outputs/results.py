@@ -7,17 +7,12 @@ a metric measured over several seeds is ``{"mean", "std", "values"}``.
 from __future__ import annotations
 
 import statistics
-
-import matplotlib
-from kdistill.io import atomic_path
-
-matplotlib.use("Agg")
 import time
 from pathlib import Path
 from typing import Any
 
 import kdistill.config.loader as config_mod
-from kdistill.io import environment, write_json, write_text
+from kdistill.io import atomic_path, environment, write_json, write_text
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -59,7 +54,12 @@ def write_run_files(out: Path, resolved: dict[str, Any], seed: int | None = None
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it (works headless: Agg backend)."""
+    """Save a matplotlib figure as PNG atomically and close it (works headless: Agg backend). matplotlib is
+    imported here, not at the top: training imports this module, and matplotlib's import costs 0.7 s and
+    unsettles glibc's heap enough to break the freed-memory reuse of :mod:`kdistill.engine.heap`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
