@@ -290,3 +290,32 @@ def test_the_cli_offers_every_registered_loss_kind(capsys, command):
     assert info.value.code == 0
     choices = "{" + ",".join(LOSS_KINDS) + "}"
     assert choices in capsys.readouterr().out and "reverse_kl" in choices
+
+
+class _Items(torch.utils.data.Dataset):
+    """A user's own map-style Dataset (streamed by the engine, not held as .x/.y)."""
+
+    def __init__(self, split):
+        self.x, self.y, self.classes = split.x, split.y, split.classes
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_fit_many_takes_a_streamed_dataset_and_trains_each_student_like_fit(digits, teacher):
+    """fit_many accepts what fit accepts: a map-style Dataset goes through fit student by student (the stacked
+    backend needs tensors in memory), each student equal to its own fit on the same Dataset."""
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=2, checkpoint=False)
+    methods = [{"name": "kd", "temperature": t, "alpha": 0.5} for t in (2.0, 4.0)]
+    train, test = _Items(digits.train), _Items(digits.test)
+    many = fit_many([build_model(SPEC, digits.input_shape, 10, seed=s) for s in (0, 1)], train, cfg,
+                    teacher=teacher, methods=methods, test=test, progress=False)
+    for s, (r, m) in enumerate(zip(many, methods)):
+        solo = fit(build_model(SPEC, digits.input_shape, 10, seed=s), train, cfg, teacher=teacher, method=m,
+                   test=test, progress=False)
+        assert r.test["errors"] == solo.test["errors"]
+        for a, b in zip(r.model.state_dict().values(), solo.model.state_dict().values()):
+            assert torch.equal(a, b)

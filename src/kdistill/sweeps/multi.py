@@ -51,7 +51,7 @@ from kdistill.sweeps.stacked import StackedMLP, StackedOptimizer, mlp_signature
 from kdistill.teachers.base import ModuleTeacher, Teacher
 from kdistill.engine.callbacks import Callback, KeepBest, LoopState, MetricsFiles, ProgressBar, final_results, save_models
 from kdistill.engine.heap import retain_freed_memory
-from kdistill.engine.loop import run_epochs
+from kdistill.engine.loop import as_splits, run_epochs
 from kdistill.engine.sources import make_source
 from kdistill.engine import FitResult, TrainConfig, fit, resolve_device, resolve_method
 from kdistill.methods import Method
@@ -94,13 +94,13 @@ def seed_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
 
 def fit_many(
     models: Sequence[nn.Module],
-    train: TensorData,
+    train: Any,
     configs: Sequence[TrainConfig] | TrainConfig,
     *,
     teacher: Teacher | nn.Module | None = None,
     methods: Sequence[Any] | Any = None,
-    val: TensorData | None = None,
-    test: TensorData | None = None,
+    val: Any = None,
+    test: Any = None,
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
     progress: bool = True,
@@ -121,6 +121,7 @@ def fit_many(
     if len(configs) != len(models):
         raise ValueError(f"configs: need one per model ({len(models)}), got {len(configs)}")
     check_configs(configs)
+    train, val, test = as_splits(train, val, test)  # any data fit takes: in memory, (x, y), or a streamed Dataset
     if any(getattr(split, "per_position", False) for split in (train, val, test)):
         raise ValueError("fit_many: per-position targets (labels (N, L)) are not supported by the multi-student "
                          "sweep; train each student with fit (method kd or ce)")
@@ -139,7 +140,8 @@ def fit_many(
 
     sigs = [mlp_signature(m) for m in models]
     soft = stacked_options(methods, teacher is not None)
-    if None in sigs or len(set(sigs)) > 1 or soft is None:
+    in_memory = all(s is None or isinstance(s, TensorData) for s in (train, val, test))
+    if None in sigs or len(set(sigs)) > 1 or soft is None or not in_memory:  # else each student through fit
         return [
             fit(m, train, c, teacher=prepared, method=me, val=val, test=test, out_dir=out / nm if out else None,
                 progress=progress, overwrite=out is not None)  # a sweep owns its students' directories, as stacked
