@@ -23,10 +23,17 @@ import torch
 
 import kdistill.config.loader as config_mod
 from kdistill.data.folder import IMAGE_SUFFIXES, _pixels, open_image
-from kdistill.data.preprocess import Normalization, channel_view, parse_normalize, recorded_normalization
+from kdistill.data.preprocess import (
+    Normalization,
+    channel_view,
+    check_teacher_preprocessing,
+    normalize_split,
+    parse_normalize,
+    recorded_normalization,
+)
 from kdistill.engine.evaluate import predict_logits
 from kdistill.io import load_model, read_model_meta
-from kdistill.data.preprocess import check_teacher_preprocessing, normalize_split
+from kdistill.teachers.onnx_model import OnnxTeacher, read_onnx_metadata
 
 BATCH = 64
 
@@ -54,7 +61,6 @@ def load_predictor(path: str, trust_code: bool = False) -> Predictor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--model: no file {path}")
     if path.lower().endswith(".onnx"):
-        from kdistill.teachers.onnx_model import OnnxTeacher, read_onnx_metadata
 
         teacher, meta = OnnxTeacher(path), read_onnx_metadata(path)
         shape = meta.get("input_shape") or teacher.input_shape[1:]

@@ -17,14 +17,24 @@ import argparse
 import json
 from pathlib import Path
 
+from kdistill import data
+from kdistill.cli import _predict as files
+from kdistill.cli._common import add_trust_code
+from kdistill.data.folder import MAX_PIXELS
+from kdistill.data.preprocess import parse_normalize
+from kdistill.data.stream import labels_of
+from kdistill.engine import TrainConfig
+from kdistill.engine.evaluate import classification_metrics, predict_logits, predict_split
+from kdistill.engine.loop import _check_outputs
+from kdistill.io import load_model, read_model_meta, save_model, write_json
+from kdistill.methods.kd import check_temperature, check_weight
+from kdistill.outputs.results import write_results
+from kdistill.teachers.logits_files import save_logits
+from kdistill.teachers.onnx_model import OnnxTeacher, export_onnx
+from kdistill.teachers.specialists import SpecialistSystem, confusable_clusters, train_specialist
+
 
 def _predict(args: argparse.Namespace) -> int:
-    from kdistill import data
-    from kdistill.teachers.onnx_model import OnnxTeacher
-    from kdistill.teachers.logits_files import save_logits
-    from kdistill.data.preprocess import parse_normalize
-    from kdistill.engine.evaluate import classification_metrics, predict_split
-    from kdistill.cli import _predict as files
 
     if bool(args.model) == bool(args.onnx):
         raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors (or .onnx) or --onnx MODEL.onnx")
@@ -50,8 +60,6 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model:
         import torch
 
-        from kdistill.engine.loop import _check_outputs
-
         model = pred.module
         _check_outputs(model, split, next(iter(model.parameters()), torch.empty(0)).device)
         logits = predict_split(model, split)
@@ -66,7 +74,6 @@ def _predict(args: argparse.Namespace) -> int:
     save_logits(out, logits, split.index, data=split.name, source=source, split=split)
     report = {"file": str(out), "count": len(split), "num_classes": split.num_classes, "data": split.name}
     if not split.has_unlabelled:
-        from kdistill.data.stream import labels_of
 
         report["accuracy"] = classification_metrics(logits, labels_of(split), detailed=False)["accuracy"]
     print(json.dumps(report))
@@ -74,8 +81,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from kdistill.teachers.onnx_model import export_onnx
-    from kdistill.io import load_model, read_model_meta
 
     model = load_model(args.model, trust_code=args.trust_code)
     meta = read_model_meta(args.model)
@@ -93,15 +98,6 @@ def _specialists(args: argparse.Namespace) -> int:
     import time
 
     import torch
-
-    from kdistill import data
-    from kdistill.teachers.logits_files import save_logits
-    from kdistill.engine.evaluate import classification_metrics, predict_logits, predict_split
-    from kdistill.io import load_model, save_model, write_json
-    from kdistill.outputs.results import write_results
-    from kdistill.teachers.specialists import SpecialistSystem, confusable_clusters, train_specialist
-    from kdistill.engine import TrainConfig
-    from kdistill.methods.kd import check_temperature, check_weight
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep_best=True,
                       checkpoint=False)
@@ -150,8 +146,6 @@ def _specialists(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from kdistill.data.folder import MAX_PIXELS
-    from kdistill.cli._common import add_trust_code
 
     p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
                        "data split (black-box distillation)")

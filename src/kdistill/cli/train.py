@@ -11,19 +11,23 @@ from typing import Any
 
 import kdistill.config.schema as schema
 from kdistill.cli._common import _add_common, _check_out, _clear_run, _discard, _load_data, _resolve, add_trust_code
+from kdistill.data import drop_labels, stratified_fraction
 from kdistill.data.dataset import TensorData
+from kdistill.data.stream import iterate
 from kdistill.engine import fit, resolve_device
+from kdistill.engine.callbacks import TensorBoard
 from kdistill.engine.config import check_device
 from kdistill.engine.distributed import init_from_env
 from kdistill.engine.loop import preflight
 from kdistill.engine.rundir import claim, remove_stale_tmp
-from kdistill.io import load_model
+from kdistill.io import load_model, read_model_meta
 from kdistill.losses import LOSS_KINDS
 from kdistill.models import build_model
 from kdistill.models.registry import build_on_meta
 from kdistill.outputs.deploy import deployment_markdown, deployment_table, write_deployment
 from kdistill.outputs.results import write_results, write_run_files
 from kdistill.teachers.base import ModuleTeacher
+from kdistill.teachers.resolve import _check_class_names, check_teacher_files, resolve_teacher
 
 
 def _check_size(spec: str, in_shape, num_classes: int) -> None:
@@ -64,8 +68,6 @@ def _teacher_model(cfg: dict[str, Any], bundle):
         raise ValueError("--teacher-model and --teacher-weights go together: the spec builds the network, the file "
                          "fills it (kdistill or plain safetensors, or a torch.save state dict read with weights_only)")
     if str(weights).lower().endswith(".safetensors") and Path(weights).is_file():  # names it recorded: checked too
-        from kdistill.io import read_model_meta
-        from kdistill.teachers.resolve import _check_class_names
 
         _check_class_names(weights, read_model_meta(weights).get("class_names"), bundle.train)
     return load_model(weights, spec=spec, in_shape=bundle.input_shape, num_classes=bundle.train.num_classes)
@@ -122,15 +124,11 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
     train = bundle.train
     teacher = None
     if distill:
-        from kdistill.data import drop_labels
-        from kdistill.teachers.resolve import resolve_teacher
 
         if cfg.get("fraction") is not None:
-            from kdistill.data import stratified_fraction
 
             train = stratified_fraction(train, cfg["fraction"], cfg["data"].get("seed", 0))
         augmented = int(not tcfg.augmentation().is_identity or tcfg.teacher_views > 0)
-        from kdistill.teachers.resolve import check_teacher_files
 
         check_teacher_files(cfg, train)  # a teacher trained on other normalisation is refused, naming the fix
         if cfg.get("teacher_model"):
@@ -164,7 +162,6 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
                 raise ValueError(f"--out: cannot write the run's files to {out} ({exc.strerror or exc})") from None
         callbacks = []
         if args.tensorboard and rank == 0:
-            from kdistill.engine.callbacks import TensorBoard
 
             callbacks.append(TensorBoard([out]))
         result = fit(model, train, tcfg, teacher=teacher, method=method, val=bundle.val, test=bundle.test, out_dir=out,
@@ -193,7 +190,6 @@ def _deployment(out: Path, teacher, student, test) -> None:
     net = teacher.module if isinstance(teacher, ModuleTeacher) else teacher
     if not isinstance(test, TensorData):  # streamed: the table reads the test split once, into memory
         import torch
-        from kdistill.data.stream import iterate
 
         parts = list(iterate(test, 512))
         test = TensorData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test.classes,

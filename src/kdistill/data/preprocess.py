@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from kdistill.config.types import closest
 from kdistill.data.dataset import DataBundle, Split, StreamData, TensorData
 
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -102,7 +103,6 @@ def _from_string(text: str) -> Normalization | dict[str, str]:
         return Normalization(key, mean, std)
     parts = re.split(r"\b(mean|std)\s*[=:]\s*", key)
     if len(parts) < 3 or parts[0].strip(" ;/"):
-        from kdistill.config.types import closest
 
         raise ValueError(f"data.normalize: unknown setting {reprlib.repr(text)}{closest(key[:100], PRESETS)}; "
                          f"give {FORMS}")

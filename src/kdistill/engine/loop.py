@@ -20,31 +20,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.config.schema import build_method as build_typed
 from kdistill.data.convert import IGNORE_LABEL, as_split
 from kdistill.data.splits import check_same_classes
 from kdistill.data.stream import describe_inputs, inputs_to, integer_hint, labels_of
 from kdistill.data.text import save_run_tokenizer
-from kdistill.engine.distributed import process_device, world
-from kdistill.engine.evaluate import classification_metrics
-from kdistill.io import data_fingerprint, legacy_data_fingerprint, load_checkpoint, save_checkpoint, teacher_fingerprint
-from kdistill.models.hf import lm_vocabulary
-from kdistill.models.outputs import forward_logits
-from kdistill.engine.callbacks import Callback, KeepBest, LoopState, MetricsFiles, ProgressBar, final_results, save_models
+from kdistill.engine.callbacks import (
+    Callback,
+    KeepBest,
+    LoopState,
+    MetricsFiles,
+    ProgressBar,
+    final_results,
+    save_models,
+)
 from kdistill.engine.config import FitResult, TrainConfig, check_device
 from kdistill.engine.denormal import flushed_denormals
+from kdistill.engine.distributed import process_device, world
+from kdistill.engine.evaluate import classification_metrics
 from kdistill.engine.heap import retain_freed_memory
 from kdistill.engine.optim import lr_factor, resolve_device
 from kdistill.engine.rundir import API, claim, no_checkpoint
 from kdistill.engine.rundir import remove_stale_tmp as _remove_stale_tmp
 from kdistill.engine.sources import make_source
-from kdistill.teachers.teaching import prepare_teaching, teacher_classes
+from kdistill.engine.step import StudentStep, _first_inputs, _layout
+from kdistill.io import (
+    data_fingerprint,
+    legacy_data_fingerprint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+    teacher_fingerprint,
+)
 from kdistill.methods import Method, build_method
-from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
-from kdistill.engine.step import _first_inputs, _layout
+from kdistill.models.hf import lm_vocabulary
 from kdistill.models.layout import use_channels_last
-from kdistill.io import read_checkpoint_state
+from kdistill.models.outputs import forward_logits
 from kdistill.outputs.results import write_results, write_run_files
-from kdistill.engine.step import StudentStep
+from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
+from kdistill.teachers.teaching import prepare_teaching, teacher_classes
 
 RESUME_IGNORED = ("device", "amp", "compile", "cuda_graph", "flush_denormal", "workers", "checkpoint", "cache_teacher",
                   "eval_every_steps")
@@ -115,7 +129,6 @@ def resolve_method(method, teacher, cfg: TrainConfig):
     if isinstance(method, str):
         return build_method(method)
     if isinstance(method, dict):
-        from kdistill.config.schema import build_method as build_typed
 
         if not method.get("name"):
             raise ValueError("method.name: say which method, e.g. {'name': 'kd', 'temperature': 4}")

@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 import kdistill.config.loader as config_mod
-from kdistill.outputs.results import write_run_files
 from kdistill.experiments._progress import Progress
-
+from kdistill.outputs.deploy import deployment_table, write_deployment
+from kdistill.outputs.html import write_report
+from kdistill.outputs.results import write_run_files
 
 
 def _discover() -> dict[str, str]:
@@ -72,7 +73,6 @@ class RunContext:
     def deployment(self, models: dict[str, Any], test, results: dict[str, Any], budget_s: float = 2.0) -> dict[str, Any]:
         """Add the deployment table (teacher first: size, FLOPs, CPU latency, accuracy kept) to the run's
         results.json and results.md; return the updated results."""
-        from kdistill.outputs.deploy import deployment_table, write_deployment
 
         table = deployment_table(models, test, teacher_name=next(iter(models)), budget_s=budget_s)
         write_deployment(self.out, table)
@@ -149,7 +149,6 @@ def run_experiment(
         ctx.started -= ctx.store.prior_s  # wall time counts the earlier attempt up to its last finished unit
     write_run_files(out_dir, resolved, settings.get("seed"))
     results = module.run(settings, ctx)
-    from kdistill.outputs.html import write_report
 
     write_report([out_dir])  # report.html beside results.json: tables, curves, plots, config, environment
     return results

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from kdistill.io import save_model, write_json
+from kdistill.io import load_weights, save_model, write_json
 
 _ELAPSED = "_elapsed.json"
 _SAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
@@ -61,7 +61,6 @@ class Progress:
 
     def load_into(self, key: str, model: nn.Module) -> bool:
         """Load ``key``'s stored weights into ``model`` (built the same way); False when none were stored."""
-        from kdistill.io import load_weights
 
         path = self._path(key, ".safetensors")
         if not path.is_file():

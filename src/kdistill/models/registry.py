@@ -13,7 +13,6 @@ Their outputs are reduced to logits (option ``logits_key=NAME`` picks a dict ent
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.config.types import closest, coerce, short_repr, signature_fields
 from kdistill.models import adapters
 from kdistill.models.convnets import ConvNet, LeNet5
 from kdistill.models.mlp import MLP
 from kdistill.models.outputs import ensure_logits
-from kdistill.config.types import closest, coerce, signature_fields
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -86,7 +85,6 @@ class ModelSpec:
                 options[key.strip()] = _value(val.strip())
             return cls(name, (), options, target)
         if name not in _REGISTRY:
-            from kdistill.config.types import closest, short_repr
 
             raise ValueError(
                 f"model: unknown model {short_repr(name, 60)} in spec {short_repr(spec)}{closest(name, _REGISTRY)}; "

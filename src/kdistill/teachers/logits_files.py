@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from kdistill.data.dataset import TensorData
-from kdistill.io import atomic_path
+from kdistill.data.stream import labels_of
+from kdistill.io import atomic_path, data_fingerprint, safetensors_header
 from kdistill.teachers.base import CachedTeacher, Teacher
-from kdistill.io import data_fingerprint
 
 LOGITS_FORMATS = (".safetensors", ".npy")
 _META_KEY = "kdistill_logits"
@@ -109,8 +109,6 @@ def save_logits(
             info = {"count": len(logits), "num_classes": int(logits.shape[1]), **meta}
             tensors = {"logits": logits, "ids": ids}
             if split is not None:
-                from kdistill.data.stream import labels_of
-                from kdistill.io import data_fingerprint
 
                 if len(split) != len(logits):
                     raise ValueError(f"split: {len(split)} samples for {len(logits)} rows of logits")
@@ -145,8 +143,6 @@ def load_logits(path: str | os.PathLike) -> SavedLogits:
         logits = torch.from_numpy(np.ascontiguousarray(array))
     else:
         from safetensors import safe_open
-
-        from kdistill.io import safetensors_header
 
         declared, raw = safetensors_header(path, "teacher logits")  # refuses empty/truncated/crafted files
         if "logits" not in declared:
