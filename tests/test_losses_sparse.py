@@ -132,3 +132,57 @@ def test_refusals_name_the_fix():
         sparse_soft_loss(s[..., :10], sparsify(t, 3), temperature=1.0)
     with pytest.raises(ValueError, match="k: the number of classes kept"):
         sparsify(t, 12)
+
+
+def _bucket_kl_autograd(s, targets: SparseTargets, labels, T):
+    """The same T^2 bucket KL written with plain float64 autograd ops (masks by index lists, no chunking),
+    to check the written-out gradient of the kl/soft_ce path."""
+    v, k = s.shape[-1], targets.k
+    rows = s.reshape(-1, v)
+    keep = (labels.reshape(-1) != -100).nonzero().flatten().tolist()
+    total = s.new_zeros(())
+    for r in keep:
+        idx = targets.indices.reshape(-1, k)[r].long()
+        a = targets.values.reshape(-1, k)[r].double() / T
+        if k < v:
+            a = torch.cat([a, (targets.tail.reshape(-1)[r].double() / T + (1 - 1 / T) * math.log(v - k)).reshape(1)])
+        log_p = a - torch.logsumexp(a, 0)
+        log_q_all = torch.log_softmax(rows[r] / T, 0)
+        others = torch.ones(v, dtype=torch.bool)
+        others[idx] = False
+        log_q = log_q_all[idx]
+        if k < v:
+            log_q = torch.cat([log_q, torch.logsumexp(log_q_all[others], 0).reshape(1)])
+        total = total + (log_p.exp() * (log_p - log_q)).sum()
+    return T * T * total / max(len(keep), 1)
+
+
+@pytest.mark.parametrize("k,T,dtype", [(1, 1.0, torch.float64), (4, 2.5, torch.float64), (11, 3.0, torch.float64),
+                                       (5, 0.7, torch.float32)])
+def test_written_out_bucket_gradient_matches_float64_autograd_with_garbage_at_padding(k, T, dtype):
+    s, t, y = _data()
+    s[0, 4] = float("nan")  # padding (label -100): must not reach the loss or the gradient
+    s[2, 0] = float("inf")
+    targets = sparsify(t, k)
+    z = s.clone().to(dtype).requires_grad_(True)
+    sparse_soft_loss(z, targets, temperature=T, labels=y, chunk_bytes=11 * 8 * 8 * 2).backward()
+    ref_in = torch.where((y != -100).unsqueeze(-1), s, 0.0).requires_grad_(True)
+    _bucket_kl_autograd(ref_in, targets, y, T).backward()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(z.grad.double(), ref_in.grad, rtol=tol, atol=tol)
+    assert bool((z.grad[y == -100] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["jsd", "reverse_kl", "tv"])
+def test_autograd_kinds_keep_padding_garbage_out_of_the_gradient(kind):
+    s, t, y = _data()
+    s[0, 4], t[2, 0] = float("nan"), float("inf")
+    for teacher in (t, sparsify(t.nan_to_num(), 4)):
+        z = s.clone().requires_grad_(True)
+        if isinstance(teacher, SparseTargets):
+            loss = sparse_soft_loss(z, teacher, temperature=2.0, labels=y, kind=kind)
+        else:
+            loss = soft_loss(z, teacher, temperature=2.0, labels=y, kind=kind)
+        loss.backward()
+        assert math.isfinite(float(loss)) and bool(torch.isfinite(z.grad).all())
+        assert bool((z.grad[y == -100] == 0).all())

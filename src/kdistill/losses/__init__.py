@@ -178,8 +178,11 @@ def _positions_work(logits: torch.Tensor) -> torch.dtype:
 def _masked_sum(run: RowFn, s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """Sum over the valid rows of ``run(s in work, t)`` on (rows, C) logits; invalid rows add exactly 0.
 
-    ``run`` converts ``t`` itself (the sparse path packs class ids there that must stay exact)."""
-    values = run(s.to(work), t)
+    ``run`` converts ``t`` itself (the sparse path packs class ids there that must stay exact). Invalid rows are
+    zeroed on both sides first, so garbage there (NaN, inf logits at padding) cannot reach the gradient."""
+    keep = valid.unsqueeze(-1)
+    s, t = torch.where(keep, s.to(work), 0.0), torch.where(keep, t, 0.0)
+    values = run(s, t)
     return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
 
 
@@ -262,14 +265,15 @@ class _ChunkedSum(torch.autograd.Function):
 
 
 def _chunked_total(run: RowFn, step: ChunkFn, s, t, valid, work: torch.dtype, chunk_bytes,
-                   fused: bool = False) -> torch.Tensor:
+                   fused: bool = False, cache_bytes: int = _CACHE_BYTES) -> torch.Tensor:
     """Sum of ``run`` over the valid rows of (rows, C) ``s``, ``t``: chunked with ``step``'s gradients when
     the student needs one; plain autograd when ``chunk_bytes`` is None (the unchunked reference form) or,
-    unless ``step`` is a written-out gradient (``fused``), when everything fits in one chunk."""
+    unless ``step`` is a written-out gradient (``fused``, then ``cache_bytes`` per (rows, C) buffer), when
+    everything fits in one chunk."""
     itemsize = torch.finfo(work).bits // 8
     rows = _chunk_rows(s.shape[-1], itemsize, chunk_bytes)
     if rows is not None and fused:  # a few plain passes per chunk: keep each (rows, C) buffer cache-sized
-        rows = min(rows, max(8, _CACHE_BYTES // (s.shape[-1] * itemsize)))
+        rows = min(rows, max(8, cache_bytes // (s.shape[-1] * itemsize)))
     if rows is None or (rows >= s.shape[0] and not fused):
         return _masked_sum(run, s, t, valid, work)
     if torch.is_grad_enabled() and s.requires_grad:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdistill.losses import (DEFAULT_CHUNK_BYTES, _autograd_chunk, _check_temperature, _chunked_total, _denominator,
-                             _hard_term, _positions_work, _valid)
+from kdistill.losses import (DEFAULT_CHUNK_BYTES, FUSED_KINDS, _autograd_chunk, _check_temperature, _chunked_total,
+                             _denominator, _hard_term, _positions_work, _valid)
 from kdistill.losses.divergences import resolve
 
 DEFAULT_VALUE_DTYPE = torch.float16
@@ -55,6 +55,8 @@ bits to bfloat16's 8: near the top of the distribution (log p in [-1, 0]) its sp
 the probabilities that carry the mass are 8x more precise in the same two bytes."""
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BUCKET_KINDS = ("kl", "reverse_kl", "jsd", "tv", "soft_ce")
+_FUSED_CHUNK_BYTES = 4 * 2**20  # one (rows, V) float buffer of the written-out step: measured 1.5x faster than 1 MiB
+# at (2048 positions, V = 2048) on 2 cores (fewer op launches; the step keeps one such buffer, not several)
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
@@ -159,7 +161,7 @@ def sparse_soft_loss(
     distributions, summed over valid positions (mask keeps it, label not -100) / their count or ``normalizer``,
     in chunks of positions (float32 math, float64 for float64 logits); the result has the student logits' dtype."""
     _check_temperature(temperature)
-    div, opts = resolve(kind, options)
+    _, opts = resolve(kind, options)  # validates the kind and its options
     _check_sparse(student_logits, targets, labels, mask, kind)
     work = _positions_work(student_logits)
     valid = _valid(student_logits, labels, mask)
@@ -170,14 +172,72 @@ def sparse_soft_loss(
     packed = torch.cat([targets.values.reshape(-1, k).to(pack), targets.indices.reshape(-1, k).to(pack),
                         targets.tail.reshape(-1, 1).to(pack)], dim=1).to(s.device)
 
+    run = _bucket_run(temperature, kind, k, v, opts)
+    fused = kind in FUSED_KINDS
+    step = _fused_bucket_chunk(temperature, kind, work, k, v) if fused else _autograd_chunk(run, work)
+    total = _chunked_total(run, step, s, packed, valid.reshape(-1), work, chunk_bytes, fused, _FUSED_CHUNK_BYTES)
+    return (total / denom).to(student_logits.dtype)
+
+
+def _fused_bucket_chunk(temperature: float, kind: str, work: torch.dtype, k: int, v: int):
+    """A chunk step for ``kl`` / ``soft_ce`` on buckets with the gradient written out (no autograd graph).
+
+    With a = s / T, q = softmax(a), S the stored classes, p_b the teacher's bucket probabilities (k stored + the
+    tail P) and Q = sum of q outside S, the loss per valid row is T^2 sum_b p_b (log p_b - log q_b) (``kl``) or
+    -T^2 sum_b p_b log q_b (``soft_ce``), and both have the gradient T (q - r) w.r.t. s, where r = p_j at the
+    stored class j and r = P q_c / Q at a class c outside S (the tail's target spread as the student spreads
+    its own tail mass): T e_c (1 / Z - P / Z_rest) there, with e = exp(a - max a), Z its sum and Z_rest its sum
+    outside S. About nine passes over the (rows, V) chunk. A chunk where Z_rest underflows (every class outside
+    S more than ~87 nats below the row's top, in float32) is redone by autograd on a logsumexp, finite for any
+    logits.
+    """
+    t2 = temperature * temperature
+    tiny = torch.finfo(work).tiny
+
+    def step(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        idx = t[:, k:2 * k].long()
+        log_p = _teacher_buckets(t[:, :k].to(work), t[:, 2 * k].to(work), temperature, v)  # (rows, k [+ 1])
+        p = log_p.exp()
+        keep = valid.unsqueeze(-1)
+        e = torch.where(keep, s.detach(), 0.0).to(work).mul_(1.0 / temperature)  # padding garbage stays out
+        top = e.amax(dim=-1, keepdim=True)
+        log_q = e.gather(-1, idx).sub_(top)  # a_j - max a, exact (no exp/log round trip)
+        e.sub_(top).exp_()
+        zq = e.sum(dim=-1, keepdim=True)
+        e_top = e.gather(-1, idx)
+        coef = torch.full_like(zq, temperature).div_(zq)
+        if k < v:
+            e.scatter_(-1, idx, 0.0)
+            zr = e.sum(dim=-1, keepdim=True)
+            if bool((zr < tiny).any()):  # the student's tail underflows in this chunk: exact logsumexp path
+                return _autograd_chunk(_bucket_run(temperature, kind, k, v), work)(s, t, valid, out)
+            coef.sub_(p[:, k:] * temperature / zr)
+            log_q = torch.cat([log_q, zr.log()], dim=-1)
+        log_q.sub_(zq.log())
+        g = out if out.dtype == work else torch.empty_like(e)
+        torch.mul(e, coef.masked_fill_(~keep, 0.0), out=g)  # outside S (0 at S: e was zeroed there)
+        g.scatter_(-1, idx, (e_top / zq - p[:, :k]).mul_(temperature).masked_fill_(~keep, 0.0))
+        if g is not out:
+            out.copy_(g)
+        zero = torch.zeros((), dtype=work, device=s.device)
+        terms = p * (log_p - log_q) if kind == "kl" else -p * log_q
+        per_row = torch.where(p > 0, terms, zero).sum(-1)  # an empty bucket adds 0, not 0 * inf
+        return torch.where(valid, per_row, zero).sum() * t2
+
+    return step
+
+
+def _bucket_run(temperature: float, kind: str, k: int, v: int, options: dict | None = None):
+    """Per-row bucket divergence of ``kind`` on (rows, V) student logits and packed targets (the autograd form)."""
+    div, opts = resolve(kind, options or {})
+
     def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         idx = b[:, k:2 * k].long()
         log_p = _teacher_buckets(b[:, :k].to(a.dtype), b[:, 2 * k].to(a.dtype), temperature, v)
         log_q = _student_buckets(a, idx, temperature)
         return div.fn(log_q * temperature, log_p * temperature, temperature, **opts)  # fn divides by T again
 
-    total = _chunked_total(run, _autograd_chunk(run, work), s, packed, valid.reshape(-1), work, chunk_bytes)
-    return (total / denom).to(student_logits.dtype)
+    return run
 
 
 def sparse_distillation_loss(
