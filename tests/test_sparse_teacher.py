@@ -71,8 +71,9 @@ def test_outputs_are_keyed_by_sample_id_not_batch_position():
     cache = sparse_cache(teacher, data, 3)
     got = cache.logits(None, torch.tensor([15, 9]))
     want = sparsify(teacher(x[[15, 9]]), 3)
-    torch.testing.assert_close(got.values, want.values)
-    assert torch.equal(got.indices, want.indices)
+    order = want.indices.long().sort(dim=-1)  # V = 8, k = 3: stored as a class bitmap, in class order
+    torch.testing.assert_close(got.values, want.values.gather(-1, order.indices))
+    assert torch.equal(got.indices, order.values)
     with pytest.raises(ValueError, match="does not cover every sample"):
         cache.check_covers(as_split((x, y), name="all"))
 
@@ -86,7 +87,9 @@ def test_manifest_reused_when_it_matches_and_refused_naming_what_changed(tmp_pat
     calls = teacher.calls
     again = sparse_cache(teacher, data, 3, path=path)
     assert teacher.calls == calls and torch.equal(again.targets.indices, first.targets.indices)
-    assert again.manifest["index_dtype"] == "uint8" and again.manifest["value_dtype"] == "float16"
+    assert again.manifest["index_layout"] == "bitmap" and again.manifest["value_dtype"] == "float16"
+    assert set(load_file(str(path))) == {"ids", "values", "codes", "tail"}
+    assert again.bytes_per_position() == 3 * 2 + 1 + 2  # float16 values, an 8-class bitmap, the tail
     with pytest.raises(ValueError, match=r"k \(file: 3, this run: 4\)"):
         sparse_cache(teacher, data, 4, path=path)
     with pytest.raises(ValueError, match="teacher_sha256 differs"):
@@ -107,7 +110,7 @@ def test_train_teacher_topk_builds_the_sparse_cache_once(tmp_path):
     out = tmp_path / "run"
     fit(Tagger(), _padded(64), cfg, teacher=Tagger(seed=7), method="kd", out_dir=out, progress=False)
     saved = load_file(str(out / "teacher_topk.safetensors"))
-    assert saved["values"].shape == (64, L, 3) and saved["indices"].dtype == torch.uint8
+    assert saved["values"].shape == (64, L, 3) and saved["codes"].shape == (64, L, 1)  # an 8-class bitmap
 
 
 def test_a_method_needing_full_logits_is_refused_with_a_sparse_teacher():

@@ -9,8 +9,11 @@ Pass the result to ``fit`` as the teacher::
 
 or let ``fit`` build it: ``train.teacher_topk: 32`` with a teacher network and data that can be cached.
 Outputs are looked up by sample id, never by batch position, so any shuffling or subset finds its own rows.
-The file (safetensors: ``ids``, ``values``, ``indices``, ``tail``) carries a manifest -- teacher weights hash,
-data fingerprint, tokenizer hash, k, classes, dtypes -- and is reused only when every field matches this run;
+The kept classes are stored in as few bits as the vocabulary allows (:mod:`kdistill.teachers.index_codec`:
+``ceil(log2 V)`` bits per id, or a V-bit map when k is a large part of V), in memory as on disk, and decoded per
+batch. The file (safetensors: ``ids``, ``values``, ``codes``, ``tail``) carries a manifest -- teacher weights hash,
+data fingerprint, tokenizer hash, k, classes, dtypes, index layout -- and is reused only when every field matches
+this run;
 otherwise it is refused naming what changed. A batch of the teacher's dense logits is sparsified as soon as it
 is computed, so memory holds one batch of (B, L, V) floats, never the data's.
 """
@@ -29,52 +32,79 @@ from torch import nn
 
 from kdistill.data.stream import inputs_to, iterate
 from kdistill.io import atomic_path
-from kdistill.losses.sparse import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, SparseTargets, index_dtype, sparsify
+from kdistill.losses.sparse import DEFAULT_VALUE_DTYPE, VALUE_DTYPES, SparseTargets, sparsify
 from kdistill.teachers.base import ModuleTeacher, vocabulary_mismatch
+from kdistill.teachers.index_codec import code_bytes, decode, encode, index_bits, layout_for
 from kdistill.teachers.views import data_fingerprint, teacher_fingerprint
 
 MANIFEST_KEY = "kdistill_sparse_teacher"
-FORMAT = "kdistill-sparse-teacher/1"
+FORMAT = "kdistill-sparse-teacher/2"  # /2: class ids bit-packed (index_codec)
 
 
 class SparseCachedTeacher:
-    """Sparse teacher outputs keyed by sample id: ``logits(x, ids)`` returns the rows' :class:`SparseTargets`."""
+    """Sparse teacher outputs keyed by sample id: ``logits(x, ids)`` returns the rows' :class:`SparseTargets`.
+
+    Holds per row ``values`` (N, ..., k), ``codes`` (N, ..., code bytes: the kept classes as
+    :func:`~kdistill.teachers.index_codec.encode` stored them under ``layout``) and ``tail`` (N, ...)."""
 
     needs_inputs = False
     sparse_targets = True
 
-    def __init__(self, ids: torch.Tensor, targets: SparseTargets, manifest: dict[str, Any] | None = None,
+    def __init__(self, ids: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, tail: torch.Tensor,
+                 num_classes: int, layout: str, manifest: dict[str, Any] | None = None,
                  path: str | Path | None = None) -> None:
         ids = torch.as_tensor(ids, dtype=torch.long).cpu()
-        if len(ids) != len(targets.values) or (len(ids) and int(ids.min()) < 0) or len(torch.unique(ids)) != len(ids):
+        if len(ids) != len(values) or (len(ids) and int(ids.min()) < 0) or len(torch.unique(ids)) != len(ids):
             raise ValueError(f"sparse teacher: need one row per unique id >= 0, got {len(ids)} ids and "
-                             f"{len(targets.values)} rows")
-        self.targets, self.manifest, self.path = targets, manifest or {}, Path(path) if path is not None else None
+                             f"{len(values)} rows")
+        k = int(values.shape[-1])
+        if codes.dtype != torch.uint8 or codes.shape[:-1] != values.shape[:-1] \
+                or codes.shape[-1] != code_bytes(num_classes, k, layout):
+            raise ValueError(f"sparse teacher: codes of shape {tuple(codes.shape)} ({codes.dtype}) do not hold "
+                             f"{k} classes of {num_classes} per position as {layout!r}")
+        self.values, self.codes, self.tail = values, codes, tail
+        self._num_classes, self.layout = int(num_classes), layout
+        self.manifest, self.path = manifest or {}, Path(path) if path is not None else None
         size = int(ids.max()) + 1 if len(ids) else 0
         self.row_of = torch.full((size,), -1, dtype=torch.long)  # dense ids (window numbers, row numbers)
         self.row_of[ids] = torch.arange(len(ids))
         self.ids = ids
 
+    @classmethod
+    def from_targets(cls, ids: torch.Tensor, targets: SparseTargets, layout: str | None = None,
+                     manifest: dict[str, Any] | None = None, path: str | Path | None = None) -> "SparseCachedTeacher":
+        """Store decoded ``targets`` (values, integer indices, tail) under ``layout`` (the smaller by default)."""
+        values, codes, layout = encode(targets.values, targets.indices, targets.num_classes, layout)
+        return cls(ids, values, codes, targets.tail, targets.num_classes, layout, manifest, path)
+
     @property
     def num_classes(self) -> int:
-        return self.targets.num_classes
+        return self._num_classes
 
     @property
     def k(self) -> int:
-        return self.targets.k
+        return int(self.values.shape[-1])
+
+    @property
+    def targets(self) -> SparseTargets:
+        """Every row's targets, decoded (the class ids as int64)."""
+        return SparseTargets(self.values, decode(self.codes, self.num_classes, self.k, self.layout), self.tail,
+                             self.num_classes)
 
     def bytes_per_position(self) -> int:
-        return self.targets.bytes_per_position()
+        """Bytes stored per position: k values, the code of the kept classes, the tail."""
+        return self.k * self.values.element_size() + self.codes.shape[-1] + self.tail.element_size()
 
     def to(self, device) -> "SparseCachedTeacher":
-        self.targets, self.row_of = self.targets.to(device), self.row_of.to(device)
+        self.values, self.codes = self.values.to(device), self.codes.to(device)
+        self.tail, self.row_of = self.tail.to(device), self.row_of.to(device)
         return self
 
     def logits(self, x, ids: torch.Tensor) -> SparseTargets:
         """The stored targets of the samples ``ids`` (``x`` is not read: the outputs were computed on it)."""
         rows = self.row_of[ids.to(self.row_of.device)]
-        t = self.targets
-        return SparseTargets(t.values[rows], t.indices[rows], t.tail[rows], t.num_classes)
+        indices = decode(self.codes[rows], self.num_classes, self.k, self.layout)
+        return SparseTargets(self.values[rows], indices, self.tail[rows], self.num_classes)
 
     def check_covers(self, data) -> None:
         """Raise unless every sample of ``data`` has rows here, of its positions and classes."""
@@ -85,7 +115,7 @@ class SparseCachedTeacher:
                              "build it on this data (sparse_cache(teacher, data, k))")
         if data.num_classes != self.num_classes:
             raise ValueError(vocabulary_mismatch(self.num_classes, data))
-        positions = tuple(self.targets.values.shape[1:-1])
+        positions = tuple(self.values.shape[1:-1])
         wanted = tuple(getattr(data, "input_shape", positions))[:len(positions)]
         if positions != wanted:
             raise ValueError(f"teacher: the sparse cache holds {positions} positions per sample, {data.name} has "
@@ -104,22 +134,28 @@ def _manifest(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype, to
     return {"format": FORMAT, "teacher_sha256": teacher_fingerprint(teacher), "data_sha256": data_fingerprint(data),
             "tokenizer_sha256": tokenizer_hash(tokenizer), "k": k, "num_classes": data.num_classes,
             "value_dtype": str(value_dtype).removeprefix("torch."),
-            "index_dtype": str(index_dtype(data.num_classes)).removeprefix("torch."), "samples": len(data)}
+            "index_layout": layout_for(data.num_classes, k), "index_bits": index_bits(data.num_classes),
+            "samples": len(data)}
 
 
 @torch.no_grad()
-def compute_sparse(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype, batch_size: int = 64):
-    """(ids, targets): the teacher's sparse outputs for every sample of ``data``, one batch at a time."""
+def compute_sparse(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype,
+                   batch_size: int = 64) -> "SparseCachedTeacher":
+    """The teacher's sparse outputs for every sample of ``data``, one batch at a time, stored as the smaller
+    index layout for its vocabulary and k."""
     device = next(teacher.module.parameters()).device
+    layout = layout_for(data.num_classes, k)
     ids_all, parts = [], []
     for x, _, ids in iterate(data, batch_size):
         logits = teacher.logits(inputs_to(x, device))
         if logits.shape[-1] != data.num_classes:
             raise ValueError(vocabulary_mismatch(int(logits.shape[-1]), data))
-        parts.append(sparsify(logits, k, value_dtype).to("cpu"))
+        t = sparsify(logits, k, value_dtype)
+        values, codes, _ = encode(t.values, t.indices, data.num_classes, layout)  # batch by batch: never all ids
+        parts.append((values.cpu(), codes.cpu(), t.tail.cpu()))
         ids_all.append(ids.cpu())
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return torch.cat(ids_all), SparseTargets(cat("values"), cat("indices"), cat("tail"), data.num_classes)
+    values, codes, tail = (torch.cat(column) for column in zip(*parts))
+    return SparseCachedTeacher(torch.cat(ids_all), values, codes, tail, data.num_classes, layout)
 
 
 def _refusal(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> ValueError:
@@ -154,15 +190,16 @@ def sparse_cache(teacher: nn.Module | ModuleTeacher, data, k: int, *, path: str 
             if found != manifest:
                 raise _refusal(path, found, manifest)
             t = load_file(str(path))
-            return SparseCachedTeacher(t["ids"], SparseTargets(t["values"], t["indices"], t["tail"], data.num_classes),
-                                       manifest, path)
-        ids, targets = compute_sparse(net, data, k, value_dtype, batch_size)
+            return SparseCachedTeacher(t["ids"], t["values"], t["codes"], t["tail"], data.num_classes,
+                                       manifest["index_layout"], manifest, path)
+        cache = compute_sparse(net, data, k, value_dtype, batch_size)
+        cache.manifest, cache.path = manifest, path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_file({"ids": ids, "values": targets.values.contiguous(), "indices": targets.indices.contiguous(),
-                           "tail": targets.tail.contiguous()}, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest)})
-        return SparseCachedTeacher(ids, targets, manifest, path)
+                save_file({"ids": cache.ids, "values": cache.values.contiguous(), "codes": cache.codes.contiguous(),
+                           "tail": cache.tail.contiguous()}, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest)})
+        return cache
     finally:
         if owned is not None:
             net.release()
