@@ -1,8 +1,8 @@
 """Sparse cached teachers on real text: bytes per position and the error against the dense teacher, k = 1 .. 128.
 
-A tiny causal transformer teacher is trained briefly (``fit``, cross-entropy) on English text from files on this
-machine (default: Debian's /usr/share/common-licenses, the licence texts every Debian system ships), a smaller
-student likewise; on the validation windows the dense teacher's distribution p is compared with what the sparse
+A tiny causal transformer teacher is trained briefly (``fit``, cross-entropy) on English text (default: the
+recipe ``lm-ensemble``'s corpus, the King James Bible from Debian's ``bible-kjv-text``, its first ``--chars``
+characters; ``--text FILE ...`` for others), a smaller student likewise; on the validation windows the dense teacher's distribution p is compared with what the sparse
 cache stores (:mod:`kdistill.losses.sparse`):
 
 * ``recon_kl``: KL(p || p_hat) in nats per token, p_hat = the stored top-k (renormalised with the stored tail)
@@ -18,6 +18,10 @@ modes: ``zero`` (top-k renormalised, tail dropped) and ``symmetric_uniform`` (ta
 probabilities, raised to 1/T). Its bytes follow its own formula (distillkit/compression/config.py total_bits) for
 this vocabulary: 16 x 2 B exact + 6 x 4 B polynomial terms + 128 x ceil(log2 V) bits of packed indices; its README
 quotes ~300 bytes per token for vocabularies of 128k-152k (18-bit indices).
+
+Bytes per token are what the cache stores (:class:`kdistill.teachers.sparse.SparseCachedTeacher`): k 16-bit
+values, the kept classes in the smaller of the two index layouts (:mod:`kdistill.teachers.index_codec`: packed
+``ceil(log2 V)``-bit ids or a V-bit map), a 16-bit tail.
 
     python3 benchmarks/sparse_cache.py                                   # bytes tokenizer (256 classes)
     /work/eco/bin/python benchmarks/sparse_cache.py --tokenizer bpe --vocab 2048
@@ -40,9 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill import TrainConfig, fit
+from kdistill.data.corpus import kjv_text_path
 from kdistill.data.text import load_text
 from kdistill.losses import soft_loss
 from kdistill.losses.sparse import sparse_soft_loss, sparsify
+from kdistill.teachers.sparse import SparseCachedTeacher
 
 KS = (1, 8, 32, 128)
 OUT = Path(__file__).parent / "results" / "sparse-cache"
@@ -67,11 +73,12 @@ class TinyLM(nn.Module):
         return self.head(self.norm(h))
 
 
-def corpus(paths: list[str]) -> Path:
-    """A temporary folder of the given text files as .txt (what ``text:PATH`` reads)."""
+def corpus(paths: list[str], chars: int) -> Path:
+    """A temporary folder of the given text files as .txt (what ``text:PATH`` reads), the first ``chars``
+    characters of their concatenation (0: all)."""
     folder = Path(tempfile.mkdtemp(prefix="kdistill-corpus-"))
-    for i, p in enumerate(sorted(paths)):
-        shutil.copyfile(p, folder / f"{i:03d}-{Path(p).name}.txt")
+    text = "".join(Path(p).read_text(encoding="utf-8") for p in sorted(paths))
+    (folder / "corpus.txt").write_text(text[:chars] if chars else text, encoding="utf-8")
     return folder
 
 
@@ -137,8 +144,10 @@ def measure(s: torch.Tensor, t: torch.Tensor, vocab: int) -> list[dict]:
     for k in [k for k in KS if k <= vocab]:
         for dtype in ([torch.float16, torch.bfloat16] if k == 32 else [torch.float16]):
             tg = sparsify(t, k, dtype)
-            row = {"storage": f"kdistill top-{k} ({str(dtype)[6:]})", "k": k, "bytes": tg.bytes_per_position(),
-                   "recon_kl": recon_kl(t, tg)}
+            stored = SparseCachedTeacher.from_targets(torch.arange(len(t)), tg)
+            tg = stored.targets  # what the loss reads back from the cache
+            row = {"storage": f"kdistill top-{k} ({str(dtype)[6:]}, {stored.layout} ids)", "k": k,
+                   "bytes": stored.bytes_per_position(), "recon_kl": recon_kl(t, tg)}
             row.update(errors(lambda z, T, tg=tg: sparse_soft_loss(z, tg, temperature=T, chunk_bytes=None)))
             rows.append(row)
     k = min(128, vocab)
@@ -159,8 +168,8 @@ def train_lm(model, bundle, epochs: int, lr: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text", nargs="*", default=sorted(str(p) for p in Path("/usr/share/common-licenses").iterdir()
-                                                        if p.is_file()))
+    ap.add_argument("--text", nargs="*", default=None, help="text files (default: the King James Bible)")
+    ap.add_argument("--chars", type=int, default=300_000, help="first characters of the text used (0: all)")
     ap.add_argument("--tokenizer", default="bytes", choices=("bytes", "bpe"))
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--window", type=int, default=64)
@@ -170,7 +179,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    folder = corpus(args.text)
+    args.text = args.text or [str(kjv_text_path())]
+    folder = corpus(args.text, args.chars)
     bundle, tok = load_text(folder, window=args.window, tokenizer=args.tokenizer, vocab_size=args.vocab)
     vocab = bundle.train.num_classes
     bundle = dataclasses.replace(bundle, train=bundle.train.subset(torch.arange(min(args.max_windows, len(bundle.train))), "train"))
@@ -183,7 +193,7 @@ def main() -> None:
         t = teacher(bundle.val.x).reshape(-1, vocab).double()
         s = student(bundle.val.x).reshape(-1, vocab).double()
     rows = measure(s, t, vocab)
-    meta = {"text": args.text, "tokenizer": args.tokenizer, "vocab": vocab, "window": args.window,
+    meta = {"text": args.text, "chars": args.chars, "tokenizer": args.tokenizer, "vocab": vocab, "window": args.window,
             "train_windows": len(bundle.train), "epochs": args.epochs, "val_tokens": len(t), "teacher_val_ppl": t_ppl,
             "student_val_ppl": s_ppl, "dense_kl_T1": float(soft_loss(s, t, temperature=1.0)),
             "dense_bytes_float32": 4 * vocab, "wall_s": round(time.perf_counter() - t0, 1),
@@ -192,7 +202,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"{args.tokenizer}-{vocab}"
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Sparse teacher cache on {len(args.text)} Debian licence texts, {args.tokenizer} tokens (V = {vocab})",
+    lines = [f"# Sparse teacher cache on {', '.join(Path(p).name for p in args.text)} (first {args.chars} characters), "
+             f"{args.tokenizer} tokens (V = {vocab})",
              "", f"teacher val perplexity {t_ppl:.2f}, student {s_ppl:.2f}, dense KL(teacher || student) "
              f"{meta['dense_kl_T1']:.3f} nats/token over {len(t)} val tokens; dense float32 = {4 * vocab} B/token",
              "", "| storage | bytes/token | recon KL (nats) | loss err | grad err T=1 | grad err T=2 |",
