@@ -199,10 +199,10 @@ def _fused_bucket_chunk(temperature: float, kind: str, work: torch.dtype, k: int
         log_p = _teacher_buckets(t[:, :k].to(work), t[:, 2 * k].to(work), temperature, v)  # (rows, k [+ 1])
         p = log_p.exp()
         keep = valid.unsqueeze(-1)
-        e = torch.where(keep, s.detach(), 0.0).to(work).mul_(1.0 / temperature)  # padding garbage stays out
-        top = e.amax(dim=-1, keepdim=True)
-        log_q = e.gather(-1, idx).sub_(top)  # a_j - max a, exact (no exp/log round trip)
-        e.sub_(top).exp_()
+        e = torch.where(keep, s.detach(), 0.0).to(work)  # padding garbage stays out
+        top = e.amax(dim=-1, keepdim=True).div_(-temperature)  # -max a
+        log_q = e.gather(-1, idx).div_(temperature).add_(top)  # a_j - max a, exact (no exp/log round trip)
+        torch.add(top, e, alpha=1.0 / temperature, out=e).exp_()  # exp(a - max a), one pass for shift and scale
         zq = e.sum(dim=-1, keepdim=True)
         e_top = e.gather(-1, idx)
         coef = torch.full_like(zq, temperature).div_(zq)
