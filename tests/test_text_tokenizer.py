@@ -59,3 +59,63 @@ def test_bytes_run_writes_a_note_and_records_bytes(tmp_path):
     assert (tmp_path / "run" / "tokenizer.txt").read_text().startswith("bytes:")
     assert recorded_tokenizer(tmp_path / "run" / "model.safetensors") == {"kind": "bytes", "vocab_size": 256}
     assert evaluate_options(f"text:{a}", {"window": 16}, tmp_path / "run" / "model.safetensors") == {"window": 16}
+
+
+def _greedy(model, ids, window, n):
+    """The test's own greedy loop: the reference for predict --generate."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out[-window:]]))[0, -1].argmax()))
+    return out[len(ids):]
+
+
+@pytest.mark.ecosystem
+def test_predict_text_tokenises_with_the_runs_bpe_and_continues_greedily(tmp_path, capsys):
+    tokenizers = need("tokenizers")
+    a, _ = _texts(tmp_path)
+    bundle = load(f"text:{a}", window=32, tokenizer="bpe", vocab_size=300)
+    model = build_model("lm:16,1,heads=2", bundle.input_shape, bundle.train.num_classes, seed=0)
+    fit(model, bundle.train, TrainConfig(epochs=2, batch_size=16), out_dir=tmp_path / "run", progress=False)
+    weights = str(tmp_path / "run" / "model.safetensors")
+    prompt = "the quick brown"
+    assert main(["predict", "--model", weights, "--text", prompt, "--top", "2", "--generate", "6", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    ids = tok.encode(prompt).ids
+    model.eval()
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids]))[0, -1], -1)
+    assert row["tokens"] == len(ids) and [t["id"] for t in row["top"]] == p.topk(2).indices.tolist()
+    assert row["top"][0]["p"] == pytest.approx(float(p.max()), rel=1e-5)
+    assert row["continuation"] == tok.decode(_greedy(model, ids, 32, 6))
+
+
+def test_predict_text_on_a_bytes_model_and_refusals(tmp_path, capsys):
+    a, _ = _texts(tmp_path)
+    bundle = load(f"text:{a}", window=16)
+    model = build_model("lm:16,1,heads=2", bundle.input_shape, bundle.train.num_classes, seed=0)
+    fit(model, bundle.train, TrainConfig(epochs=1, batch_size=16), out_dir=tmp_path / "run", progress=False)
+    weights = str(tmp_path / "run" / "model.safetensors")
+    prompt = "A long prompt, longer than the sixteen-byte window"
+    assert main(["predict", "--model", weights, "--text", prompt, "--generate", "4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    model.eval()
+    ids = list(prompt.encode())
+    assert row["tokens"] == len(ids)
+    assert bytes(_greedy(model, ids, 16, 4)).decode("utf-8", "replace") == row["continuation"]
+    assert main(["predict", "--model", weights, "--text", "x"]) == 0  # the plain table
+    assert "'x' (1 tokens)" in capsys.readouterr().out
+    assert main(["predict", "--model", weights, "--text", ""]) == 2
+    assert "--text: an empty prompt" in capsys.readouterr().err
+    bundle_64 = load(f"text:{a}", window=64)
+    lm64 = build_model("lm:16,1,heads=2", bundle_64.input_shape, 256, seed=0)
+    fit(lm64, bundle_64.train, TrainConfig(epochs=1, batch_size=16), out_dir=tmp_path / "run64", progress=False)
+    assert main(["predict", "--model", str(tmp_path / "run64" / "model.safetensors"), "--data", f"text:{a}",
+                 "--save-logits", str(tmp_path / "l.npy")]) == 2
+    assert "one label per position" in capsys.readouterr().err and not (tmp_path / "l.npy").exists()
+    image = tmp_path / "img"
+    fit(build_model("mlp:8", (4,), 3), (torch.randn(32, 4), torch.randint(0, 3, (32,))), TrainConfig(epochs=1),
+        out_dir=image, progress=False)
+    assert main(["predict", "--model", str(image / "model.safetensors"), "--text", "hi"]) == 2
+    assert "records no tokenizer" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Teachers other than one saved module, from the command line.
 
-* ``kdistill predict``: a saved model's top classes for image files (``FILE_OR_DIR...``), or a teacher's
-  logits for a data split (``--save-logits``), saved for black-box distillation;
+* ``kdistill predict``: a saved model's top classes for image files (``FILE_OR_DIR...``), a language model's
+  next tokens and greedy continuation for prompts (``--text``, :mod:`kdistill.cli._predict_text`), or a
+  teacher's logits for a data split (``--save-logits``), saved for black-box distillation;
 * ``kdistill export-onnx``: a saved model as ONNX (a teacher others can run without PyTorch);
 * ``kdistill specialists``: specialists for a saved generalist, evaluated with it, and (``--save-logits``)
   the combined distribution saved for ``kdistill distill --teacher-logits``.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from kdistill import data
 from kdistill.cli import _predict as files
+from kdistill.cli._predict_text import predict_text
 from kdistill.cli._common import add_trust_code
 from kdistill.data.folder import MAX_PIXELS
 from kdistill.data.preprocess import parse_normalize
@@ -38,6 +40,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.onnx):
         raise ValueError("predict: give exactly one of --model WEIGHTS.safetensors (or .onnx) or --onnx MODEL.onnx")
+    if args.text:
+        return predict_text(args)
     if args.model and args.model.lower().endswith(".onnx"):
         args.model, args.onnx = None, args.model
     if args.inputs:
@@ -57,6 +61,10 @@ def _predict(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
     split = files.fit_split(pred, split, norm)
+    if getattr(split, "y", None) is not None and split.y.dim() > 1:
+        raise ValueError(f"--save-logits: {split.name} has one label per position (token windows); dense per-position "
+                         "logits files are not written (N x L x V floats): distil from the model itself "
+                         "(--teacher MODEL) or from a sparse top-k cache (train.teacher_topk: K)")
     if args.model:
         import torch
 
@@ -147,14 +155,18 @@ def _specialists(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("predict", help="classify image files with a saved model, or save a teacher's logits for a "
+    p = sub.add_parser("predict", help="classify image files with a saved model, continue text prompts (--text), or save a teacher's logits for a "
                        "data split (black-box distillation)")
     p.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
                    help="image files (.png/.jpg/.jpeg/.bmp) or folders of them to classify (default: none; "
                         "then --save-logits saves a data split's logits)")
     p.add_argument("--model", help="weights (.safetensors written by `kdistill train`/`distill`) or an .onnx model")
     p.add_argument("--onnx", help="or: an ONNX teacher, run with onnxruntime")
-    p.add_argument("--top", type=int, default=3, help="classes shown per image")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image (tokens per prompt with --text)")
+    p.add_argument("--text", action="append", metavar="PROMPT",
+                   help="a prompt for a language model trained on text: data (repeatable); tokenised as its run did")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="with --text: also continue each prompt by N tokens, greedily")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="refuse images whose header declares more pixels (decompression bombs)")

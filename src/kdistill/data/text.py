@@ -195,6 +195,38 @@ def recorded_tokenizer(model_file: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def tokenizer_of(record: dict[str, Any]) -> Any:
+    """The tokenizer a record describes (:func:`tokenizer_record`): None for bytes, the BPE rebuilt from its JSON."""
+    if record.get("kind") != "bpe":
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ValueError("this model's tokenizer is a byte-level BPE, which needs Hugging Face tokenizers; "
+                         "pip install tokenizers") from exc
+    return Tokenizer.from_str(record["json"])
+
+
+def encode_text(text: str, tok: Any) -> torch.Tensor:
+    """Token ids (1-D int64) of ``text`` as the run that trained a model made them (``tok`` None: UTF-8 bytes)."""
+    return _encode(text, tok)
+
+
+def token_text(token: int, tok: Any) -> str:
+    """What one token id stands for, as text (a byte that is not a whole UTF-8 character shows as ``\\xNN``)."""
+    if tok is None:
+        raw = bytes([token])
+        return raw.decode("utf-8") if token < 128 else f"\\x{token:02x}"
+    return tok.decode([token])
+
+
+def decode_ids(ids: list[int], tok: Any) -> str:
+    """The text of a sequence of token ids (bytes that do not form UTF-8 characters replaced by U+FFFD)."""
+    if tok is None:
+        return bytes(ids).decode("utf-8", errors="replace")
+    return tok.decode(ids)
+
+
 def evaluate_options(name: str, options: dict[str, Any], model_file: str | os.PathLike) -> dict[str, Any]:
     """``options`` for loading ``text:`` data to evaluate ``model_file``: a model trained on a BPE gets that
     same BPE (``tokenizer: bpe``, ``tokenizer_file`` = the model file) unless the options name a file."""
