@@ -346,3 +346,23 @@ def test_bad_arguments_get_one_clear_error(kwargs, match):
 def test_stacked_losses_refuse_kinds_they_do_not_implement():
     with pytest.raises(ValueError, match="multi-student"):
         stacked_distillation_loss(torch.randn(2, 3, 5), torch.randn(3, 5), temperature=1.0, alpha=1.0, kind="jsd")
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (3, 6, 9)])
+def test_float64_logits_give_the_mixed_loss_to_float64_precision(shape):
+    """alpha * T^2 KL + (1 - alpha) * CE over valid positions, all in float64: the hard term too (it was
+    computed in float32, 1e-8 relative off a float64 reference)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(*shape, generator=g, dtype=torch.float64) * 4
+    t = torch.randn(*shape, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    if len(shape) == 3:
+        y[0, 2:] = -100
+    T, a = 2.5, 0.3
+    keep = y != -100
+    q, log_q = _probs64(s[keep], T)
+    p, log_p = _probs64(t[keep], T)
+    ce = -torch.log_softmax(s[keep], -1).gather(-1, y[keep][:, None]).mean()
+    want = a * T * T * (p * (log_p - log_q)).sum(-1).mean() + (1 - a) * ce
+    got = distillation_loss(s, t, y, temperature=T, alpha=a)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(want), rel=1e-12)

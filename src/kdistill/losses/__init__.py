@@ -298,10 +298,12 @@ def _soft_term(student_logits, teacher_logits, valid, denom, temperature, div, o
 
 
 def _hard_term(student_logits, labels, valid, denom) -> torch.Tensor:
-    """Cross-entropy with ``labels`` summed over valid positions / ``denom`` (float32, as always)."""
+    """Cross-entropy with ``labels`` summed over valid positions / ``denom``: float32 math (float64 logits keep
+    float64, so a float64 reference check sees float64 rounding, not float32's)."""
     c = student_logits.shape[-1]
     y = labels.to(student_logits.device).long().masked_fill(~valid, IGNORE_INDEX).reshape(-1)
-    total = F.cross_entropy(student_logits.float().reshape(-1, c), y, reduction="sum")
+    z = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
+    total = F.cross_entropy(z.reshape(-1, c), y, reduction="sum")
     return total / denom.to(total.dtype)
 
 
@@ -380,7 +382,8 @@ def distillation_loss(
         soft = _legacy_soft(student_logits, teacher_logits, temperature, kind)
         if alpha == 1.0:
             return soft
-        hard = F.cross_entropy(student_logits.float(), labels).to(soft.dtype)
+        z = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
+        hard = F.cross_entropy(z, labels).to(soft.dtype)
         return alpha * soft + (1.0 - alpha) * hard
     valid = _valid(student_logits, labels, mask)
     denom = _denominator(valid, normalizer, _work(student_logits))
