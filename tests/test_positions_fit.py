@@ -20,6 +20,7 @@ from kdistill.data.convert import as_split
 import kdistill.teachers.teaching as teaching
 from kdistill.engine.evaluate import classification_metrics
 from kdistill.losses import hard_loss
+from kdistill.models import ClassesLast
 from kdistill.sweeps.multi import fit_many
 from kdistill.teachers.base import ModuleTeacher
 
@@ -212,3 +213,54 @@ def test_position_metrics_match_a_float64_reference():
     agree = (z.argmax(-1) == t.argmax(-1)).double().mean().item()
     assert m["teacher_agreement"] == pytest.approx(agree, abs=1e-7)
     assert sum(sum(r) for r in m["confusion"]) == m["count"]
+
+
+class _Segmenter(nn.Module):
+    """Images (B, 3, H, W) -> (B, 3, H, W) class scores, classes second, as segmentation networks give them."""
+
+    def __init__(self, seed: int, width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, 3, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class _PixelDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_pixels_train_with_a_segmentation_teacher_whatever_the_batch_split():
+    """(N, H, W) labels with (N, 3, H, W) images: per-pixel terms over the whole batch's valid pixels; a
+    classes-second network is refused naming ClassesLast; accumulation, a live teacher and a streamed
+    Dataset give the same step as the cached in-memory run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, 6, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    y[:7, :3] = -100  # unevenly unscored pixels
+    with pytest.raises(ValueError, match=r"classes come second.*ClassesLast"):
+        fit(_Segmenter(0), (x, y), TrainConfig(epochs=1), progress=False)
+    teacher = ClassesLast(_Segmenter(1, width=16))
+    fit(teacher, (x, y), TrainConfig(epochs=3, batch_size=16, lr=0.05), progress=False)
+    start = ClassesLast(_Segmenter(2)).state_dict()
+    method = {"name": "kd", "temperature": 2.0, "alpha": 0.5}
+
+    def run(data, **cfg):
+        student = ClassesLast(_Segmenter(2))
+        student.load_state_dict(start)
+        return fit(student, data, TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=1, **cfg), teacher=teacher,
+                   method=method, val=(x[:16], y[:16]), progress=False)
+
+    base = run((x, y))
+    assert 0.3 < base.val["accuracy"] <= 1 and base.val["perplexity"] > 1
+    for other in (run((x, y), accumulate=2), run((x, y), cache_teacher=False), run(_PixelDataset(x, y))):
+        for p, q in zip(base.model.parameters(), other.model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

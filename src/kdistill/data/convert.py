@@ -109,12 +109,24 @@ IGNORE_LABEL = -100
 """Per-position label value of a position that is not scored (padding, prompt): the PyTorch convention."""
 
 
+def label_positions_match(label_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> bool:
+    """Whether one sample's labels of ``label_shape`` are per position of an input of ``input_shape``: the
+    leading dimensions (tokens (L,) of ids (L,), frames (L,) of features (L, F)) or the trailing ones (pixels
+    (H, W) of an image (C, H, W))."""
+    k = len(label_shape)
+    if not k or len(input_shape) < k:
+        return False
+    return tuple(input_shape[:k]) == tuple(label_shape) or tuple(input_shape[-k:]) == tuple(label_shape)
+
+
 def is_position_labels(y: Any, x: torch.Tensor) -> bool:
-    """Whether ``y`` holds per-position targets for inputs ``x``: an integer (N, L) array (or tensor) whose
-    L matches the inputs' second dimension ((N, L) token ids or (N, L, ...) features). A float (N, C) array
-    (one-hot or probability rows) is not: :func:`to_labels` refuses it naming the fix."""
+    """Whether ``y`` holds per-position targets for inputs ``x``: an integer (N, L) or (N, H, W, ...) array
+    (or tensor) whose positions match the inputs' (:func:`label_positions_match`): (N, L) token ids or (N, L,
+    ...) frames, (N, C, H, W) images with (N, H, W) labels. A float (N, C) array (one-hot or probability rows)
+    is not: :func:`to_labels` refuses it naming the fix."""
     arr = y if isinstance(y, torch.Tensor) else np.asarray(y) if isinstance(y, np.ndarray) else None
-    if arr is None or arr.ndim != 2 or x.ndim < 2 or arr.shape[:2] != tuple(x.shape[:2]):
+    if arr is None or arr.ndim < 2 or len(arr) != len(x) \
+            or not label_positions_match(tuple(arr.shape[1:]), tuple(x.shape[1:])):
         return False
     kind = "i" if isinstance(arr, torch.Tensor) and not arr.is_floating_point() and arr.dtype != torch.bool \
         and not arr.is_complex() else getattr(getattr(arr, "dtype", None), "kind", "")
@@ -241,15 +253,18 @@ def _input_shape(x: Any, name: str, fix: str) -> tuple[int, ...]:
 
 
 def _item_positions(item: Any, shape: tuple[int, ...]) -> bool:
-    """Whether an item's label is per position: integer (L,) with L > 1 matching its input's first dimension."""
+    """Whether an item's label is per position: integer, more than one entry, its shape matching the input's
+    leading or trailing dimensions (:func:`label_positions_match`)."""
     if not isinstance(item, (tuple, list)) or len(item) < 2 or not shape:
         return False
     label = torch.as_tensor(item[1])
-    return label.dim() == 1 and label.numel() > 1 and label.shape[0] == shape[0] and not label.is_floating_point()
+    return label.dim() >= 1 and label.numel() > 1 and not label.is_floating_point() \
+        and label_positions_match(tuple(label.shape), tuple(shape))
 
 
-def _stream_positions(dataset: Any, classes: Sequence[str] | None, shape: tuple[int, ...], name: str) -> StreamData:
-    """A streamed split whose items carry (L,) per-position labels (-100 = not scored); class names from
+def _stream_positions(dataset: Any, classes: Sequence[str] | None, shape: tuple[int, ...], name: str,
+                      positions: tuple[int, ...]) -> StreamData:
+    """A streamed split whose items carry per-position labels (``positions``, -100 = not scored); class names from
     ``classes=`` or the data set's ``classes``, else from every item's labels (read once)."""
     declared = classes if classes is not None else getattr(dataset, "classes", None)
     if isinstance(declared, Sequence) and not isinstance(declared, (str, bytes)) and declared:
@@ -258,7 +273,8 @@ def _stream_positions(dataset: Any, classes: Sequence[str] | None, shape: tuple[
         top = max(int(to_position_labels(torch.as_tensor(dataset[i][1]).reshape(1, -1), f"dataset item {i} label").max())
                   for i in range(len(dataset)))
         names = default_classes(torch.tensor([top]))
-    return StreamData(dataset=dataset, classes=names, input_shape=shape, labels=None, name=name, per_position=True)
+    return StreamData(dataset=dataset, classes=names, input_shape=shape, labels=None, name=name, per_position=True,
+                      positions=positions)
 
 
 def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -> StreamData:
@@ -270,7 +286,8 @@ def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -
     if isinstance(first, (tuple, list)) and len(first) >= 2 and isinstance(first[0], (torch.Tensor, np.ndarray)):
         shape = tuple(first[0].shape)
         if _item_positions(first, shape):
-            return _stream_positions(dataset, classes, _input_shape(first[0], name, fix), name)
+            return _stream_positions(dataset, classes, _input_shape(first[0], name, fix), name,
+                                     tuple(torch.as_tensor(first[1]).shape))
     _item_label(first, 0)
     if type(first[0]).__module__.startswith("PIL"):
         raise ValueError(f"{name}: items are PIL images, not tensors; {fix}")

@@ -59,8 +59,14 @@ class TensorData:
 
     @property
     def per_position(self) -> bool:
-        """Whether the labels are per position, (N, L) with -100 = not scored (a language model's tokens)."""
-        return self.y.dim() == 2
+        """Whether the labels are per position, (N, L) or (N, H, W, ...) with -100 = not scored (a language
+        model's tokens, a sequence's frames, an image's pixels)."""
+        return self.y.dim() >= 2
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """One sample's positions, the labels' shape after the batch: (L,), (H, W), or () for one label each."""
+        return tuple(self.y.shape[1:])
 
     def subset(self, rows: torch.Tensor, name: str | None = None) -> "TensorData":
         """Rows ``rows`` of this split; sample ids travel with them."""
@@ -89,6 +95,8 @@ class StreamData:
     preprocessing: dict[str, Any] | None = field(default=None, compare=False)  # by data.load (data/preprocess.py)
     per_position: bool = False
     """Items' labels are per position, (L,) with -100 = not scored (see :attr:`TensorData.per_position`)."""
+    positions: tuple[int, ...] = ()
+    """One item's label shape when ``per_position`` ((L,), (H, W)); () otherwise."""
 
     def __post_init__(self) -> None:
         n = len(self.dataset)

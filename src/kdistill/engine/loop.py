@@ -162,14 +162,28 @@ def per_position(split) -> bool:
     return bool(getattr(split, "per_position", False))
 
 
+def position_shape(split) -> tuple[int, ...]:
+    """One sample's positions ((L,), (H, W)) of per-position data; () for one label per sample."""
+    return tuple(getattr(split, "positions", ()) or ()) if per_position(split) else ()
+
+
 def _logits_fit(out, train, x) -> bool:
-    """Whether a dry forward's ``out`` is one logit per class: (1, C), or (1, L, C) for per-position data."""
+    """Whether a dry forward's ``out`` is one logit per class: (1, C), or (1, *positions, C) for per-position
+    data ((1, L, C) for tokens, (1, H, W, C) for pixels)."""
     if not isinstance(out, torch.Tensor) or out.shape[-1:] != (train.num_classes,):
         return False
-    if not per_position(train):
-        return out.dim() == 2
-    first = next(iter(x.values())) if isinstance(x, dict) else x
-    return out.dim() == 3 and out.shape[1] == first.shape[1]
+    positions = position_shape(train)
+    return out.dim() == 2 + len(positions) and tuple(out.shape[1:-1]) == positions
+
+
+def classes_first_hint(out, train) -> str:
+    """The fix for a network that puts the classes second ((N, C, H, W), segmentation style), else ''."""
+    positions = position_shape(train)
+    if isinstance(out, torch.Tensor) and positions and out.dim() == 2 + len(positions) \
+            and out.shape[1] == train.num_classes and tuple(out.shape[2:]) == positions:
+        return ("; its classes come second (segmentation style): wrap it as kdistill.models.ClassesLast(model), "
+                "which moves them last as kdistill's per-position logits have them")
+    return ""
 
 
 def check_inputs(split, name: str = "train") -> None:
@@ -233,12 +247,13 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
     finally:
         net.train(was)
     if not _logits_fit(out, train, x):
-        vocab = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 3 else train.num_classes
+        vocab = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() > 2 else train.num_classes
         if per_position(train) and vocab != train.num_classes:
             raise ValueError(vocabulary_mismatch(vocab, train))
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        hint = classes_first_hint(out, train) or "; give a teacher trained on this data"
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs {shape} for one sample, but "
-                         f"{train.name} has {train.num_classes} classes; give a teacher trained on this data")
+                         f"{train.name} has {train.num_classes} classes{hint}")
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"teacher: {getattr(net, 'spec', type(net).__name__)} outputs NaN or infinite logits; "
                          "its weights are broken (a diverged run?)")
@@ -348,8 +363,11 @@ def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
         model.train(was)
     if not _logits_fit(out, train, x):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model: outputs {shape} for one sample, but {train.name} has {train.num_classes} classes; "
-                         "build it with num_classes equal to the data's")
+        hint = classes_first_hint(out, train) or "; build it with num_classes equal to the data's"
+        positions = position_shape(train)
+        where = f" at each of {positions} positions" if positions else ""
+        raise ValueError(f"model: outputs {shape} for one sample, but {train.name} has {train.num_classes} "
+                         f"classes{where}{hint}")
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:

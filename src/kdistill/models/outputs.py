@@ -84,3 +84,21 @@ class LogitsOnly(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return logits_of(self.model(*args, **kwargs), self.key)
+
+
+class ClassesLast(nn.Module):
+    """``model`` with its class dimension moved last: (N, C, H, W) -> (N, H, W, C).
+
+    Per-position logits in kdistill have the classes last (``(B, L, C)``, ``(B, H, W, C)``), as the losses and
+    metrics read them; segmentation networks (torchvision's, most U-Nets) put them second, as
+    ``F.cross_entropy`` takes them. Wrapping such a network makes it fit, teacher or student, with nothing
+    copied: ``fit(ClassesLast(unet), (images, masks), ...)`` with masks (N, H, W). The state dict is the
+    wrapped model's under ``model.``."""
+
+    def __init__(self, model: nn.Module, key: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.key = key or getattr(model, "logits_key", None) or "logits"
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return logits_of(self.model(*args, **kwargs), self.key).movedim(1, -1)

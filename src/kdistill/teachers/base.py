@@ -162,7 +162,7 @@ class CachedTeacher:
 
     def __init__(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
         ids = torch.as_tensor(ids, dtype=torch.long).cpu()
-        if logits.dim() not in (2, 3) or len(ids) != len(logits):  # 3: per position, (N, L, C)
+        if logits.dim() < 2 or len(ids) != len(logits):  # more than 2: per position, (N, L, C), (N, H, W, C)
             raise ValueError(f"cached logits: need one row per id, got {len(ids)} ids and shape {tuple(logits.shape)}")
         if len(ids) and ids.min() < 0:
             raise ValueError("cached logits: sample ids must be >= 0")

@@ -116,7 +116,7 @@ class SparseCachedTeacher:
         if data.num_classes != self.num_classes:
             raise ValueError(vocabulary_mismatch(self.num_classes, data))
         positions = tuple(self.values.shape[1:-1])
-        wanted = tuple(getattr(data, "input_shape", positions))[:len(positions)]
+        wanted = tuple(getattr(data, "positions", positions))
         if positions != wanted:
             raise ValueError(f"teacher: the sparse cache holds {positions} positions per sample, {data.name} has "
                              f"{wanted}; build it on this data")

@@ -4,6 +4,7 @@ augmented view, and handed back afterwards. Everywhere else the teacher runs on 
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,8 @@ def check_position_cache(teacher: ModuleTeacher, train) -> None:
     a live teacher."""
     if not getattr(train, "per_position", False):
         return
-    shape = (len(train), int(train.input_shape[0]), train.num_classes)
-    size = shape[0] * shape[1] * shape[2] * 4
+    shape = (len(train), *getattr(train, "positions", ()), train.num_classes)
+    size = math.prod(shape) * 4
     if size > POSITION_CACHE_BYTES:
         raise ValueError(f"train.cache_teacher: caching the teacher's per-position outputs for {train.name} "
                          f"({shape} float32) would take {size / 2**30:.2f} GiB, "
