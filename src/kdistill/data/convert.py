@@ -111,12 +111,13 @@ IGNORE_LABEL = -100
 
 def label_positions_match(label_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> bool:
     """Whether one sample's labels of ``label_shape`` are per position of an input of ``input_shape``: the
-    leading dimensions (tokens (L,) of ids (L,), frames (L,) of features (L, F)) or the trailing ones (pixels
-    (H, W) of an image (C, H, W))."""
+    leading dimensions (tokens (L,) of ids (L,), frames (L,) of features (L, F)) or, for two or more label
+    dimensions, the trailing ones (pixels (H, W) of an image (C, H, W); a 1-D trailing match such as one-hot
+    rows as wide as an image is not taken for positions)."""
     k = len(label_shape)
     if not k or len(input_shape) < k:
         return False
-    return tuple(input_shape[:k]) == tuple(label_shape) or tuple(input_shape[-k:]) == tuple(label_shape)
+    return tuple(input_shape[:k]) == tuple(label_shape) or (k >= 2 and tuple(input_shape[-k:]) == tuple(label_shape))
 
 
 def is_position_labels(y: Any, x: torch.Tensor) -> bool:
