@@ -264,3 +264,45 @@ def test_pixels_train_with_a_segmentation_teacher_whatever_the_batch_split():
     for other in (run((x, y), accumulate=2), run((x, y), cache_teacher=False), run(_PixelDataset(x, y))):
         for p, q in zip(base.model.parameters(), other.model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class _KeywordTagger(nn.Module):
+    """Hugging Face style: ``forward(input_ids, attention_mask)`` -> (B, L, V)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.out = nn.Embedding(V, 16), nn.Linear(16, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.emb(input_ids))
+
+
+class _DictTokens(torch.utils.data.Dataset):
+    def __init__(self, x, mask, y):
+        self.x, self.mask, self.y = x, mask, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": self.mask[i]}, self.y[i]
+
+
+def test_attention_mask_zeros_are_never_scored_even_with_labels_there():
+    """Dict batches: a position whose attention_mask is 0 counts as padding (label -100) in the loss, its
+    normaliser and the metrics, whether or not its label was set to -100."""
+    x, y = _padded(40, seed=4)
+    mask = (y != -100).long()
+    unmasked_labels = torch.where(y == -100, x, y)  # padding labelled with real token ids, as users forget to
+    method = {"name": "kd", "temperature": 2.0, "alpha": 0.5}
+
+    def run(labels):
+        data = _DictTokens(x, mask, labels)
+        return fit(_KeywordTagger(3), data, TrainConfig(epochs=2, batch_size=8, lr=0.1, seed=0, accumulate=2),
+                   teacher=_KeywordTagger(9), method=method, val=_DictTokens(x, mask, labels), progress=False)
+
+    want, got = run(y), run(unmasked_labels)
+    assert got.val["count"] == int((y != -100).sum()) == want.val["count"]
+    for p, q in zip(want.model.parameters(), got.model.parameters()):
+        torch.testing.assert_close(p, q)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdistill.config.types import short_repr
-from kdistill.data.dataset import UNLABELLED, Split, StreamData, TensorData
+from kdistill.data.dataset import IGNORE_LABEL, UNLABELLED, Split, StreamData, TensorData
 
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed, unsigned, float
 
@@ -105,7 +105,6 @@ def to_labels(y: Any, field: str = "y") -> torch.Tensor:
     return labels
 
 
-IGNORE_LABEL = -100
 """Per-position label value of a position that is not scored (padding, prompt): the PyTorch convention."""
 
 
@@ -284,11 +283,11 @@ def _dataset_to_stream(dataset: Any, classes: Sequence[str] | None, name: str) -
         raise ValueError(f"{name}: the data set is empty")
     first = dataset[0]
     fix = "give the data set a transform that returns tensors (e.g. torchvision's ToTensor())"
-    if isinstance(first, (tuple, list)) and len(first) >= 2 and isinstance(first[0], (torch.Tensor, np.ndarray)):
-        shape = tuple(first[0].shape)
+    if isinstance(first, (tuple, list)) and len(first) >= 2 \
+            and isinstance(first[0], (torch.Tensor, np.ndarray, Mapping)):  # a dict: keyword inputs (input_ids)
+        shape = _input_shape(first[0], name, fix)
         if _item_positions(first, shape):
-            return _stream_positions(dataset, classes, _input_shape(first[0], name, fix), name,
-                                     tuple(torch.as_tensor(first[1]).shape))
+            return _stream_positions(dataset, classes, shape, name, tuple(torch.as_tensor(first[1]).shape))
     _item_label(first, 0)
     if type(first[0]).__module__.startswith("PIL"):
         raise ValueError(f"{name}: items are PIL images, not tensors; {fix}")

@@ -13,6 +13,8 @@ import torch
 
 UNLABELLED = -1
 """Label value of a sample whose label was dropped (transfer sets may be unlabelled)."""
+IGNORE_LABEL = -100
+"""A per-position label that is not scored (padding), the PyTorch / Hugging Face convention."""
 
 
 @dataclass(frozen=True)

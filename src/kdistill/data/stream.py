@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdistill.data.dataset import Split, StreamData, TensorData
+from kdistill.data.dataset import IGNORE_LABEL, Split, StreamData, TensorData
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 """One batch's inputs: a tensor, or a dict of tensors passed to the model as keyword arguments."""
@@ -84,6 +84,15 @@ def same_inputs(a: Any, b: Any) -> bool:
     return ta.shape == tb.shape and ta.dtype == tb.dtype and bool(torch.equal(ta, tb))
 
 
+def mask_padding(x: Inputs, y: torch.Tensor) -> torch.Tensor:
+    """Per-position labels with -100 (not scored) wherever dict inputs carry an ``attention_mask`` of 0 (padding),
+    so a padded position never counts even when its label was left as a token id; other labels as given."""
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if mask is None or y.dim() < 1 or tuple(mask.shape) != tuple(y.shape):
+        return y
+    return y.masked_fill(mask == 0, IGNORE_LABEL)
+
+
 class WithIds(torch.utils.data.Dataset):
     """Items of ``dataset`` as ``(x, y, sample_id)``: the item's own id when it has one, else ``index[i]``."""
 
@@ -100,7 +109,8 @@ class WithIds(torch.utils.data.Dataset):
                              + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
         x, y = item[0], item[1]
         sid = item[2] if len(item) == 3 else self.index[i]
-        return as_input(x), torch.as_tensor(y, dtype=torch.long), torch.as_tensor(sid, dtype=torch.long)
+        x = as_input(x)
+        return x, mask_padding(x, torch.as_tensor(y, dtype=torch.long)), torch.as_tensor(sid, dtype=torch.long)
 
 
 class EpochBatches:
