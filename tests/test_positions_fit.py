@@ -7,6 +7,7 @@ over valid positions."""
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -306,3 +307,17 @@ def test_attention_mask_zeros_are_never_scored_even_with_labels_there():
     assert got.val["count"] == int((y != -100).sum()) == want.val["count"]
     for p, q in zip(want.model.parameters(), got.model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_labels_that_copy_the_input_ids_get_a_warning_naming_the_shift():
+    """Hugging Face style labels (= input_ids, shifted inside HF models) would train a copy task silently."""
+    x, _ = _padded(32, seed=6)
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    with pytest.warns(UserWarning, match=r"labels\[:, i\] = input_ids\[:, i \+ 1\]"):
+        fit(Tagger(), (x, x.clone()), cfg, progress=False)
+    with pytest.warns(UserWarning, match="kdistill does not"):
+        fit(_KeywordTagger(0), _DictTokens(x, torch.ones_like(x), x.clone()), cfg, progress=False)
+    shifted = torch.cat([x[:, 1:], torch.full((len(x), 1), -100)], dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(Tagger(), (x, shifted), cfg, progress=False)  # next-token labels: no warning

@@ -6,7 +6,7 @@ outside data gets checked, so a bad label or dtype is reported once, by field na
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -131,6 +131,23 @@ def is_position_labels(y: Any, x: torch.Tensor) -> bool:
     kind = "i" if isinstance(arr, torch.Tensor) and not arr.is_floating_point() and arr.dtype != torch.bool \
         and not arr.is_complex() else getattr(getattr(arr, "dtype", None), "kind", "")
     return kind in ("i", "u")
+
+
+def labels_copy_inputs(split: Any) -> bool:
+    """Whether a per-position split's labels equal its integer inputs (token ids) at every scored position: the
+    Hugging Face causal-LM convention (labels = input_ids, shifted inside the model), which kdistill does not
+    follow (its labels are each position's own target). Read from memory, or from a streamed split's first item."""
+    x, y = getattr(split, "x", None), getattr(split, "y", None)
+    if y is None and isinstance(getattr(split, "dataset", None), Sized) and len(split.dataset):
+        item = split.dataset[0]
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            x, y = item[0], torch.as_tensor(item[1])
+    if isinstance(x, Mapping):
+        x = x.get("input_ids")
+    if not isinstance(x, torch.Tensor) or y is None or x.is_floating_point() or tuple(x.shape) != tuple(y.shape):
+        return False
+    keep = y != IGNORE_LABEL
+    return bool(keep.any()) and bool((x[keep] == y[keep]).all())
 
 
 def to_position_labels(y: Any, field: str = "y") -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from kdistill.config.schema import build_method as build_typed
-from kdistill.data.convert import IGNORE_LABEL, as_split
+from kdistill.data.convert import IGNORE_LABEL, as_split, labels_copy_inputs
 from kdistill.data.splits import check_same_classes
 from kdistill.data.stream import describe_inputs, inputs_to, integer_hint, labels_of
 from kdistill.data.text import save_run_tokenizer
@@ -588,7 +589,12 @@ def check_resume_request(out: Path | None, ckpt: Path | None, resume: bool, over
 
 def check_positions(method, train, val=None, test=None) -> None:
     """Per-position data (labels (N, L)) needs a method that averages over positions (``ce``, ``kd``), and
-    every split per position or none."""
+    every split per position or none. Labels that copy the input ids get a warning (unshifted LM labels)."""
+    if per_position(train) and labels_copy_inputs(train):
+        warnings.warn(f"train: {train.name}'s labels equal its input ids at every scored position. kdistill's "
+                      "per-position labels are each position's own target (a causal LM's next token: labels[:, i] = "
+                      "input_ids[:, i + 1], -100 at the end); Hugging Face models shift labels inside, kdistill "
+                      "does not. Shift them, unless copying the input is the task.", UserWarning, stacklevel=3)
     if not per_position(train):
         for split, name in ((val, "val"), (test, "test")):
             if split is not None and per_position(split):
