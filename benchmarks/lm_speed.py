@@ -10,6 +10,10 @@ process (ratios, not absolute numbers, are what carries over to other machines):
 * ``kdistill_live``: ``fit(student, train, teacher=teacher, cache_teacher=False, method=kd)``;
 * ``kdistill_topk``: ``fit`` with a sparse cached teacher (top-32, built once before the timing; its build time
   is printed apart);
+* ``trl_gkd_live`` (when TRL is installed): TRL's ``GKDTrainer`` as supervised distillation (``lmbda=0``: no
+  on-policy generation; ``beta=0``: forward KL), live teacher, the same windows pre-tokenised; its tokens/s counts
+  the same tokens as every row (each window's 128 input tokens, all of which go through the forward and backward
+  passes), while its loss covers 127 of the 128 next-token positions (the first token is its prompt);
 * ``bound``: the student's forward + backward + AdamW step alone on the same batches (cross-entropy), the
   arithmetic bound of any cached-teacher path;
 * ``live_bound``: the teacher's forward (``no_grad``) then that student step, batch by batch: the arithmetic
@@ -25,6 +29,7 @@ gives each loop's best round, and the ratios are taken between best rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -88,6 +93,63 @@ def hf_trainer(student, teacher, x, y, batch: int, steps: int) -> float:
     return wall
 
 
+def gkd_classes() -> tuple[type, type] | None:
+    """TRL's ``(GKDConfig, GKDTrainer)``: in ``trl.experimental.gkd`` since TRL 1.x, at the top level before;
+    None when TRL is not installed (the row is then skipped)."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        try:
+            from trl import GKDConfig, GKDTrainer
+        except ImportError:
+            return None
+    return GKDConfig, GKDTrainer
+
+
+def hf_tokenizer(tok):
+    """The benchmark's byte-level BPE (a ``tokenizers.Tokenizer``) as the ``processing_class`` TRL asks for,
+    built offline; pad/eos are an existing id (0), so the vocabulary (and the models) stay as they are: the windows
+    are all full length, nothing is padded or generated."""
+    from transformers import PreTrainedTokenizerFast
+
+    first = tok.id_to_token(0)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=first, eos_token=first, model_max_length=1 << 20)
+
+
+def trl_gkd(student, teacher, x, tok, batch: int, steps: int) -> float:
+    """Seconds for ``steps`` steps of TRL's ``GKDTrainer`` as supervised distillation: ``lmbda=0`` (no on-policy
+    generation), ``beta=0`` (its forward ``KL(teacher || student)``), live teacher, the same windows as the other
+    loops given pre-tokenised to its own ``DataCollatorForChatML`` (``input_ids`` and a ``completion_mask``):
+    the first token is the prompt, so its loss covers 127 of the 128 next-token positions of each window (the
+    forward and backward passes cover all 128, as in the other loops). Its loss has no cross-entropy term and,
+    in TRL 1.16, applies no temperature (``temperature`` only samples generations): cost is the same to a few
+    elementwise ops per position."""
+    from datasets import Dataset
+
+    config_cls, trainer_cls = gkd_classes()
+    processing = hf_tokenizer(tok)
+    head = 1  # prompt tokens per window
+    rows = Dataset.from_list([{"prompt": tok.decode(a[:head].tolist()), "input_ids": a.tolist(),
+                               "completion_mask": [0] * head + [1] * (len(a) - head)} for a in x])
+    # TRL defaults to activation (gradient) checkpointing, which recomputes the forward: off, like the other loops
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    folder = tempfile.mkdtemp(prefix="kdistill-gkd-")
+    args = config_cls(output_dir=folder, per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR,
+                      optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+                      logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+                      dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False, max_length=x.shape[1],
+                      lmbda=0.0, beta=0.0, temperature=T, seq_kd=False, **{checkpointing: False})
+    teacher.eval()
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                          processing_class=processing)
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    shutil.rmtree(folder, ignore_errors=True)
+    return wall
+
+
 def kdistill_fit(student, teacher, train, batch: int, epochs: int) -> float:
     cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=LR, optimizer="adamw", weight_decay=0.0, seed=0,
                       cache_teacher=False, checkpoint=False)
@@ -115,6 +177,31 @@ def bound(student, x, y, batch: int, steps: int, teacher=None) -> float:
     return time.perf_counter() - t0
 
 
+def report_lines(r: dict, args: argparse.Namespace) -> list[str]:
+    """The Markdown record of a run: a table row per loop (its best round), then the ratios and the load."""
+    tps, walls, cpus, rounds = r["tokens_per_s"], r["wall_s"], r["cpu_s"], r["rounds_wall_s"]
+    before, after = r["load_average_1_5_15_before"], r["load_average_1_5_15_after"]
+    lines = [f"# Per-token distillation speed, {r['steps']} steps of {args.batch} x {args.window} tokens "
+             f"(V = {r['vocab']}), {args.threads} threads, best of {args.rounds} rounds", "",
+             "| loop | tokens/s | wall s (best) | CPU s | every round's wall s |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {k} | {tps[k]:.0f} | {walls[k]:.2f} | {cpus[k]:.1f} | "
+              f"{', '.join(f'{w:.2f}' for w in rounds[k])} |" for k in walls]
+    lines += ["", f"kdistill live / HF Trainer live: {r['kdistill_live_over_hf_trainer']:.2f}x "
+              f"(by CPU seconds: {r['kdistill_live_over_hf_trainer_cpu']:.2f}x); the live bound (teacher forward + "
+              f"student step, no KD term) / HF Trainer: {r['live_bound_over_hf_trainer']:.2f}x; kdistill live at "
+              f"{r['kdistill_live_over_live_bound']:.0%} of the live bound",
+              f"kdistill top-{args.k} cached / bound (student forward+backward+step alone): "
+              f"{r['kdistill_topk_over_bound']:.0%} (cache built once in {r['topk_cache_build_s']:.1f} s, "
+              f"{r['topk_bytes_per_token']} B/token)",
+              *([f"TRL {r['trl']} GKDTrainer live (lmbda=0, beta=0: forward KL; tokens/s over all "
+                 f"{args.window} input tokens of a window, loss on {args.window - 1} of them) / HF Trainer live: "
+                 f"{r['trl_gkd_over_hf_trainer']:.2f}x; kdistill live / TRL GKDTrainer live: "
+                 f"{r['kdistill_live_over_trl_gkd']:.2f}x"] if 'trl' in r else []),
+              f"load average (1, 5, 15 min) before {before[0]:.1f} {before[1]:.1f} {before[2]:.1f}, "
+              f"after {after[0]:.1f} {after[1]:.1f} {after[2]:.1f} on {os.cpu_count()} cores"]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=2048)
@@ -131,7 +218,7 @@ def main() -> None:
     for i, p in enumerate(sorted(Path("/usr/share/common-licenses").iterdir())):
         if p.is_file():
             shutil.copyfile(p, folder / f"{i:03d}-{p.name}.txt")
-    bundle, _ = load_text(folder, window=args.window, tokenizer="bpe", vocab_size=args.vocab)
+    bundle, tok = load_text(folder, window=args.window, tokenizer="bpe", vocab_size=args.vocab)
     train = bundle.train.subset(torch.arange(len(bundle.train) // args.batch * args.batch), "train")  # whole batches
     vocab = train.num_classes
     steps = len(train) // args.batch * args.epochs
@@ -151,6 +238,11 @@ def main() -> None:
              "hf_trainer_live": lambda: hf_trainer(make_student(), teacher, x, y, args.batch, steps),
              "kdistill_live": lambda: kdistill_fit(make_student(), teacher, train, args.batch, args.epochs),
              "kdistill_topk": lambda: kdistill_fit(make_student(), cache, train, args.batch, args.epochs)}
+    gkd = gkd_classes() is not None
+    if gkd:
+        loops["trl_gkd_live"] = lambda: trl_gkd(make_student(), teacher, x, tok, args.batch, steps)
+    else:
+        print("trl_gkd_live skipped: TRL (GKDTrainer) is not importable here; pip install trl to add the row")
     rounds = {name: [] for name in loops}
     for _ in range(args.rounds):  # in turn, so that a slow spell of the machine hits every loop alike
         for name, fn in loops.items():
@@ -173,25 +265,17 @@ def main() -> None:
     import transformers
 
     result["transformers"] = transformers.__version__
+    if gkd:
+        import trl
+
+        result.update(trl=trl.__version__, trl_gkd_over_hf_trainer=tps["trl_gkd_live"] / tps["hf_trainer_live"],
+                      kdistill_live_over_trl_gkd=tps["kdistill_live"] / tps["trl_gkd_live"],
+                      trl_gkd_loss_positions_per_window=args.window - 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d-%H%M")
     (out / f"lm-speed-{stamp}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Per-token distillation speed, {steps} steps of {args.batch} x {args.window} tokens (V = {vocab}), "
-             f"{args.threads} threads, best of {args.rounds} rounds", "",
-             "| loop | tokens/s | wall s (best) | CPU s | every round's wall s |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {k} | {tps[k]:.0f} | {walls[k]:.2f} | {cpus[k]:.1f} | "
-              f"{', '.join(f'{w:.2f}' for w, _ in rounds[k])} |" for k in walls]
-    lines += ["", f"kdistill live / HF Trainer live: {result['kdistill_live_over_hf_trainer']:.2f}x "
-              f"(by CPU seconds: {result['kdistill_live_over_hf_trainer_cpu']:.2f}x); the live bound (teacher forward + "
-              f"student step, no KD term) / HF Trainer: {result['live_bound_over_hf_trainer']:.2f}x; kdistill live at "
-              f"{result['kdistill_live_over_live_bound']:.0%} of the live bound",
-              f"kdistill top-{args.k} cached / bound (student forward+backward+step alone): "
-              f"{result['kdistill_topk_over_bound']:.0%} (cache built once in {build:.1f} s, "
-              f"{cache.bytes_per_position()} B/token)",
-              f"load average (1, 5, 15 min) before {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, "
-              f"after {result['load_average_1_5_15_after'][0]:.1f} {result['load_average_1_5_15_after'][1]:.1f} "
-              f"{result['load_average_1_5_15_after'][2]:.1f} on {os.cpu_count()} cores"]
+    lines = report_lines(result, args)
     (out / f"lm-speed-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(folder, ignore_errors=True)
