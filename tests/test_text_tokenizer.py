@@ -119,3 +119,25 @@ def test_predict_text_on_a_bytes_model_and_refusals(tmp_path, capsys):
         out_dir=image, progress=False)
     assert main(["predict", "--model", str(image / "model.safetensors"), "--text", "hi"]) == 2
     assert "records no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.ecosystem
+def test_distill_on_text_reuses_the_teachers_bpe_and_refuses_another(tmp_path, capsys):
+    need("tokenizers")
+    a, b = _texts(tmp_path)
+    common = ["--epochs", "1", "--batch-size", "16", "--no-progress"]
+    assert main(["train", "--data", f"text:{a}", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300",
+                 "--set", "data.window=32", "--model", "lm:16,1,heads=2", "--out", str(tmp_path / "t"), *common]) == 0
+    teacher = str(tmp_path / "t" / "model.safetensors")
+    # no tokenizer named: the student trains on the teacher's ids, and records the same BPE
+    assert main(["distill", "--data", f"text:{b}", "--set", "data.window=32", "--teacher", teacher,
+                 "--student", "lm:8,1,heads=2", "--out", str(tmp_path / "s"), *common]) == 0
+    assert recorded_tokenizer(tmp_path / "s" / "model.safetensors")["sha256"] == recorded_tokenizer(teacher)["sha256"]
+    capsys.readouterr()
+    # a new BPE trained on other text: other ids for the same text, refused before any work
+    assert main(["distill", "--data", f"text:{b}", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300",
+                 "--set", "data.window=32", "--teacher", teacher, "--student", "lm:8,1,heads=2",
+                 "--out", str(tmp_path / "s2"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher would read other token ids" in err and "data.tokenizer_file" in err
+    assert not (tmp_path / "s2" / "model.safetensors").exists()

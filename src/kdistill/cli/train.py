@@ -27,7 +27,7 @@ from kdistill.models.registry import build_on_meta
 from kdistill.outputs.deploy import deployment_markdown, deployment_table, write_deployment
 from kdistill.outputs.results import write_results, write_run_files
 from kdistill.teachers.base import ModuleTeacher
-from kdistill.teachers.resolve import _check_class_names, check_teacher_files, resolve_teacher
+from kdistill.teachers.resolve import _check_class_names, check_teacher_files, resolve_teacher, teacher_data_options
 
 
 def _check_size(spec: str, in_shape, num_classes: int) -> None:
@@ -120,6 +120,8 @@ def _train_run(args: argparse.Namespace, cfg: dict[str, Any], method, tcfg, devi
 
     # Launched by torchrun with several processes: data-parallel training, NCCL on GPUs, gloo on CPUs.
     rank = init_from_env(cuda=device.type == "cuda")
+    if distill:
+        cfg["data"] = teacher_data_options(cfg)  # text data: the teacher's own tokenizer unless one is named
     bundle = _load_data(cfg)
     train = bundle.train
     teacher = None

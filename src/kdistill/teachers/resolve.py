@@ -12,6 +12,7 @@ from torch import nn
 
 from kdistill.data.dataset import Split, TensorData
 from kdistill.data.preprocess import check_teacher_preprocessing
+from kdistill.data.text import evaluate_options, recorded_tokenizer
 from kdistill.io import load_model, read_model_meta
 from kdistill.teachers.ensemble import EnsembleTeacher
 from kdistill.teachers.logits_files import logits_teacher
@@ -96,12 +97,44 @@ def _paths(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
+def _model_files(cfg: Mapping[str, Any]) -> list[str]:
+    """The kdistill ``.safetensors`` teacher files of a distill config that exist."""
+    return [p for key in ("teacher", "teacher_weights") for p in _paths(cfg.get(key))
+            if p.lower().endswith(".safetensors") and Path(p).is_file()]
+
+
+def teacher_data_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` section for a distill run: on ``text:`` data that names no tokenizer, the BPE the (first)
+    teacher file was trained with, so teacher and student see the teacher's token ids (a new BPE trained on
+    the text would give other ids for the same text)."""
+    d = dict(cfg.get("data") or {})
+    if not str(d.get("name", "")).startswith("text:") or d.get("tokenizer") or d.get("tokenizer_file"):
+        return d
+    files = _model_files(cfg)
+    return evaluate_options(d["name"], d, files[0]) if files else d
+
+
+def _check_tokenizer(path: str, split: Split) -> None:
+    """Refuse a teacher trained on other token ids than the run's text data, naming both tokenizers."""
+    theirs = recorded_tokenizer(path)
+    ours = (getattr(split, "preprocessing", None) or {}).get("tokenizer")
+    if not theirs or not isinstance(ours, dict):
+        return
+    key = lambda r: (r.get("kind"), r.get("sha256"))  # noqa: E731
+    if key(theirs) != key(ours):
+        name = lambda r: "UTF-8 bytes" if r.get("kind") != "bpe" else f"a BPE of {r.get('vocab_size')} tokens (sha256 {str(r.get('sha256'))[:12]})"  # noqa: E731
+        raise ValueError(f"teacher: {path} was trained on {name(theirs)}, but this run tokenises {split.name} as "
+                         f"{name(ours)}: the teacher would read other token ids. Drop data.tokenizer to reuse the "
+                         f"teacher's, or set data.tokenizer_file to {path}")
+
+
 def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
     """Every teacher of a distill config that records its preprocessing (``--teacher``/``--teacher-weights``
     kdistill ``.safetensors``, ``--teacher-onnx`` exported by kdistill) checked against the run's data."""
     for key in ("teacher", "teacher_weights"):
         for path in _paths(cfg.get(key)):
             if path.lower().endswith(".safetensors") and Path(path).is_file():
+                _check_tokenizer(path, split)
                 check_teacher_preprocessing(path, read_model_meta(path).get("preprocessing"), split)
     for path in _paths(cfg.get("teacher_onnx")):
         if Path(path).is_file():
