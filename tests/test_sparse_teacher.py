@@ -1,12 +1,15 @@
 """Sparse cached teachers in fit: top-k + tail per (sample id, position), the manifest checked on reuse,
 train.teacher_topk, and k = V training exactly as the dense cache."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from kdistill import TrainConfig, fit
+from kdistill.cli.app import main
 from kdistill.data.convert import as_split
 from kdistill.losses.sparse import sparsify
 from kdistill.teachers.base import ModuleTeacher
@@ -122,3 +125,23 @@ def test_a_method_needing_full_logits_is_refused_with_a_sparse_teacher():
         fit(nn.Linear(5, 4), (x, y), cfg, teacher=teacher, method={"name": "dkd"}, progress=False)
     r = fit(nn.Linear(5, 4), (x, y), cfg, teacher=teacher, method={"name": "kd", "alpha": 0.5}, progress=False)
     assert r.history[-1]["train_loss"] > 0  # one label per sample: the sparse path trains too
+
+
+def test_a_cache_written_by_predict_teaches_without_its_model_and_only_on_its_data(tmp_path, capsys):
+    """kdistill predict --topk K --save-logits FILE on text data, then distill --teacher-logits FILE: the sparse
+    cache is the teacher (the teacher model is not needed), and other data is refused naming what differs."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("in the beginning god created the heaven and the earth. and the earth was without form.\n" * 40)
+    common = ["--epochs", "1", "--batch-size", "16", "--no-progress", "--set", "data.window=16"]
+    assert main(["train", "--data", f"text:{corpus}", "--model", "lm:16,1,heads=2", "--out", str(tmp_path / "t"),
+                 *common]) == 0
+    top = tmp_path / "top8.safetensors"
+    assert main(["predict", "--model", str(tmp_path / "t" / "model.safetensors"), "--topk", "8",
+                 "--save-logits", str(top)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bytes_per_position"] == 8 * 2 + 8 + 2
+    assert main(["distill", "--data", f"text:{corpus}", "--teacher-logits", str(top), "--student", "lm:8,1,heads=2",
+                 "-T", "1", "--alpha", "0.5", "--out", str(tmp_path / "s"), *common]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--data", f"text:{corpus}", "--teacher-logits", str(top), "--student", "lm:8,1,heads=2",
+                 "--out", str(tmp_path / "s2"), *common[:-1], "data.window=12"]) == 2
+    assert "data_sha256 differs" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from kdistill.methods.kd import check_temperature, check_weight
 from kdistill.outputs.results import write_results
 from kdistill.teachers.logits_files import save_logits
 from kdistill.teachers.onnx_model import OnnxTeacher, export_onnx
+from kdistill.teachers.sparse import sparse_cache
 from kdistill.teachers.specialists import SpecialistSystem, confusable_clusters, train_specialist
 
 
@@ -62,9 +63,10 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
     split = files.fit_split(pred, split, norm)
     if getattr(split, "y", None) is not None and split.y.dim() > 1:
-        raise ValueError(f"--save-logits: {split.name} has one label per position (token windows); dense per-position "
-                         "logits files are not written (N x L x V floats): distil from the model itself "
-                         "(--teacher MODEL) or from a sparse top-k cache (train.teacher_topk: K)")
+        return _save_topk(args, pred, split, out)
+    if args.topk:
+        raise ValueError(f"--topk: keeps the top classes per position; {split.name} has one label per sample "
+                         "(its logits file holds every class)")
     if args.model:
         import torch
 
@@ -85,6 +87,23 @@ def _predict(args: argparse.Namespace) -> int:
 
         report["accuracy"] = classification_metrics(logits, labels_of(split), detailed=False)["accuracy"]
     print(json.dumps(report))
+    return 0
+
+
+def _save_topk(args: argparse.Namespace, pred, split, out: Path) -> int:
+    """Per-position data: the model's top-k log-probabilities per (sample id, position) as a sparse cache
+    (:mod:`kdistill.teachers.sparse`), which ``kdistill distill --teacher-logits FILE`` reads without the model."""
+    if not args.topk:
+        raise ValueError(f"--save-logits: {split.name} has one label per position; dense per-position logits "
+                         "(N x L x V floats) are not written: add --topk K to save the top K classes per position "
+                         "and the mass left out, or distil from the model itself (--teacher MODEL)")
+    if not args.model or out.suffix.lower() != ".safetensors":
+        raise ValueError("--topk: needs --model WEIGHTS.safetensors and --save-logits FILE.safetensors")
+    if out.exists():
+        raise ValueError(f"--save-logits: {out} exists; remove it or give another file")
+    cache = sparse_cache(pred.module, split, args.topk, path=out)
+    print(json.dumps({"file": str(out), "count": len(split), "k": cache.k, "num_classes": split.num_classes,
+                      "bytes_per_position": cache.bytes_per_position(), "data": split.name}))
     return 0
 
 
@@ -178,6 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-seed", type=int, default=None, help="seed of the validation split (default: the run's "
                    "data.seed, else 0)")
     p.add_argument("--save-logits", metavar="FILE", help=".safetensors (logits + sample ids) or .npy")
+    p.add_argument("--topk", type=int, default=0, metavar="K",
+                   help="with --save-logits on per-position data: keep the top K classes per position (a sparse cache)")
     add_trust_code(p)
     p.set_defaults(func=_predict)
 

@@ -16,6 +16,7 @@ from kdistill.data.text import evaluate_options, recorded_tokenizer
 from kdistill.io import load_model, read_model_meta
 from kdistill.teachers.ensemble import EnsembleTeacher
 from kdistill.teachers.logits_files import logits_teacher
+from kdistill.teachers.sparse import SparseCachedTeacher, load_sparse_cache, read_manifest
 from kdistill.teachers.onnx_model import OnnxTeacher, read_onnx_metadata
 
 
@@ -77,7 +78,9 @@ def resolve_teacher(cfg: dict[str, Any], train: TensorData, jitter: int = 0, tem
                          "follow augmented ones; drop train.augment / train.jitter / train.teacher_views, or give a "
                          "teacher network")
     members: list[Any] = [_weights_teacher(w, train, trust_code) for w in weights]
-    members += [logits_teacher(f, train) for f in logits]
+    members += [load_sparse_cache(f, train) if read_manifest(f) else logits_teacher(f, train) for f in logits]
+    if len(members) > 1 and any(isinstance(m, SparseCachedTeacher) for m in members):
+        raise ValueError("teacher_logits: a sparse (top-k) cache is one teacher; it cannot join an ensemble")
     for f in onnx:
         teacher = OnnxTeacher(f)
         teacher.check(train)

@@ -130,9 +130,19 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def data_tokenizer_hash(data) -> str | None:
+    """What ``data`` records of its tokenizer, as a manifest value: the BPE's sha256, ``"bytes"``, or None
+    (data that is not text)."""
+    record = (getattr(data, "preprocessing", None) or {}).get("tokenizer")
+    if not isinstance(record, dict):
+        return None
+    return record.get("sha256") if record.get("kind") == "bpe" else "bytes"
+
+
 def _manifest(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtype, tokenizer: Any) -> dict[str, Any]:
+    token = tokenizer_hash(tokenizer) if tokenizer is not None else data_tokenizer_hash(data)
     return {"format": FORMAT, "teacher_sha256": teacher_fingerprint(teacher), "data_sha256": data_fingerprint(data),
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "k": k, "num_classes": data.num_classes,
+            "tokenizer_sha256": token, "k": k, "num_classes": data.num_classes,
             "value_dtype": str(value_dtype).removeprefix("torch."),
             "index_layout": layout_for(data.num_classes, k), "index_bits": index_bits(data.num_classes),
             "samples": len(data)}
@@ -158,11 +168,44 @@ def compute_sparse(teacher: ModuleTeacher, data, k: int, value_dtype: torch.dtyp
     return SparseCachedTeacher(torch.cat(ids_all), values, codes, tail, data.num_classes, layout)
 
 
-def _refusal(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> ValueError:
+def _refusal(path: Path, found: dict[str, Any], wanted: dict[str, Any],
+             fix: str = "delete it or give another path") -> ValueError:
     diff = [key for key in wanted if found.get(key) != wanted[key]]
     what = ", ".join(f"{key} differs" if key.endswith("sha256") else
                      f"{key} (file: {found.get(key)!r}, this run: {wanted[key]!r})" for key in diff)
-    return ValueError(f"teacher cache: {path} was made for another setup: {what}; delete it or give another path")
+    return ValueError(f"teacher cache: {path} was made for another setup: {what}; {fix}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The sparse-cache manifest of a safetensors file, or None when the file is not a sparse cache."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(MANIFEST_KEY)
+    except Exception:  # noqa: BLE001 - not a safetensors file at all: not a sparse cache
+        return None
+    return json.loads(raw) if raw else None
+
+
+def load_sparse_cache(path: str | Path, data) -> SparseCachedTeacher:
+    """A sparse cache written by :func:`sparse_cache` (or ``kdistill predict --topk``), used without its teacher:
+    refused unless it was made on exactly this data (fingerprint, tokenizer, classes, samples) by this format."""
+    path = Path(path)
+    found = read_manifest(path)
+    if found is None:
+        raise ValueError(f"teacher logits: {path} is not a sparse teacher cache (no {MANIFEST_KEY} manifest)")
+    if found.get("format") != FORMAT:
+        raise ValueError(f"teacher logits: {path} is a sparse cache of format {found.get('format')!r}, this kdistill "
+                         f"reads {FORMAT!r}; write it again (kdistill predict --topk K --save-logits FILE)")
+    wanted = {"data_sha256": data_fingerprint(data), "tokenizer_sha256": data_tokenizer_hash(data),
+              "num_classes": data.num_classes, "samples": len(data)}
+    if any(found.get(key) != value for key, value in wanted.items()):
+        raise _refusal(path, found, wanted, "write it for this run's data (kdistill predict --model TEACHER --topk K "
+                                            "--save-logits FILE with the same --data and its options)")
+    t = load_file(str(path))
+    cache = SparseCachedTeacher(t["ids"], t["values"], t["codes"], t["tail"], data.num_classes,
+                                found["index_layout"], found, path)
+    cache.check_covers(data)
+    return cache
 
 
 def sparse_cache(teacher: nn.Module | ModuleTeacher, data, k: int, *, path: str | Path | None = None,
