@@ -45,6 +45,19 @@ def test_recipe_writes_the_speech_table_with_the_gain_kept(tmp_path):
     assert [r["alpha"] for r in summary["validation"]] == [1.0]
     assert "deployment" in results and (out / "report.html").is_file()
     assert summary["tokens"]["test"] > 0 and "english.txt" in summary["corpus"]
+    # the validation split's numbers, which settings are chosen by, are recorded and consistent
+    v = summary["validation_models"]
+    members = v["members"][0]
+    assert len(members) == 2 and all(0 <= m["accuracy"] <= 1 and m["nll"] > 0 for m in members)
+    base = sum(m["accuracy"] for m in members) / 2
+    gain = v["ensembles"]["geometric"]["accuracy"] - base
+    assert v["kept"]["geometric"]["accuracy"]["ensemble_gain"] == pytest.approx(gain)
+    assert v["kept"]["geometric"]["accuracy"]["distilled_gain"] == pytest.approx(v["distilled"]["accuracy"] - base)
+    assert v["distilled"]["accuracy"] == pytest.approx(summary["validation"][0]["val_accuracy"])
+    if gain > 0:
+        assert summary["validation_kept"] == pytest.approx((v["distilled"]["accuracy"] - base) / gain)
+        assert summary["validation"][0]["val_kept_accuracy"] == pytest.approx(summary["validation_kept"])
+    assert "validation_kept_nll" in summary and "kept on validation" in (out / "results.md").read_text()
 
 
 def test_recipe_refuses_a_one_model_ensemble_before_any_work(tmp_path):
