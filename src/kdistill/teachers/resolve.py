@@ -12,7 +12,7 @@ from torch import nn
 
 from kdistill.data.dataset import Split, TensorData
 from kdistill.data.preprocess import check_teacher_preprocessing
-from kdistill.data.text import evaluate_options, recorded_tokenizer
+from kdistill.data.text import evaluate_options
 from kdistill.io import load_model, read_model_meta
 from kdistill.teachers.ensemble import EnsembleTeacher
 from kdistill.teachers.logits_files import logits_teacher
@@ -114,12 +114,21 @@ def teacher_data_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not str(d.get("name", "")).startswith("text:") or d.get("tokenizer") or d.get("tokenizer_file"):
         return d
     files = _model_files(cfg)
-    return evaluate_options(d["name"], d, files[0]) if files else d
+    if not files or _tokenizer_record(files[0]) is None:  # read through the checked reader: a broken file is named
+        return d
+    return evaluate_options(d["name"], d, files[0])
+
+
+def _tokenizer_record(path: str) -> dict[str, Any] | None:
+    """The tokenizer a kdistill model file records (None if none), read through :func:`read_model_meta`, which
+    refuses an empty, truncated or crafted file naming it."""
+    record = (read_model_meta(path).get("preprocessing") or {}).get("tokenizer")
+    return record if isinstance(record, dict) else None
 
 
 def _check_tokenizer(path: str, split: Split) -> None:
     """Refuse a teacher trained on other token ids than the run's text data, naming both tokenizers."""
-    theirs = recorded_tokenizer(path)
+    theirs = _tokenizer_record(path)
     ours = (getattr(split, "preprocessing", None) or {}).get("tokenizer")
     if not theirs or not isinstance(ours, dict):
         return
@@ -137,8 +146,8 @@ def check_teacher_files(cfg: Mapping[str, Any], split: Split) -> None:
     for key in ("teacher", "teacher_weights"):
         for path in _paths(cfg.get(key)):
             if path.lower().endswith(".safetensors") and Path(path).is_file():
-                _check_tokenizer(path, split)
                 check_teacher_preprocessing(path, read_model_meta(path).get("preprocessing"), split)
+                _check_tokenizer(path, split)
     for path in _paths(cfg.get("teacher_onnx")):
         if Path(path).is_file():
             check_teacher_preprocessing(path, read_onnx_metadata(path).get("preprocessing"), split, "teacher_onnx")
