@@ -163,23 +163,42 @@ def sparse_soft_loss(
     _check_temperature(temperature)
     _, opts = resolve(kind, options)  # validates the kind and its options
     _check_sparse(student_logits, targets, labels, mask, kind)
-    work = _positions_work(student_logits)
     valid = _valid(student_logits, labels, mask)
-    denom = _denominator(valid, normalizer, work)
-    v, k = student_logits.shape[-1], targets.k
-    s = student_logits.reshape(-1, v)
-    pack = work if v <= 2**24 else torch.float64  # class ids must be exact in the packed float tensor
-    packed = torch.cat([targets.values.reshape(-1, k).to(pack), targets.indices.reshape(-1, k).to(pack),
-                        targets.tail.reshape(-1, 1).to(pack)], dim=1).to(s.device)
-
-    run = _bucket_run(temperature, kind, k, v, opts)
-    fused = kind in FUSED_KINDS
-    step = _fused_bucket_chunk(temperature, kind, work, k, v) if fused else _autograd_chunk(run, work)
-    total = _chunked_total(run, step, s, packed, valid.reshape(-1), work, chunk_bytes, fused, _FUSED_CHUNK_BYTES)
+    total, denom, _ = _sparse_total(student_logits, targets, valid, normalizer, temperature, kind, opts, chunk_bytes)
     return (total / denom).to(student_logits.dtype)
 
 
-def _fused_bucket_chunk(temperature: float, kind: str, work: torch.dtype, k: int, v: int):
+def _pack(targets: SparseTargets, s: torch.Tensor, work: torch.dtype, labels: torch.Tensor | None) -> torch.Tensor:
+    """(rows, 2k + 1 [+ 1]) floats: values, class ids, tail [, label]: one tensor the chunks slice together."""
+    k, v = targets.k, s.shape[-1]
+    pack = work if v <= 2**24 else torch.float64  # class ids must be exact in the packed float tensor
+    parts = [targets.values.reshape(-1, k).to(pack), targets.indices.reshape(-1, k).to(pack),
+             targets.tail.reshape(-1, 1).to(pack)]
+    if labels is not None:
+        parts.append(labels.reshape(-1, 1).to(device=targets.values.device, dtype=pack))
+    return torch.cat(parts, dim=1).to(s.device)
+
+
+def _sparse_total(student_logits, targets, valid, normalizer, temperature, kind, opts, chunk_bytes,
+                  labels=None, alpha: float = 1.0):
+    """(total, denom, hard): the soft term's sum over valid rows (times ``alpha``, plus (1 - alpha) times the
+    cross-entropy sum with ``labels`` when they are given: one pass for both, :func:`_fused_bucket_chunk`),
+    its divisor, and the cross-entropy sum alone (detached; None without labels)."""
+    work = _positions_work(student_logits)
+    denom = _denominator(valid, normalizer, work)
+    v, k = student_logits.shape[-1], targets.k
+    s = student_logits.reshape(-1, v)
+    packed = _pack(targets, s, work, labels)
+    run = _bucket_run(temperature, kind, k, v, opts)
+    hard = torch.zeros((), dtype=work, device=s.device) if labels is not None else None
+    fused = kind in FUSED_KINDS
+    step = _fused_bucket_chunk(temperature, kind, work, k, v, alpha, hard) if fused else _autograd_chunk(run, work)
+    total = _chunked_total(run, step, s, packed, valid.reshape(-1), work, chunk_bytes, fused, _FUSED_CHUNK_BYTES)
+    return total, denom, hard
+
+
+def _fused_bucket_chunk(temperature: float, kind: str, work: torch.dtype, k: int, v: int, alpha: float = 1.0,
+                        hard: torch.Tensor | None = None):
     """A chunk step for ``kl`` / ``soft_ce`` on buckets with the gradient written out (no autograd graph).
 
     With a = s / T, q = softmax(a), S the stored classes, p_b the teacher's bucket probabilities (k stored + the
@@ -190,41 +209,75 @@ def _fused_bucket_chunk(temperature: float, kind: str, work: torch.dtype, k: int
     outside S. About nine passes over the (rows, V) chunk. A chunk where Z_rest underflows (every class outside
     S more than ~87 nats below the row's top, in float32) is redone by autograd on a logsumexp, finite for any
     logits.
+
+    With ``hard`` (a scalar accumulating the cross-entropy sum; the label is the packed rows' last column) the
+    step returns alpha * soft + (1 - alpha) * CE and writes that mix's gradient, alpha T (q - r) + (1 - alpha)
+    (softmax(s) - onehot(y)), in the same pass over the chunk: no second log-softmax of the logits, no second
+    gradient buffer for autograd to add.
     """
     t2 = temperature * temperature
     tiny = torch.finfo(work).tiny
+
+    w = alpha if hard is not None else 1.0  # the soft term's weight in what the step returns
 
     def step(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         idx = t[:, k:2 * k].long()
         log_p = _teacher_buckets(t[:, :k].to(work), t[:, 2 * k].to(work), temperature, v)  # (rows, k [+ 1])
         p = log_p.exp()
         keep = valid.unsqueeze(-1)
+        zero = torch.zeros((), dtype=work, device=s.device)
         e = torch.where(keep, s.detach(), 0.0).to(work)  # padding garbage stays out
-        top = e.amax(dim=-1, keepdim=True).div_(-temperature)  # -max a
+        m = e.amax(dim=-1, keepdim=True)
+        ce = _hard_rows(e, m, t[:, -1], keep) if hard is not None else None  # before e is overwritten
+        top = m.div(-temperature)  # -max a
         log_q = e.gather(-1, idx).div_(temperature).add_(top)  # a_j - max a, exact (no exp/log round trip)
         torch.add(top, e, alpha=1.0 / temperature, out=e).exp_()  # exp(a - max a), one pass for shift and scale
         zq = e.sum(dim=-1, keepdim=True)
         e_top = e.gather(-1, idx)
-        coef = torch.full_like(zq, temperature).div_(zq)
+        coef = torch.full_like(zq, w * temperature).div_(zq)
         if k < v:
             e.scatter_(-1, idx, 0.0)
             zr = e.sum(dim=-1, keepdim=True)
             if bool((zr < tiny).any()):  # the student's tail underflows in this chunk: exact logsumexp path
-                return _autograd_chunk(_bucket_run(temperature, kind, k, v), work)(s, t, valid, out)
-            coef.sub_(p[:, k:] * temperature / zr)
+                soft = _autograd_chunk(_bucket_run(temperature, kind, k, v), work)(s, t, valid, out)
+                return _add_hard(out.mul_(w), ce, hard, alpha, keep) + w * soft
+            coef.sub_(p[:, k:] * (w * temperature) / zr)
             log_q = torch.cat([log_q, zr.log()], dim=-1)
         log_q.sub_(zq.log())
         g = out if out.dtype == work else torch.empty_like(e)
         torch.mul(e, coef.masked_fill_(~keep, 0.0), out=g)  # outside S (0 at S: e was zeroed there)
-        g.scatter_(-1, idx, (e_top / zq - p[:, :k]).mul_(temperature).masked_fill_(~keep, 0.0))
+        g.scatter_(-1, idx, (e_top / zq - p[:, :k]).mul_(w * temperature).masked_fill_(~keep, 0.0))
+        hard_part = _add_hard(g, ce, hard, alpha, keep)
         if g is not out:
             out.copy_(g)
-        zero = torch.zeros((), dtype=work, device=s.device)
         terms = p * (log_p - log_q) if kind == "kl" else -p * log_q
         per_row = torch.where(p > 0, terms, zero).sum(-1)  # an empty bucket adds 0, not 0 * inf
-        return torch.where(valid, per_row, zero).sum() * t2
+        return torch.where(valid, per_row, zero).sum() * (w * t2) + hard_part
 
     return step
+
+
+def _hard_rows(e: torch.Tensor, m: torch.Tensor, label: torch.Tensor, keep: torch.Tensor):
+    """(exp(s - max s), its row sums, per-row cross-entropy, labels) of a chunk's masked logits ``e``."""
+    y = torch.where(keep.squeeze(-1), label.long(), 0).unsqueeze(-1)  # unscored rows: any class, zero weight
+    e1 = torch.sub(e, m).exp_()
+    z1 = e1.sum(dim=-1, keepdim=True)
+    rows = (m + z1.log() - e.gather(-1, y)).squeeze(-1)  # -log softmax(s)_y
+    return e1, z1, rows, y
+
+
+def _add_hard(g: torch.Tensor, ce, hard: torch.Tensor | None, alpha: float, keep: torch.Tensor) -> torch.Tensor:
+    """Add (1 - alpha) (softmax(s) - onehot(y)) to the chunk's gradient ``g`` and the CE sum to ``hard``; return
+    (1 - alpha) times the chunk's CE sum (0 without a hard term)."""
+    if hard is None:
+        return torch.zeros((), dtype=g.dtype, device=g.device)
+    e1, z1, rows, y = ce
+    b = 1.0 - alpha
+    g.addcmul_(e1, (b / z1).masked_fill_(~keep, 0.0))
+    g.scatter_add_(-1, y, keep.to(g.dtype).mul_(-b))
+    total = torch.where(keep.squeeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum()
+    hard.add_(total.detach())
+    return total * b
 
 
 def _bucket_run(temperature: float, kind: str, k: int, v: int, options: dict | None = None):
@@ -259,10 +312,44 @@ def sparse_distillation_loss(
         raise ValueError(f"alpha: the soft-target weight must be in [0, 1], got {alpha}")
     if alpha < 1.0 and labels is None:
         raise ValueError(f"labels: required when alpha < 1 (alpha={alpha}); pass labels or set alpha=1")
-    soft = sparse_soft_loss(student_logits, targets, temperature=temperature, kind=kind, labels=labels, mask=mask,
-                            normalizer=normalizer, chunk_bytes=chunk_bytes, **options)
-    if alpha == 1.0:
-        return soft
+    return sparse_distillation_terms(student_logits, targets, labels, temperature=temperature, alpha=alpha, kind=kind,
+                                     mask=mask, normalizer=normalizer, chunk_bytes=chunk_bytes, **options)[0]
+
+
+def sparse_distillation_terms(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    kind: str = "kl",
+    mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    **options: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, hard): :func:`sparse_distillation_loss` and its cross-entropy term alone (detached; None when
+    alpha = 1). For ``kl``/``soft_ce`` on per-position logits both terms come from one pass over each chunk of
+    the logits with one written-out gradient (:func:`_fused_bucket_chunk`); otherwise they are computed apart."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: the soft-target weight must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and labels is None:
+        raise ValueError(f"labels: required when alpha < 1 (alpha={alpha}); pass labels or set alpha=1")
+    one_pass = kind in FUSED_KINDS and student_logits.dim() > 2 and chunk_bytes is not None \
+        and torch.is_grad_enabled() and student_logits.requires_grad  # the pass writes the gradient as it goes
+    if alpha == 1.0 or not one_pass:
+        soft = sparse_soft_loss(student_logits, targets, temperature=temperature, kind=kind, labels=labels,
+                                mask=mask, normalizer=normalizer, chunk_bytes=chunk_bytes, **options)
+        if alpha == 1.0:
+            return soft, None
+        valid = _valid(student_logits, labels, mask)
+        hard = _hard_term(student_logits, labels, valid, _denominator(valid, normalizer, torch.float32))
+        return alpha * soft + (1.0 - alpha) * hard.to(soft.dtype), hard.detach()
+    _check_temperature(temperature)
+    _, opts = resolve(kind, options)
+    _check_sparse(student_logits, targets, labels, mask, kind)
     valid = _valid(student_logits, labels, mask)
-    hard = _hard_term(student_logits, labels, valid, _denominator(valid, normalizer, torch.float32))
-    return alpha * soft + (1.0 - alpha) * hard.to(soft.dtype)
+    total, denom, hard = _sparse_total(student_logits, targets, valid, normalizer, temperature, kind, opts,
+                                       chunk_bytes, labels=labels, alpha=alpha)
+    return (total / denom).to(student_logits.dtype), hard / denom

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdistill.losses import LOSS_KINDS, hard_loss, soft_loss
 from kdistill.losses.divergences import resolve
-from kdistill.losses.sparse import SparseTargets, sparse_soft_loss
+from kdistill.losses.sparse import SparseTargets, sparse_distillation_terms, sparse_soft_loss
 from kdistill.methods.base import Method, StepIO, register
 
 
@@ -95,6 +95,12 @@ class KD(Method):
         """Sparse teacher targets (top-k + tail bucket, :mod:`kdistill.losses.sparse`): the same valid positions,
         normaliser and hard term as dense targets. One label per sample (B, C) uses every row."""
         labels = io.labels if logits.dim() > 2 else None
+        if self.alpha < 1.0 and labels is not None:  # both terms in one pass over the logits (kl, soft_ce)
+            loss, hard = sparse_distillation_terms(logits, io.teacher_logits, labels, temperature=self.temperature,
+                                                   alpha=self.alpha, kind=self.kind, normalizer=io.normalizer,
+                                                   **self._kind_options)
+            ce = (1.0 - self.alpha) * hard  # detached: the gradient of both terms flows through "kd" below
+            return {"kd": loss - ce, "ce": ce}
         soft = sparse_soft_loss(logits, io.teacher_logits, temperature=self.temperature, kind=self.kind,
                                 labels=labels, normalizer=io.normalizer, **self._kind_options)
         return self._mix(soft, logits, io)
