@@ -52,6 +52,7 @@ def _worker(rank: int, n: int, port: int, out: str) -> None:
         torch.save({"params": [p.detach() for p in r.model.parameters()], "history": r.history,
                     "sizes": teacher.sizes},
                    os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done with every collective before either tears gloo down (else SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +85,7 @@ def _odd_batch_worker(rank: int, n: int, port: int, out: str) -> None:
         with pytest.raises(ValueError, match="not data-parallel"):
             fit_many([build_model("mlp:8", d.input_shape, 10)], d.train, TrainConfig(device="cpu"), progress=False)
         open(os.path.join(out, f"ok{rank}"), "w").close()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -146,6 +146,7 @@ def _ddp_worker(rank: int, n: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         x, y = _uneven()
         torch.save(_one_step(1, "kd", x, y), os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done with every collective before either tears gloo down (else SIGABRT)
     finally:
         dist.destroy_process_group()
 
