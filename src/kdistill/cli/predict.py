@@ -62,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError("--split val: this data set was loaded without a validation split (--val-size 0)")
     split = files.fit_split(pred, split, norm)
-    if getattr(split, "y", None) is not None and split.y.dim() > 1:
+    if getattr(split, "per_position", False):
         return _save_topk(args, pred, split, out)
     if args.topk:
         raise ValueError(f"--topk: keeps the top classes per position; {split.name} has one label per sample "
@@ -174,8 +174,8 @@ def _specialists(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("predict", help="classify image files with a saved model, continue text prompts (--text), or save a teacher's logits for a "
-                       "data split (black-box distillation)")
+    p = sub.add_parser("predict", help="classify image files with a saved model, continue text prompts (--text), "
+                       "or save a teacher's logits for a data split (black-box distillation)")
     p.add_argument("inputs", nargs="*", metavar="FILE_OR_DIR",
                    help="image files (.png/.jpg/.jpeg/.bmp) or folders of them to classify (default: none; "
                         "then --save-logits saves a data split's logits)")

@@ -74,7 +74,8 @@ def train_bpe(text: str, vocab_size: int) -> Any:
     return tok
 
 
-def _encode(text: str, tok: Any) -> torch.Tensor:
+def encode_text(text: str, tok: Any) -> torch.Tensor:
+    """Token ids (1-D int64) of ``text`` as a run tokenises its data (``tok`` None: UTF-8 bytes)."""
     if tok is None:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     return torch.tensor(tok.encode(text).ids, dtype=torch.long)
@@ -127,8 +128,8 @@ def text_bundle(text: str, name: str, window: int = 64, tokenizer: str = "bytes"
     cut = int(len(text) * (1 - TEST_FRACTION))
     head, tail = text[:cut], text[cut:]
     tok = given if given is not None else train_bpe(head, vocab_size) if tokenizer == "bpe" else None
-    hx, hy = windows(_encode(head, tok), window)
-    tx, ty = windows(_encode(tail, tok), window)
+    hx, hy = windows(encode_text(head, tok), window)
+    tx, ty = windows(encode_text(tail, tok), window)
     if len(hx) < 2 or len(tx) < 1:
         raise ValueError(f"text: {str(path)!r} gives {len(hx)} window(s) of {window} tokens in its first 90% and "
                          f"{len(tx)} in its last 10%; train, val and test need at least 2 and 1: give more text "
@@ -205,11 +206,6 @@ def tokenizer_of(record: dict[str, Any]) -> Any:
         raise ValueError("this model's tokenizer is a byte-level BPE, which needs Hugging Face tokenizers; "
                          "pip install tokenizers") from exc
     return Tokenizer.from_str(record["json"])
-
-
-def encode_text(text: str, tok: Any) -> torch.Tensor:
-    """Token ids (1-D int64) of ``text`` as the run that trained a model made them (``tok`` None: UTF-8 bytes)."""
-    return _encode(text, tok)
 
 
 def token_text(token: int, tok: Any) -> str:

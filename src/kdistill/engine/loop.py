@@ -168,7 +168,7 @@ def position_shape(split) -> tuple[int, ...]:
     return tuple(getattr(split, "positions", ()) or ()) if per_position(split) else ()
 
 
-def _logits_fit(out, train, x) -> bool:
+def _logits_fit(out, train) -> bool:
     """Whether a dry forward's ``out`` is one logit per class: (1, C), or (1, *positions, C) for per-position
     data ((1, L, C) for tokens, (1, H, W, C) for pixels)."""
     if not isinstance(out, torch.Tensor) or out.shape[-1:] != (train.num_classes,):
@@ -247,7 +247,7 @@ def check_teacher(teacher, train, dry_run: bool = True) -> None:
                          f"shaped {describe_inputs(x)}: {type(exc).__name__}: {str(exc)[:200]}{integer_hint(x)}") from None
     finally:
         net.train(was)
-    if not _logits_fit(out, train, x):
+    if not _logits_fit(out, train):
         vocab = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() > 2 else train.num_classes
         if per_position(train) and vocab != train.num_classes:
             raise ValueError(vocabulary_mismatch(vocab, train))
@@ -362,7 +362,7 @@ def _check_outputs(model: nn.Module, train, device: torch.device) -> None:
                          f"{describe_inputs(x)}: {type(exc).__name__}: {exc}{integer_hint(x)}") from None
     finally:
         model.train(was)
-    if not _logits_fit(out, train, x):
+    if not _logits_fit(out, train):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         hint = classes_first_hint(out, train) or "; build it with num_classes equal to the data's"
         positions = position_shape(train)

@@ -201,11 +201,16 @@ def load_sparse_cache(path: str | Path, data) -> SparseCachedTeacher:
     if any(found.get(key) != value for key, value in wanted.items()):
         raise _refusal(path, found, wanted, "write it for this run's data (kdistill predict --model TEACHER --topk K "
                                             "--save-logits FILE with the same --data and its options)")
-    t = load_file(str(path))
-    cache = SparseCachedTeacher(t["ids"], t["values"], t["codes"], t["tail"], data.num_classes,
-                                found["index_layout"], found, path)
+    cache = _read(path, data.num_classes, found)
     cache.check_covers(data)
     return cache
+
+
+def _read(path: Path, num_classes: int, manifest: dict[str, Any]) -> SparseCachedTeacher:
+    """The cache stored in ``path`` under its (already checked) ``manifest``."""
+    t = load_file(str(path))
+    return SparseCachedTeacher(t["ids"], t["values"], t["codes"], t["tail"], num_classes, manifest["index_layout"],
+                               manifest, path)
 
 
 def sparse_cache(teacher: nn.Module | ModuleTeacher, data, k: int, *, path: str | Path | None = None,
@@ -228,13 +233,10 @@ def sparse_cache(teacher: nn.Module | ModuleTeacher, data, k: int, *, path: str 
         manifest = _manifest(net, data, k, value_dtype, tokenizer)
         path = Path(path) if path is not None else None
         if path is not None and path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                found = json.loads((f.metadata() or {}).get(MANIFEST_KEY, "{}"))
+            found = read_manifest(path) or {}
             if found != manifest:
                 raise _refusal(path, found, manifest)
-            t = load_file(str(path))
-            return SparseCachedTeacher(t["ids"], t["values"], t["codes"], t["tail"], data.num_classes,
-                                       manifest["index_layout"], manifest, path)
+            return _read(path, data.num_classes, manifest)
         cache = compute_sparse(net, data, k, value_dtype, batch_size)
         cache.manifest, cache.path = manifest, path
         if path is not None:
